@@ -1,0 +1,5 @@
+import sys
+
+from tako_stream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,254 @@
+"""From a validated request to its one terminal result: limits → pool → container → classify.
+
+Kafka is not known here: the intake hands a request in and publishes what comes back, so the
+same code serves every way a job may arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from tako_stream.codec import dumps
+from tako_stream.errors import (
+    ErrorType,
+    InvalidRequestError,
+    SandboxError,
+    Status,
+    classify_exception,
+    classify_exit,
+    default_message,
+    exception_message,
+    parse_traceback,
+)
+from tako_stream.jobtypes import JobTypes
+from tako_stream.models import ErrorInfo, ExecutionRequest, ExecutionResult, Timing, parse_size
+from tako_stream.sandbox.docker import Limits, SandboxRun
+from tako_stream.sandbox.pool import SandboxPool
+from tako_stream.sandbox.protocol import decode_text, encode_job
+from tako_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Statuses an error type ends in, where it is not plain ``failed``.
+_STATUS_OF = {
+    ErrorType.TIMEOUT: Status.TIMEOUT,
+    ErrorType.OOM: Status.OOM,
+    ErrorType.CANCELLED: Status.CANCELLED,
+    ErrorType.INVALID_REQUEST: Status.REJECTED,
+    ErrorType.SERVICE_UNAVAILABLE: Status.REJECTED,
+}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def resolve_limits(request: ExecutionRequest, job_types: JobTypes) -> Limits:
+    """The container's limits, or ``InvalidRequestError`` naming what the job type forbids."""
+    job_type = job_types.get(request.job_type)
+    if job_type is None:
+        known = ", ".join(sorted(job_types))
+        raise InvalidRequestError(
+            [f"job_type: unknown job type {request.job_type!r} (known: {known})"],
+            request.execution_id,
+        )
+    problems = []
+    timeout = request.timeout if request.timeout is not None else job_type.timeout
+    if timeout > job_type.max_timeout:
+        problems.append(
+            f"timeout: {timeout:g}s exceeds the maximum of job type "
+            f"{job_type.name!r} ({job_type.max_timeout:g}s)"
+        )
+    memory = parse_size(job_type.memory)
+    if request.memory_limit is not None:
+        memory = parse_size(request.memory_limit)
+        if memory > parse_size(job_type.max_memory):
+            problems.append(
+                f"memory_limit: {request.memory_limit} exceeds the maximum of job type "
+                f"{job_type.name!r} ({job_type.max_memory})"
+            )
+    if problems:
+        raise InvalidRequestError(problems, request.execution_id)
+    return Limits(
+        image=job_type.image,
+        memory=memory,
+        cpus=job_type.cpus,
+        pids_limit=job_type.pids_limit,
+        timeout=timeout,
+        runtime=job_type.runtime,
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The classification of one container run."""
+
+    status: Status
+    error: ErrorInfo | None
+    exit_code: int | None
+    output: object = None
+
+
+def classify(run: SandboxRun, limits: Limits) -> Verdict:
+    """Turn what the container reported into a status, an error and an output."""
+    report = run.collected.report
+    if report is None:
+        if run.outer_timeout:
+            return _error(ErrorType.TIMEOUT, None, timeout=limits.timeout)
+        if run.oom_killed:
+            return _error(ErrorType.OOM, 137)
+        detail = decode_text(run.collected.diagnostics).strip()[-500:]
+        return _error(
+            ErrorType.INTERNAL_ERROR,
+            run.container_exit,
+            message=f"Sandbox ended without a report (exit {run.container_exit}). {detail}".strip(),
+        )
+    if report.timed_out:
+        return _error(ErrorType.TIMEOUT, None, timeout=limits.timeout)
+    code = report.exit_code
+    if code == 0:
+        return _output(run, report.result_error)
+    if code is None:
+        return _error(ErrorType.INTERNAL_ERROR, None, message="Sandbox lost the job's exit status")
+    signal_type = classify_exit(code, oom_killed=run.oom_killed)
+    if signal_type is not None:
+        return _error(signal_type, code)
+    names = report.exception or [n for n in [parse_traceback(report.stderr_tail)] if n]
+    if names:
+        message = exception_message(report.stderr_tail) or names[0]
+        return _error(classify_exception(names), code, message=message)
+    return _error(ErrorType.NONZERO_EXIT, code, message=f"Process exited with code {code}")
+
+
+def _error(
+    error_type: ErrorType,
+    exit_code: int | None,
+    *,
+    message: str | None = None,
+    timeout: float | None = None,
+) -> Verdict:
+    return Verdict(
+        status=_STATUS_OF.get(error_type, Status.FAILED),
+        error=ErrorInfo(
+            type=error_type, message=message or default_message(error_type, timeout=timeout)
+        ),
+        exit_code=exit_code,
+    )
+
+
+def _output(run: SandboxRun, result_error: str | None) -> Verdict:
+    raw = run.collected.result
+    if result_error is not None:
+        return _error(ErrorType.INVALID_OUTPUT, 0, message=result_error)
+    if raw is None:
+        return Verdict(status=Status.SUCCEEDED, error=None, exit_code=0)
+    try:
+        output = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _error(ErrorType.INVALID_OUTPUT, 0, message=f"result.json is not valid JSON: {exc}")
+    return Verdict(status=Status.SUCCEEDED, error=None, exit_code=0, output=output)
+
+
+class Executor:
+    """Runs requests in the pool and answers each with exactly one result."""
+
+    def __init__(self, pool: SandboxPool, job_types: JobTypes, settings: Settings) -> None:
+        self.pool = pool
+        self.job_types = job_types
+        self.settings = settings
+
+    def rejected(
+        self,
+        exc: InvalidRequestError,
+        *,
+        execution_id: str,
+        correlation_id: str,
+        metadata: dict[str, object] | None = None,
+    ) -> ExecutionResult:
+        """The ``invalid_request`` answer, naming each bad field."""
+        return ExecutionResult(
+            execution_id=execution_id,
+            correlation_id=correlation_id,
+            status=Status.REJECTED,
+            success=False,
+            error=ErrorInfo(type=ErrorType.INVALID_REQUEST, message="; ".join(exc.errors)),
+            worker_id=self.settings.worker_id,
+            finished_at=now(),
+            metadata=metadata,
+        )
+
+    async def execute(
+        self, request: ExecutionRequest, correlation_id: str, *, queued: float | None = None
+    ) -> ExecutionResult:
+        execution_id = request.execution_id or ""
+        started_at = now()
+        base = {
+            "execution_id": execution_id,
+            "correlation_id": correlation_id,
+            "job_type": request.job_type,
+            "worker_id": self.settings.worker_id,
+            "started_at": started_at,
+            "metadata": request.metadata,
+        }
+        try:
+            limits = resolve_limits(request, self.job_types)
+        except InvalidRequestError as exc:
+            return self.rejected(
+                exc,
+                execution_id=execution_id,
+                correlation_id=correlation_id,
+                metadata=request.metadata,
+            ).model_copy(update={"job_type": request.job_type})
+        s = self.settings
+        job = encode_job(
+            code=request.code,
+            input_json=dumps(request.input_data),
+            timeout=limits.timeout,
+            stdout_cap=s.stdout_limit,
+            stderr_cap=s.stderr_limit,
+            result_cap=s.output_limit,
+        )
+        try:
+            run = await self.pool.run(
+                job,
+                limits,
+                execution_id=execution_id,
+                stdout_cap=s.stdout_limit,
+                stderr_cap=s.stderr_limit,
+                result_cap=s.output_limit,
+            )
+        except SandboxError as exc:
+            log.warning("sandbox failed: %s", exc)
+            return ExecutionResult(
+                **base,
+                status=Status.FAILED,
+                success=False,
+                error=ErrorInfo(type=exc.error_type, message=str(exc)),
+                attempts=1,
+                finished_at=now(),
+                timing=Timing(queued=queued),
+            )
+        verdict = classify(run, limits)
+        collected, report = run.collected, run.collected.report
+        return ExecutionResult(
+            **base,
+            status=verdict.status,
+            success=verdict.status is Status.SUCCEEDED,
+            output=verdict.output,
+            stdout=decode_text(collected.stdout),
+            stderr=decode_text(collected.stderr),
+            stdout_truncated=collected.stdout_truncated or bool(report and report.stdout_truncated),
+            stderr_truncated=collected.stderr_truncated or bool(report and report.stderr_truncated),
+            exit_code=verdict.exit_code,
+            error=verdict.error,
+            execution_time=round(
+                report.elapsed if report and report.elapsed is not None else run.seconds, 6
+            ),
+            attempts=1,
+            finished_at=now(),
+            timing=Timing(queued=queued, sandbox=round(run.seconds, 6), warm=False),
+        )

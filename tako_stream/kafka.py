@@ -1,0 +1,78 @@
+"""Plain-Kafka plumbing shared by the worker and the CLI: client options and topic creation.
+
+Only standard Kafka APIs are used, so Apache Kafka, Redpanda and the embedded broker all work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from tako_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Requests carry up to 100k chars of code and 1 MiB of input; results up to 1 MiB of output
+#: and two 64 KiB streams: above Kafka's 1 MB default, so topics and clients allow 8 MiB.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """An acks=all producer: an answer counts as sent once every in-sync replica has it."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": f"tako-{settings.worker_id}",
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotence,
+        "linger_ms": 2,
+        "max_request_size": MAX_MESSAGE_BYTES,
+        "compression_type": None,
+    }
+
+
+def topic_specs(settings: Settings) -> list[NewTopic]:
+    common = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    return [
+        NewTopic(
+            settings.requests_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs=common,
+        ),
+        # Keyed by execution_id and compacted: a re-run answer replaces the earlier one.
+        NewTopic(
+            settings.results_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs={**common, "cleanup.policy": "compact"},
+        ),
+        NewTopic(
+            settings.dlq_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs=common,
+        ),
+    ]
+
+
+async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None) -> None:
+    """Create the service's topics when missing; existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"tako-admin-{settings.worker_id}",
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topic_specs(settings) + (extra or []) if t.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+                log.info("created topics %s", [t.name for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # another worker created them first
+    finally:
+        await admin.close()

@@ -1,0 +1,198 @@
+"""The messages tako-stream reads and writes: the single source of truth for their shape.
+
+``schemas/*.json`` are generated from these models (``scripts/gen-schemas``) and a test keeps
+them in sync, so producers in other languages can validate against the same contract.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+from tako_stream.errors import ErrorType, Status
+
+#: Header carrying the correlation id on requests, results and DLQ records.
+CORRELATION_HEADER = "x-correlation-id"
+
+MAX_CODE_CHARS = 100_000
+MAX_INPUT_BYTES = 1024 * 1024
+MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a Docker-style size string (``"256m"``, ``"1g"``, ``"512MiB"``)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as '256m' or '1g'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _check_size(text: str) -> str:
+    if parse_size(text) < 16 * 1024**2:
+        raise ValueError("memory_limit must be at least 16m")
+    return text
+
+
+def _not_blank(code: str) -> str:
+    if not code.strip():
+        raise ValueError("code must not be blank")
+    return code
+
+
+ExecutionId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+TopicName = Annotated[
+    str, StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+]
+MemoryLimit = Annotated[str, AfterValidator(_check_size)]
+
+
+class ExecutionRequest(BaseModel):
+    """A job: Python code, its JSON input and limits, on the requests topic (key = id)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"title": "ExecutionRequest"})
+
+    execution_id: ExecutionId | None = Field(
+        default=None, description="Caller's id for this execution; a UUID is assigned if absent."
+    )
+    code: Annotated[str, AfterValidator(_not_blank)] = Field(
+        min_length=1, max_length=MAX_CODE_CHARS, description="Python source run as /code/main.py."
+    )
+    input_data: dict[str, Any] = Field(
+        default_factory=dict, description="Written to /input/data.json (at most 1 MiB as JSON)."
+    )
+    timeout: float | None = Field(
+        default=None,
+        ge=MIN_TIMEOUT,
+        le=MAX_TIMEOUT,
+        description="Wall-clock seconds; the job type's default when absent.",
+    )
+    job_type: str = Field(default="default", min_length=1, max_length=64)
+    memory_limit: MemoryLimit | None = Field(
+        default=None, description="Docker-style size, e.g. '256m', up to the job type's maximum."
+    )
+    reply_to: TopicName | None = Field(
+        default=None, description="An extra topic that also receives the result."
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Passed through untouched to the result."
+    )
+
+    @field_validator("input_data")
+    @classmethod
+    def _input_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from tako_stream.codec import dumps  # codec imports models: import late
+
+        if len(dumps(value)) > MAX_INPUT_BYTES:
+            raise ValueError("input_data must be at most 1 MiB once serialised")
+        return value
+
+
+class ErrorInfo(BaseModel):
+    """Why a job did not succeed: a type from the taxonomy and a human message."""
+
+    type: ErrorType
+    message: str
+
+
+class Timing(BaseModel):
+    """Where the time went, for operators; not part of Tako VM's shape."""
+
+    queued: float | None = Field(default=None, description="Seconds from produce to pick-up.")
+    sandbox: float | None = Field(default=None, description="Seconds spent in the container.")
+    warm: bool = Field(default=False, description="Ran in a container started ahead of time.")
+
+
+class ExecutionResult(BaseModel):
+    """The one terminal answer to a request, on the results topic (key = execution_id)."""
+
+    model_config = ConfigDict(json_schema_extra={"title": "ExecutionResult"})
+
+    execution_id: str
+    correlation_id: str
+    status: Status
+    success: bool
+    output: Any = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    exit_code: int | None = None
+    error: ErrorInfo | None = None
+    execution_time: float = Field(default=0.0, description="Seconds the job's code ran.")
+    job_type: str | None = None
+    attempts: int = 0
+    worker_id: str
+    started_at: datetime | None = None
+    finished_at: datetime
+    metadata: dict[str, Any] | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+class SourcePosition(BaseModel):
+    """Where a dead-lettered message was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+
+class DLQRecord(BaseModel):
+    """A request the system could not run, with everything needed to understand and replay it."""
+
+    model_config = ConfigDict(json_schema_extra={"title": "DLQRecord"})
+
+    dlq_id: str = Field(description="Unique id of this DLQ entry.")
+    execution_id: str
+    correlation_id: str
+    error: ErrorInfo
+    attempts: int
+    first_failure_at: datetime
+    last_failure_at: datetime
+    worker_id: str
+    source: SourcePosition
+    replay_count: int = 0
+    original_key: str | None = Field(default=None, description="Base64 of the original key.")
+    original_value: str = Field(description="Base64 of the original request bytes.")
+    original_headers: list[tuple[str, str]] = Field(
+        default_factory=list, description="Original headers, values in base64."
+    )
+
+
+class JobType(BaseModel):
+    """An environment requests can ask for: its image, resource defaults and ceilings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    image: str
+    memory: MemoryLimit = "256m"
+    max_memory: MemoryLimit = "512m"
+    cpus: float = Field(default=1.0, gt=0, le=64)
+    timeout: float = Field(default=30, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
+    max_timeout: float = Field(default=MAX_TIMEOUT, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
+    pids_limit: int = Field(default=128, ge=8)
+    runtime: str | None = Field(default=None, description="OCI runtime, e.g. 'runsc'.")
+
+
+MESSAGE_MODELS: dict[str, type[BaseModel]] = {
+    "execution-request": ExecutionRequest,
+    "execution-result": ExecutionResult,
+    "dlq-record": DLQRecord,
+}

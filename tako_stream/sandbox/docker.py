@@ -1,0 +1,274 @@
+"""The aiodocker boundary: one fresh, locked-down container per job, always removed.
+
+Docker's errors are mapped here to ours: the daemon being unreachable is
+``SandboxUnavailableError`` (transient: counted by the breaker, retried), a container that cannot
+be created or started with the required settings is ``SandboxSetupError`` (fail closed: never
+retried with weaker settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from tako_stream.errors import SandboxSetupError, SandboxUnavailableError
+from tako_stream.sandbox.protocol import (
+    JOB_GID,
+    JOB_PYTHON,
+    JOB_UID,
+    Collected,
+    FrameReader,
+    supervisor_source,
+)
+
+log = logging.getLogger(__name__)
+
+#: Label put on every container we create, so strays of a dead worker can be found and reaped.
+LABEL = "io.tako-stream.sandbox"
+LABEL_WORKER = "io.tako-stream.worker"
+LABEL_EXECUTION = "io.tako-stream.execution-id"
+
+_MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one container may use; resolved from the job type and the request."""
+
+    image: str
+    memory: int
+    cpus: float
+    pids_limit: int
+    timeout: float
+    runtime: str | None = None
+    tmp_size: int = 64 * _MiB
+    output_size: int = 16 * _MiB
+    file_size: int = 64 * _MiB
+    open_files: int = 256
+
+
+@dataclass
+class SandboxRun:
+    """What happened in the container, before classification."""
+
+    collected: Collected
+    oom_killed: bool
+    container_exit: int | None
+    outer_timeout: bool
+    seconds: float
+
+
+def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The Engine API create body: every lock-down setting in one reviewable place."""
+    host: dict[str, Any] = {
+        "NetworkMode": "none",
+        "ReadonlyRootfs": True,
+        # The supervisor starts as root holding only these two, to write root-owned read-only
+        # copies of code and input before dropping to nobody; the job itself has no capability.
+        "CapDrop": ["ALL"],
+        "CapAdd": ["CAP_SETUID", "CAP_SETGID"],
+        "SecurityOpt": ["no-new-privileges:true"],
+        "Memory": limits.memory,
+        "MemorySwap": limits.memory,  # equal: no swap, so a memory bomb is an OOM kill
+        "NanoCpus": int(limits.cpus * 1e9),
+        "PidsLimit": limits.pids_limit,
+        "Ulimits": [
+            {"Name": "nofile", "Soft": limits.open_files, "Hard": limits.open_files},
+            {"Name": "fsize", "Soft": limits.file_size, "Hard": limits.file_size},
+        ],
+        "Tmpfs": {
+            "/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmp_size},mode=1777",
+            "/output": (
+                f"rw,nosuid,nodev,noexec,size={limits.output_size},"
+                f"uid={JOB_UID},gid={JOB_GID},mode=0700"
+            ),
+            "/code": "rw,nosuid,nodev,noexec,size=1m,mode=0755",
+            "/input": "rw,nosuid,nodev,noexec,size=4m,mode=0755",
+        },
+        "IpcMode": "private",
+        "Init": True,  # an init reaps zombies and lets signals the job sends itself work
+        "LogConfig": {"Type": "none", "Config": {}},  # output comes through attach, capped
+        "Privileged": False,
+        "AutoRemove": False,  # we remove it ourselves, after reading its state
+    }
+    if limits.runtime:
+        host["Runtime"] = limits.runtime
+    return {
+        "Image": limits.image,
+        "Cmd": [JOB_PYTHON, "-I", "-S", "-c", supervisor_source()],
+        "User": "0:0",
+        "WorkingDir": "/",
+        "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
+        "Hostname": "sandbox",
+        "NetworkDisabled": True,
+        "Tty": False,
+        "OpenStdin": True,
+        "StdinOnce": False,
+        "AttachStdin": True,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "Labels": dict(labels),
+        "HostConfig": host,
+    }
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """True when the daemon failed (unreachable: aiodocker's 900, or a 5xx), not refused (4xx)."""
+    if isinstance(exc, aiodocker.DockerError):
+        return exc.status >= 500
+    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
+
+
+class DockerSandbox:
+    """Runs one job per fresh container through the Engine API."""
+
+    def __init__(self, docker: aiodocker.Docker, *, worker_id: str, timeout_grace: float) -> None:
+        self._docker = docker
+        self._worker_id = worker_id
+        self._grace = timeout_grace
+        self._removals: set[asyncio.Task[None]] = set()
+
+    async def ping(self) -> None:
+        """Raise ``SandboxUnavailableError`` unless the daemon answers."""
+        try:
+            await asyncio.wait_for(self._docker.system.info(), 5)
+        except Exception as exc:
+            raise SandboxUnavailableError(f"Docker daemon unreachable: {exc}") from exc
+
+    async def run(
+        self,
+        job: bytes,
+        limits: Limits,
+        *,
+        execution_id: str,
+        stdout_cap: int,
+        stderr_cap: int,
+        result_cap: int,
+    ) -> SandboxRun:
+        labels = {LABEL: "1", LABEL_WORKER: self._worker_id, LABEL_EXECUTION: execution_id}
+        name = f"tako-{uuid.uuid4().hex[:12]}"
+        try:
+            container = await self._docker.containers.create(
+                container_config(limits, labels), name=name
+            )
+        except Exception as exc:
+            raise self._map(exc, "create") from exc
+        try:
+            return await self._attach_and_run(
+                container,
+                job,
+                limits,
+                FrameReader(stdout_cap=stdout_cap, stderr_cap=stderr_cap, result_cap=result_cap),
+            )
+        finally:
+            # Shielded: a cancelled job (shutdown, revoke) must still leave no container behind.
+            removal = asyncio.ensure_future(self._remove(container))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
+            await asyncio.shield(removal)
+
+    async def _attach_and_run(
+        self,
+        container: aiodocker.containers.DockerContainer,
+        job: bytes,
+        limits: Limits,
+        reader: FrameReader,
+    ) -> SandboxRun:
+        stream = container.attach(stdin=True, stdout=True, stderr=True)
+        started = time.monotonic()
+        outer_timeout = False
+        try:
+            try:
+                await stream._init()  # attach before start so no output can be missed
+                await container.start()
+                await stream.write_in(job)
+            except Exception as exc:
+                raise self._map(exc, "start") from exc
+            try:
+                async with asyncio.timeout(limits.timeout + self._grace):
+                    while not reader.done:
+                        message = await stream.read_out()
+                        if message is None:
+                            break
+                        if message.stream == 1:
+                            reader.feed(message.data)
+                        else:
+                            reader.feed_diagnostics(message.data)
+            except TimeoutError:
+                outer_timeout = True
+        finally:
+            await stream.close()
+        report = reader.collected.report
+        oom_killed, container_exit = False, None
+        # The container's own state matters only when the job may have been SIGKILLed: Docker
+        # alone knows whether that was the memory cgroup (OOMKilled) or something else.
+        if report is None or (report.exit_code == 137 and not report.timed_out):
+            oom_killed, container_exit = await self._final_state(container, kill=outer_timeout)
+        return SandboxRun(
+            collected=reader.collected,
+            oom_killed=oom_killed,
+            container_exit=container_exit,
+            outer_timeout=outer_timeout,
+            seconds=time.monotonic() - started,
+        )
+
+    async def _final_state(
+        self, container: aiodocker.containers.DockerContainer, *, kill: bool
+    ) -> tuple[bool, int | None]:
+        try:
+            if kill:
+                with contextlib.suppress(aiodocker.DockerError):
+                    await container.kill()
+            await asyncio.wait_for(container.wait(), 10)
+            info = await container.show()
+        except Exception as exc:
+            log.warning("could not read final container state: %s", exc)
+            return False, None
+        state = info.get("State", {})
+        return bool(state.get("OOMKilled")), state.get("ExitCode")
+
+    async def _remove(self, container: aiodocker.containers.DockerContainer) -> None:
+        for attempt in range(3):
+            try:
+                await container.delete(force=True, v=True)
+                return
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    return
+                log.warning("container %s removal failed: %s", container.id[:12], exc)
+            except Exception as exc:  # daemon unreachable: try again shortly
+                log.warning("container %s removal failed: %s", container.id[:12], exc)
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def drain(self) -> None:
+        """Wait for background removals, so a stopping worker leaves no container behind."""
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    async def reap(self, *, worker_id: str | None = None) -> int:
+        """Remove containers we created that are left over (a dead worker's, or all of ours)."""
+        label = f"{LABEL_WORKER}={worker_id}" if worker_id else LABEL
+        try:
+            found = await self._docker.containers.list(all=True, filters={"label": [label]})
+        except Exception as exc:
+            raise self._map(exc, "list") from exc
+        for container in found:
+            await self._remove(container)
+        return len(found)
+
+    @staticmethod
+    def _map(exc: BaseException, step: str) -> Exception:
+        if _unavailable(exc):
+            return SandboxUnavailableError(f"Docker daemon unreachable during {step}: {exc}")
+        if isinstance(exc, aiodocker.DockerError):
+            return SandboxSetupError(f"Container {step} failed: {exc.message}")
+        return SandboxSetupError(f"Container {step} failed: {exc!r}")

@@ -1,0 +1,180 @@
+"""Host side of the supervisor protocol: the job sent on stdin, the frames read from stdout.
+
+Everything read here comes from inside a container that ran untrusted code, so the parser
+caps every buffer and tolerates garbage (a broken frame ends the stream; it never raises).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+FRAME = struct.Struct(">BI")
+STDOUT, STDERR, RESULT, REPORT = 1, 2, 3, 9
+#: The job's uid/gid inside the container: ``nobody``, present in every Debian-based image.
+JOB_UID = JOB_GID = 65534
+JOB_PYTHON = "/usr/bin/python3"
+
+
+def supervisor_source() -> str:
+    """The supervisor's code, passed to ``python3 -c`` so images need nothing of ours."""
+    return resources.files("tako_stream.sandbox").joinpath("supervisor.py").read_text()
+
+
+def encode_job(
+    *,
+    code: str,
+    input_json: bytes,
+    timeout: float,
+    stdout_cap: int,
+    stderr_cap: int,
+    result_cap: int,
+) -> bytes:
+    payload = json.dumps(
+        {
+            "code": code,
+            "input": input_json.decode("utf-8"),
+            "timeout": timeout,
+            "stdout_cap": stdout_cap,
+            "stderr_cap": stderr_cap,
+            "result_cap": result_cap,
+            "uid": JOB_UID,
+            "gid": JOB_GID,
+            "python": JOB_PYTHON,
+        }
+    ).encode("utf-8", "surrogatepass")
+    return struct.pack(">Q", len(payload)) + payload
+
+
+@dataclass
+class Report:
+    """What the supervisor said about the job's end, validated field by field."""
+
+    exit_code: int | None = None
+    timed_out: bool = False
+    elapsed: float | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stderr_tail: str = ""
+    exception: list[str] = field(default_factory=list)
+    result_error: str | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> Report | None:
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(raw, dict):
+            return None
+        report = cls()
+        if isinstance(raw.get("exit_code"), int):
+            report.exit_code = raw["exit_code"]
+        if isinstance(raw.get("elapsed"), (int, float)):
+            report.elapsed = float(raw["elapsed"])
+        for name in ("timed_out", "stdout_truncated", "stderr_truncated"):
+            setattr(report, name, raw.get(name) is True)
+        if isinstance(raw.get("stderr_tail"), str):
+            report.stderr_tail = raw["stderr_tail"][-16384:]
+        names = raw.get("exception")
+        if isinstance(names, list):
+            report.exception = [n for n in names[:64] if isinstance(n, str) and len(n) < 256]
+        if isinstance(raw.get("result_error"), str):
+            report.result_error = raw["result_error"][:1024]
+        return report
+
+
+@dataclass
+class Collected:
+    """Output gathered from the container, each stream capped on the host side too."""
+
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    result: bytes | None = None
+    report: Report | None = None
+    diagnostics: bytearray = field(default_factory=bytearray)
+
+
+class FrameReader:
+    """Reassembles the supervisor's frames from the chunks Docker's attach stream delivers."""
+
+    def __init__(self, *, stdout_cap: int, stderr_cap: int, result_cap: int) -> None:
+        self._buf = bytearray()
+        self._caps = {STDOUT: stdout_cap, STDERR: stderr_cap}
+        self._result_cap = result_cap
+        self.collected = Collected()
+        self.broken = False
+
+    @property
+    def done(self) -> bool:
+        return self.broken or self.collected.report is not None
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        self._buf += data
+        while len(self._buf) >= FRAME.size:
+            kind, size = FRAME.unpack_from(self._buf)
+            if kind not in (STDOUT, STDERR, RESULT, REPORT) or size > self._limit(kind):
+                self.broken = True
+                return
+            if len(self._buf) < FRAME.size + size:
+                return
+            chunk = bytes(self._buf[FRAME.size : FRAME.size + size])
+            del self._buf[: FRAME.size + size]
+            self._accept(kind, chunk)
+            if self.done:
+                return
+
+    def _limit(self, kind: int) -> int:
+        if kind == RESULT:
+            return self._result_cap
+        if kind == REPORT:
+            return 1024 * 1024
+        return 1 << 20
+
+    def _accept(self, kind: int, chunk: bytes) -> None:
+        c = self.collected
+        if kind == REPORT:
+            c.report = Report.parse(chunk)
+            if c.report is None:
+                self.broken = True
+        elif kind == RESULT:
+            c.result = chunk
+        else:
+            buf = c.stdout if kind == STDOUT else c.stderr
+            room = self._caps[kind] - len(buf)
+            if len(chunk) > room:
+                chunk = chunk[: max(room, 0)]
+                if kind == STDOUT:
+                    c.stdout_truncated = True
+                else:
+                    c.stderr_truncated = True
+            buf += chunk
+
+    def feed_diagnostics(self, data: bytes) -> None:
+        """The supervisor's own stderr: kept short, for logs only."""
+        room = 4096 - len(self.collected.diagnostics)
+        if room > 0:
+            self.collected.diagnostics += data[:room]
+
+
+def decode_text(data: bytes | bytearray) -> str:
+    """Output as text; bytes that are not UTF-8 are replaced, never fatal."""
+    return bytes(data).decode("utf-8", "replace")
+
+
+def job_summary(collected: Collected) -> dict[str, Any]:
+    """A short, log-friendly view of what came back."""
+    report = collected.report
+    return {
+        "stdout_bytes": len(collected.stdout),
+        "stderr_bytes": len(collected.stderr),
+        "exit_code": report.exit_code if report else None,
+        "timed_out": report.timed_out if report else None,
+    }

@@ -1,0 +1,298 @@
+"""The in-container supervisor: the first program of every sandbox container.
+
+It runs *inside* the container (its source is passed as ``python3 -c``, so any image with a
+Python 3 interpreter works, and a warm container can wait for a job it has not seen yet), and it
+must stay stdlib-only and self-contained: nothing else of tako_stream exists in the image.
+
+Why a supervisor rather than running the user's file directly:
+
+* code and input arrive on stdin (a read-only root filesystem refuses ``put_archive``, and bind
+  mounts would tie workers to the host's paths); the supervisor, still root but holding only
+  CAP_SETUID/CAP_SETGID, writes them into root-owned tmpfs mounts, so they are truly read-only
+  for the job, which then runs as ``nobody`` with no capabilities at all;
+* it enforces the timeout from inside, so a timed-out job still reports the output it produced;
+  the host enforces a later deadline from outside in case the supervisor itself is starved;
+* it reads ``/output/result.json`` only after every job process is dead, without following links
+  and capped in size (Judge0 CVE-2024-28185/28189 were host writes through planted symlinks);
+* it caps stdout/stderr while reading, so a 1 GB flood costs the job's CPU, not the host's memory.
+
+Protocol.  stdin: an 8-byte big-endian length, then a JSON object (see ``Job`` in
+``tako_stream.sandbox.protocol``).  stdout: frames of a 1-byte kind, a 4-byte big-endian length
+and the data; kinds: 1 stdout chunk, 2 stderr chunk, 3 result.json bytes, 9 the final report
+(JSON).  The host treats all of it as untrusted input.
+"""
+
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from typing import Any
+
+FRAME = struct.Struct(">BI")
+STDOUT, STDERR, RESULT, REPORT = 1, 2, 3, 9
+CHUNK = 65536
+TAIL = 8192  # bytes of stderr kept for classifying the final exception, even when truncated
+
+# Runs in the job's own interpreter before its code: installs an excepthook that reports the
+# exception's MRO on fd 3 (so a subclass of ValueError classifies as value_error) and prints the
+# traceback without this prelude's frames, so users see a plain traceback of their own file.
+PRELUDE = r"""
+import os, sys, traceback
+def _hook(t, v, tb):
+    try:
+        names = [c.__name__ if c.__module__ == "builtins" else c.__module__ + "." + c.__qualname__
+                 for c in t.__mro__]
+        os.write(3, ("\n".join(names) + "\n").encode())
+    except Exception:
+        pass
+    while tb is not None and tb.tb_frame.f_code.co_filename != "/code/main.py":
+        tb = tb.tb_next
+    traceback.print_exception(t, v, tb)
+sys.excepthook = _hook
+sys.argv = ["/code/main.py"]
+sys.path.insert(0, "/code")
+del _hook
+import runpy
+runpy.run_path("/code/main.py", run_name="__main__")
+"""
+
+
+def emit(kind: int, data: bytes) -> None:
+    view = memoryview(FRAME.pack(kind, len(data)) + data)
+    while view:
+        written = os.write(1, view)
+        view = view[written:]
+
+
+def read_job() -> dict[str, Any]:
+    header = b""
+    while len(header) < 8:
+        part = os.read(0, 8 - len(header))
+        if not part:
+            sys.exit(3)  # the host went away before sending a job: nothing to run
+        header += part
+    (size,) = struct.unpack(">Q", header)
+    chunks, left = [], size
+    while left:
+        part = os.read(0, min(left, 1 << 20))
+        if not part:
+            sys.exit(3)
+        chunks.append(part)
+        left -= len(part)
+    job: dict[str, Any] = json.loads(b"".join(chunks))
+    return job
+
+
+def write_readonly(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def start_job(job: dict[str, Any], out_w: int, err_w: int, exc_w: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.dup2(exc_w, 3)
+        os.closerange(4, 1024)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")  # under memory pressure, the job dies, not the supervisor
+        except OSError:
+            pass
+        drop_privileges(job["uid"], job["gid"])
+        os.chdir("/tmp")
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.execve(job["python"], [job["python"], "-I", "-c", PRELUDE], env)
+    except BaseException as exc:
+        os.write(2, f"tako supervisor: cannot start job: {exc!r}\n".encode())
+    os._exit(127)
+
+
+def reap_and_read_result(job: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """Kill every job process, then read result.json as the job's user, never following links.
+
+    Runs in a forked helper: as the job's uid it may signal the job's processes (root here has
+    no CAP_KILL) and open its files (root has no CAP_DAC_OVERRIDE), and kill(-1) spares itself.
+    """
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        # pids exhausted (fork bomb): report without result.json; the host destroys the container
+        os.close(r)
+        os.close(w)
+        return None, "could not read result.json: process limit reached"
+    if pid == 0:
+        os.close(r)
+        status = 1
+        try:
+            drop_privileges(job["uid"], job["gid"])
+            for _ in range(3):
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.005)
+            try:
+                fd = os.open("/output/result.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                os._exit(0)
+            except OSError as exc:
+                os.write(w, b"E" + f"cannot open result.json: {exc.strerror}".encode())
+                os._exit(0)
+            st = os.fstat(fd)
+            if st.st_mode & 0o170000 != 0o100000:  # S_ISREG, without importing stat
+                os.write(w, b"Eresult.json is not a regular file")
+                os._exit(0)
+            cap = job["result_cap"]
+            data = os.read(fd, cap + 1)
+            while len(data) <= cap:
+                more = os.read(fd, cap + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            os.write(w, (b"T" if len(data) > cap else b"D") + data[:cap])
+            status = 0
+        except BaseException:
+            pass
+        os._exit(status)
+    os.close(w)
+    payload = b""
+    while True:
+        part = os.read(r, CHUNK)
+        if not part:
+            break
+        payload += part
+    os.close(r)
+    os.waitpid(pid, 0)
+    if not payload:
+        return None, None
+    kind, data = payload[:1], payload[1:]
+    if kind == b"E":
+        return None, data.decode("utf-8", "replace")
+    if kind == b"T":
+        return None, f"result.json is larger than {job['result_cap']} bytes"
+    return data, None
+
+
+def main() -> None:
+    job = read_job()
+    write_readonly("/code/main.py", job["code"].encode("utf-8", "surrogatepass"))
+    write_readonly("/input/data.json", job["input"].encode("utf-8"))
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    exc_r, exc_w = os.pipe()
+    started = time.monotonic()
+    pid = start_job(job, out_w, err_w, exc_w)
+    for fd in (out_w, err_w, exc_w):
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    deadline = started + job["timeout"]
+    caps = {out_r: job["stdout_cap"], err_r: job["stderr_cap"]}
+    kinds = {out_r: STDOUT, err_r: STDERR}
+    sent = {out_r: 0, err_r: 0}
+    truncated = {out_r: False, err_r: False}
+    tail = b""
+    exc_names = b""
+    open_fds = {out_r, err_r, exc_r}
+    status = None
+    timed_out = False
+    poller = select.poll()
+    for fd in (*open_fds, pidfd):
+        poller.register(fd, select.POLLIN)
+
+    def pump(fd: int) -> None:
+        nonlocal tail, exc_names
+        data = os.read(fd, CHUNK)
+        if not data:
+            poller.unregister(fd)
+            open_fds.discard(fd)
+            return
+        if fd == exc_r:
+            exc_names = (exc_names + data)[:4096]
+            return
+        if fd == err_r:
+            tail = (tail + data)[-TAIL:]
+        room = caps[fd] - sent[fd]
+        if len(data) > room:
+            truncated[fd] = True
+            data = data[: max(room, 0)]
+        if data:
+            sent[fd] += len(data)
+            emit(kinds[fd], data)
+
+    while status is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        for fd, _ in poller.poll(min(remaining, 1.0) * 1000):
+            if fd == pidfd:
+                _, status = os.waitpid(pid, 0)
+                poller.unregister(pidfd)
+            else:
+                pump(fd)
+    elapsed = time.monotonic() - started
+    if status is None:
+        poller.unregister(pidfd)
+    # The main process is gone (or timed out): kill whatever it left behind, then read what is
+    # still buffered in the pipes; with every writer dead, they end quickly.
+    result, result_error = reap_and_read_result(job)
+    if status is None:
+        try:
+            reaped, wstatus = os.waitpid(pid, os.WNOHANG)
+            status = wstatus if reaped else None
+        except ChildProcessError:
+            pass
+    drain_until = time.monotonic() + 1.0
+    while open_fds and time.monotonic() < drain_until:
+        for fd, _ in poller.poll(100):
+            pump(fd)
+    if result is not None:
+        emit(RESULT, result)
+    exit_code = None
+    if status is not None:
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code < 0:
+            exit_code = 128 - exit_code  # killed by signal N: report 128+N, as a shell does
+    report = {
+        "exit_code": exit_code,
+        "timed_out": timed_out,
+        "elapsed": elapsed,
+        "stdout_truncated": truncated[out_r],
+        "stderr_truncated": truncated[err_r],
+        "stderr_tail": tail.decode("utf-8", "replace"),
+        "exception": exc_names.decode("utf-8", "replace").split(),
+        "result_error": result_error,
+    }
+    emit(REPORT, json.dumps(report).encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""One typed settings object, read from ``TAKO_*`` environment variables.
+
+Every knob of the service lives here so that the README can document them in one table and
+so that tests build a ``Settings(...)`` instead of patching the environment.  The Docker
+endpoint is deliberately *not* here: it comes from ``DOCKER_HOST``, as for Docker's own clients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Service configuration; each field maps to ``TAKO_<FIELD>`` in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="TAKO_", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    requests_topic: str = "tako.requests"
+    results_topic: str = "tako.results"
+    dlq_topic: str = "tako.dlq"
+    #: Partitions given to topics the service creates itself; the most workers that can share
+    #: the request stream, since Kafka gives each partition to one consumer of a group.
+    topic_partitions: int = Field(default=8, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+    consumer_group: str = "tako-stream"
+    #: Idempotent producers (no duplicates on producer retries); off by default because the
+    #: embedded broker does not implement InitProducerId. Turn on for Apache Kafka / Redpanda.
+    kafka_idempotence: bool = False
+
+    #: Containers one worker runs at once (the async pool's limit).
+    pool_size: int = Field(default=4, ge=1, le=256)
+    job_types_file: Path | None = None
+    stdout_limit: int = Field(default=64 * 1024, ge=1024)
+    stderr_limit: int = Field(default=64 * 1024, ge=1024)
+    #: Largest /output/result.json accepted; larger is an ``invalid_output`` error.
+    output_limit: int = Field(default=1024 * 1024, ge=1024)
+    #: Extra seconds the host waits past a job's timeout before killing the container itself;
+    #: covers container start-up and a supervisor starved by the job.
+    timeout_grace: float = Field(default=5.0, ge=0.5)
+
+    worker_id: str = Field(default_factory=_default_worker_id)
+    web_host: str = "0.0.0.0"
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    #: Seconds a stopping worker waits for running jobs before handing them back uncommitted.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    #: How often finished offsets are committed (they are also committed on revoke and stop).
+    commit_interval: float = Field(default=1.0, gt=0)
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
