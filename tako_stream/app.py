@@ -46,9 +46,7 @@ class Runtime(Service):
         )
         try:
             await self.sandbox.ping()
-            # A worker restarted under the same id (static ids in compose, say) reaps what its
-            # previous life left behind.
-            reaped = await self.sandbox.reap(worker_id=s.worker_id)
+            reaped = await self.sandbox.reap()
             if reaped:
                 log.warning("removed %d container(s) left by a previous run", reaped)
         except SandboxUnavailableError as exc:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -36,8 +38,21 @@ log = logging.getLogger(__name__)
 LABEL = "io.tako-stream.sandbox"
 LABEL_WORKER = "io.tako-stream.worker"
 LABEL_EXECUTION = "io.tako-stream.execution-id"
+LABEL_HOST = "io.tako-stream.host"
+LABEL_PID = "io.tako-stream.pid"
 
 _MiB = 1024 * 1024
+_HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,13 @@ class DockerSandbox:
         stderr_cap: int,
         result_cap: int,
     ) -> SandboxRun:
-        labels = {LABEL: "1", LABEL_WORKER: self._worker_id, LABEL_EXECUTION: execution_id}
+        labels = {
+            LABEL: "1",
+            LABEL_WORKER: self._worker_id,
+            LABEL_EXECUTION: execution_id,
+            LABEL_HOST: _HOST,
+            LABEL_PID: str(os.getpid()),
+        }
         name = f"tako-{uuid.uuid4().hex[:12]}"
         try:
             container = await self._docker.containers.create(
@@ -254,16 +275,32 @@ class DockerSandbox:
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
 
-    async def reap(self, *, worker_id: str | None = None) -> int:
-        """Remove containers we created that are left over (a dead worker's, or all of ours)."""
-        label = f"{LABEL_WORKER}={worker_id}" if worker_id else LABEL
+    async def reap(self) -> int:
+        """Remove sandboxes left behind by dead workers; returns how many.
+
+        A container is a stray when it carries this worker's id (a restart under a static id),
+        or was made on this host by a process that is gone.  Live workers' containers are left
+        alone: their owners remove them.
+        """
         try:
-            found = await self._docker.containers.list(all=True, filters={"label": [label]})
+            found = await self._docker.containers.list(all=True, filters={"label": [LABEL]})
         except Exception as exc:
             raise self._map(exc, "list") from exc
-        for container in found:
+        strays = [c for c in found if self._is_stray(c["Labels"] or {})]
+        for container in strays:
             await self._remove(container)
-        return len(found)
+        return len(strays)
+
+    def _is_stray(self, labels: Mapping[str, str]) -> bool:
+        if labels.get(LABEL_WORKER) == self._worker_id:
+            return True
+        if labels.get(LABEL_HOST) != _HOST:
+            return False
+        try:
+            pid = int(labels.get(LABEL_PID, ""))
+        except ValueError:
+            return False
+        return pid != os.getpid() and not _alive(pid)
 
     @staticmethod
     def _map(exc: BaseException, step: str) -> Exception:

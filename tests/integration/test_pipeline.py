@@ -1,0 +1,298 @@
+"""The execution pipeline end to end: real broker, real worker process, real containers."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from tako_stream.client import Producer, ResultReader
+from tako_stream.models import CORRELATION_HEADER, DLQRecord
+from tests.integration.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def job(code: str, **fields: object) -> dict[str, object]:
+    return {"execution_id": str(uuid.uuid4()), "code": code, **fields}
+
+
+async def test_job_with_input_and_output(stack: Stack) -> None:
+    code = (
+        "import json\n"
+        "data = json.load(open('/input/data.json'))\n"
+        "print('adding', len(data['xs']), 'numbers')\n"
+        "json.dump({'total': sum(data['xs'])}, open('/output/result.json', 'w'))\n"
+    )
+    result = await stack.run_job(job(code, input_data={"xs": [1, 2, 3, 4]}, metadata={"k": 1}))
+    assert result.status == "succeeded" and result.success
+    assert result.output == {"total": 10}
+    assert result.stdout == "adding 4 numbers\n"
+    assert result.exit_code == 0 and result.error is None
+    assert result.metadata == {"k": 1}
+    assert result.job_type == "default" and result.attempts == 1
+    assert result.worker_id.startswith("w1-")
+    assert result.started_at and result.finished_at >= result.started_at
+
+
+async def test_seed_examples(stack: Stack) -> None:
+    div = (
+        "import json\nwith open('/input/data.json') as f:\n    data = json.load(f)\n"
+        "result = 100 / data['value']\n"
+    )
+    requests = {
+        "syntax": job("def broken("),
+        "division": job(div, input_data={"value": 0}),
+        "timeout": job("import time; time.sleep(60)", timeout=5),
+        "pandas_default": job("import pandas", job_type="default"),
+        "pandas_dp": job(
+            "import pandas, json\n"
+            "json.dump({'v': pandas.__version__}, open('/output/result.json', 'w'))",
+            job_type="data-processing",
+        ),
+    }
+    found = await stack.run_jobs(list(requests.values()))
+    r = {name: found[str(req["execution_id"])] for name, req in requests.items()}
+
+    assert r["syntax"].status == "failed" and r["syntax"].error is not None
+    assert r["syntax"].error.type == "syntax_error"
+    assert "SyntaxError" in r["syntax"].stderr
+
+    assert r["division"].error is not None and r["division"].error.type == "division_error"
+    assert "ZeroDivisionError: division by zero" in r["division"].stderr
+    assert r["division"].exit_code == 1
+
+    assert r["timeout"].status == "timeout" and not r["timeout"].success
+    assert r["timeout"].error is not None
+    assert r["timeout"].error.message == "Execution timeout exceeded (5s)"
+    assert 5 <= r["timeout"].execution_time < 15
+
+    assert r["pandas_default"].error is not None
+    assert r["pandas_default"].error.type == "import_error"
+    assert "ModuleNotFoundError: No module named 'pandas'" in r["pandas_default"].stderr
+
+    assert r["pandas_dp"].success, r["pandas_dp"].stderr
+    assert isinstance(r["pandas_dp"].output, dict) and r["pandas_dp"].output["v"]
+
+
+SIGNAL_ROWS = {
+    # exit code: (code producing it for real, expected error type, expected status)
+    143: ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "cancelled", "cancelled"),
+    139: ("import ctypes; ctypes.string_at(0)", "segfault", "failed"),
+    134: ("import os; os.abort()", "abort", "failed"),
+    136: ("import os, signal; os.kill(os.getpid(), signal.SIGFPE)", "arithmetic_error", "failed"),
+    135: ("import os, signal; os.kill(os.getpid(), signal.SIGBUS)", "bus_error", "failed"),
+    141: (
+        "import os, signal\nsignal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+        "r, w = os.pipe(); os.close(r); os.write(w, b'x')",
+        "pipe_error",
+        "failed",
+    ),
+    137: ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed", "failed"),
+}
+
+
+async def test_every_exit_code_row(stack: Stack) -> None:
+    requests = {code: job(src) for code, (src, _, _) in SIGNAL_ROWS.items()}
+    oom = job("chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))\n")
+    found = await stack.run_jobs([*requests.values(), oom])
+    for exit_code, request in requests.items():
+        result = found[str(request["execution_id"])]
+        _, error_type, status = SIGNAL_ROWS[exit_code]
+        assert result.exit_code == exit_code, (exit_code, result)
+        assert result.error is not None and result.error.type == error_type, result
+        assert result.status == status
+    memory = found[str(oom["execution_id"])]
+    assert memory.status == "oom" and memory.exit_code == 137
+    assert memory.error is not None and memory.error.type == "oom"
+    assert memory.error.message == "Execution exceeded memory limit"
+
+
+async def test_memory_limit_from_request(stack: Stack) -> None:
+    # 100 MB fits the default 256m but not a 64m limit.
+    code = "x = bytearray(100 * 1024 * 1024)\nprint('allocated')"
+    small, default = job(code, memory_limit="64m"), job(code)
+    too_big = job("print(1)", memory_limit="4g")
+    found = await stack.run_jobs([small, default, too_big])
+    assert found[str(small["execution_id"])].status == "oom"
+    assert found[str(default["execution_id"])].success
+    rejected = found[str(too_big["execution_id"])]
+    assert rejected.status == "rejected" and rejected.error is not None
+    assert rejected.error.type == "invalid_request"
+    assert "memory_limit" in rejected.error.message
+
+
+async def test_stdout_flood_is_truncated(stack: Stack) -> None:
+    code = "import sys\nfor _ in range(100_000):\n    sys.stdout.write('y' * 99 + '\\n')\n"
+    result = await stack.run_job(job(code))
+    assert result.success
+    assert result.stdout_truncated and not result.stderr_truncated
+    assert len(result.stdout.encode()) == 64 * 1024
+
+
+async def test_invalid_output_and_non_utf8(stack: Stack) -> None:
+    bad_json = job("open('/output/result.json', 'w').write('{not json')")
+    binary = job("import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end')")
+    found = await stack.run_jobs([bad_json, binary])
+    r = found[str(bad_json["execution_id"])]
+    assert r.output is None and r.error is not None and r.error.type == "invalid_output"
+    assert "result.json" in r.error.message
+    b = found[str(binary["execution_id"])]
+    assert b.success and b.stdout.startswith("ok ") and b.stdout.endswith(" end")
+
+
+async def test_lockdown_seen_from_inside(stack: Stack) -> None:
+    code = (
+        "import json, os, socket\n"
+        "facts = {'uid': os.getuid(), 'gid': os.getgid()}\n"
+        "status = open('/proc/self/status').read()\n"
+        "facts['capeff'] = status.split('CapEff:')[1].split()[0]\n"
+        "facts['nonewprivs'] = status.split('NoNewPrivs:')[1].split()[0]\n"
+        "def attempt(fn):\n"
+        "    try:\n        fn(); return 'allowed'\n"
+        "    except Exception as exc:\n        return type(exc).__name__\n"
+        "facts['write_root'] = attempt(lambda: open('/evil', 'w'))\n"
+        "facts['write_input'] = attempt(lambda: open('/input/data.json', 'w'))\n"
+        "facts['chmod_input'] = attempt(lambda: os.chmod('/input/data.json', 0o666))\n"
+        "facts['write_code'] = attempt(lambda: open('/code/main.py', 'a'))\n"
+        "facts['network'] = attempt(lambda: socket.create_connection(('1.1.1.1', 53), 2))\n"
+        "facts['ifaces'] = sorted(os.listdir('/sys/class/net'))\n"
+        "facts['environ'] = sorted(os.environ)\n"
+        "json.dump(facts, open('/output/result.json', 'w'))\n"
+    )
+    result = await stack.run_job(job(code))
+    assert result.success, result.stderr
+    facts = result.output
+    assert facts["uid"] == 65534 and facts["gid"] == 65534
+    assert facts["capeff"] == "0000000000000000"
+    assert facts["nonewprivs"] == "1"
+    assert facts["write_root"] in ("OSError", "PermissionError")
+    assert facts["write_input"] == "PermissionError"
+    assert facts["chmod_input"] == "PermissionError"
+    assert facts["write_code"] == "PermissionError"
+    assert facts["network"] != "allowed"
+    assert facts["ifaces"] == ["lo"]
+    assert set(facts["environ"]) <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "LC_CTYPE",
+    }
+
+
+async def test_invalid_messages_get_a_result_and_a_dlq_record(stack: Stack) -> None:
+    settings = stack.settings
+    garbage = b"\xff\xfe not json at all \x00"
+    headers = [(CORRELATION_HEADER, b"corr-garbage"), ("x-extra", b"\x01\x02")]
+    keyed_id = str(uuid.uuid4())
+    cases = {
+        "garbage": (garbage, keyed_id.encode(), headers),
+        "validation": (
+            orjson.dumps({"execution_id": "bad-1" + keyed_id[:8], "code": "", "timeout": 999}),
+            None,
+            [],
+        ),
+        "unknown_type": (
+            orjson.dumps({"execution_id": "bad-2" + keyed_id[:8], "code": "1", "job_type": "gpu"}),
+            None,
+            [],
+        ),
+    }
+    dlq = AIOKafkaConsumer(
+        settings.dlq_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    async with ResultReader(settings) as reader, Producer(settings) as producer:
+        for value, key, hdrs in cases.values():
+            await producer.send_raw(value, key=key, headers=hdrs)
+        expected = {keyed_id, "bad-1" + keyed_id[:8], "bad-2" + keyed_id[:8]}
+        found = await reader.wait_for(expected, 60)
+    assert set(found) == expected
+    g = found[keyed_id]
+    assert g.status == "rejected" and g.error is not None
+    assert g.error.type == "invalid_request" and "not valid JSON" in g.error.message
+    assert g.correlation_id == "corr-garbage"
+    v = found["bad-1" + keyed_id[:8]]
+    assert v.error is not None and "code" in v.error.message and "timeout" in v.error.message
+    u = found["bad-2" + keyed_id[:8]]
+    assert u.error is not None and "job_type" in u.error.message and "gpu" in u.error.message
+
+    await dlq.start()
+    try:
+        records: dict[str, DLQRecord] = {}
+        for _ in range(60):
+            batch = await dlq.getmany(timeout_ms=500)
+            for msgs in batch.values():
+                for m in msgs:
+                    rec = DLQRecord.model_validate_json(m.value or b"")
+                    records[rec.execution_id] = rec
+            if expected <= set(records):
+                break
+    finally:
+        await dlq.stop()
+    assert expected <= set(records)
+    rec = records[keyed_id]
+    assert base64.b64decode(rec.original_value) == garbage
+    assert rec.original_key is not None and base64.b64decode(rec.original_key) == keyed_id.encode()
+    assert [(k, base64.b64decode(v)) for k, v in rec.original_headers] == headers
+    assert rec.error.type == "invalid_request" and rec.correlation_id == "corr-garbage"
+    assert rec.source.topic == settings.requests_topic
+
+
+async def test_correlation_id_round_trip(stack: Stack) -> None:
+    settings = stack.settings
+    request = job("print('traced')")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    async with ResultReader(settings) as reader, Producer(settings) as producer:
+        await producer.submit(request, correlation_id="trace-abc-123")
+        found = await reader.wait_for({str(request["execution_id"])}, 60)
+    result = found[str(request["execution_id"])]
+    assert result.correlation_id == "trace-abc-123"
+    # The header travels too, and the worker's log lines carry the id.
+    await consumer.start()
+    try:
+        from aiokafka import TopicPartition
+
+        parts = consumer.partitions_for_topic(settings.results_topic) or set()
+        tps = [TopicPartition(settings.results_topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        header = None
+        for _ in range(20):
+            for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                for m in msgs:
+                    if m.key == str(request["execution_id"]).encode():
+                        header = dict(m.headers)[CORRELATION_HEADER]
+            if header:
+                break
+    finally:
+        await consumer.stop()
+    assert header == b"trace-abc-123"
+    log = stack.workers[0].log_path.read_text()
+    assert "corr=trace-abc-123" in log
+
+
+async def test_many_concurrent_jobs_all_answered(stack: Stack) -> None:
+    requests = [
+        job(
+            "import json\nd = json.load(open('/input/data.json'))\n"
+            "json.dump({'sq': d['n'] * d['n']}, open('/output/result.json', 'w'))",
+            input_data={"n": n},
+        )
+        for n in range(40)
+    ]
+    found = await stack.run_jobs(requests, timeout=240)
+    assert len(found) == 40
+    for request in requests:
+        result = found[str(request["execution_id"])]
+        n = request["input_data"]["n"]  # type: ignore[index]
+        assert result.success and result.output == {"sq": n * n}
