@@ -75,7 +75,8 @@ def _describe(errors: Iterable[Any]) -> list[str]:
     described = []
     for err in errors:
         where = ".".join(str(part) for part in err["loc"]) or "request"
-        described.append(f"{where}: {err['msg']}")
+        message = str(err["msg"]).removeprefix("Value error, ")  # pydantic's validator prefix
+        described.append(f"{where}: {message}")
     return described
 
 
