@@ -30,17 +30,23 @@ def _print_json(value: Any, *, pretty: bool) -> None:
     sys.stdout.flush()
 
 
+def _usage(message: str) -> SystemExit:
+    print(f"tako-stream: {message}", file=sys.stderr)
+    return SystemExit(EXIT_USAGE)
+
+
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
-        code = Path(args.file).read_text()
-    elif args.code is not None:
-        code = args.code
+        try:
+            code = Path(args.file).read_text()
+        except OSError as exc:
+            raise _usage(f"cannot read --file: {exc}") from None
     else:
-        raise SystemExit("tako-stream submit: give --code or --file")
+        code = args.code
     try:
         input_data = orjson.loads(args.input) if args.input else {}
     except orjson.JSONDecodeError as exc:
-        raise SystemExit(f"tako-stream submit: --input is not valid JSON: {exc}") from None
+        raise _usage(f"--input is not valid JSON: {exc}") from None
     request: dict[str, Any] = {
         "execution_id": args.execution_id or new_id(),
         "code": code,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import sys
 import uuid
 
 import orjson
@@ -296,3 +299,68 @@ async def test_many_concurrent_jobs_all_answered(stack: Stack) -> None:
         result = found[str(request["execution_id"])]
         n = request["input_data"]["n"]  # type: ignore[index]
         assert result.success and result.output == {"sq": n * n}
+
+
+async def test_reply_to_topic_also_gets_the_result(stack: Stack) -> None:
+    settings = stack.settings
+    reply_topic = f"{settings.results_topic}.replies"
+    request = job("print('hello')", reply_to=reply_topic)
+    await stack.run_job(request)
+    consumer = AIOKafkaConsumer(
+        reply_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        keys: list[bytes | None] = []
+        for _ in range(40):
+            for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                keys += [m.key for m in msgs]
+            if keys:
+                break
+    finally:
+        await consumer.stop()
+    assert keys == [str(request["execution_id"]).encode()]
+
+
+async def test_cli_submit_wait_and_results(stack: Stack) -> None:
+    env = {
+        **os.environ,
+        **{f"TAKO_{k.upper()}": str(v) for k, v in stack.env_settings().items()},
+    }
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tako_stream",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, _ = await cli(
+        "submit",
+        "--code",
+        "import json; json.dump({'ok': 1}, open('/output/result.json', 'w'))",
+        "--wait",
+        "--compact",
+        "--execution-id",
+        "cli-ok-" + stack.tag,
+    )
+    assert code == 0 and orjson.loads(out)["output"] == {"ok": 1}
+    code, out, _ = await cli("submit", "--code", "1/0", "--wait", "--compact")
+    assert code == 1 and orjson.loads(out)["error"]["type"] == "division_error"
+    code, out, _ = await cli("results", "--execution-id", "cli-ok-" + stack.tag)
+    assert code == 0 and orjson.loads(out.splitlines()[0])["execution_id"] == "cli-ok-" + stack.tag
+    code, _, err = await cli("submit", "--code", "1", "--input", "{nope")
+    assert code == 2 and "--input is not valid JSON" in err
+    env["TAKO_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
+    code, _, err = await cli("submit", "--code", "1")
+    assert code == 4 and "cannot reach Kafka" in err
