@@ -19,16 +19,25 @@ ROWS = {"rows": [{"x": 1, "y": 2.5}, {"x": 3, "y": 4.5}, {"x": 5, "y": 8.0}]}
 def jobs() -> list[tuple[str, dict[str, object]]]:
     read = lambda name: (EXAMPLES / name).read_text()  # noqa: E731
     return [
-        ("word count", {"code": read("word_count.py"),
-                        "input_data": {"text": "the cat and the hat and the bat"}}),
-        ("pandas in data-processing", {"code": read("pandas_stats.py"), "input_data": ROWS,
-                                       "job_type": "data-processing"}),
+        (
+            "word count",
+            {
+                "code": read("word_count.py"),
+                "input_data": {"text": "the cat and the hat and the bat"},
+            },
+        ),
+        (
+            "pandas in data-processing",
+            {"code": read("pandas_stats.py"), "input_data": ROWS, "job_type": "data-processing"},
+        ),
         ("pandas in default", {"code": read("pandas_stats.py"), "input_data": ROWS}),
         ("division by zero", {"code": read("divide.py"), "input_data": {"value": 0}}),
         ("syntax error", {"code": "def broken("}),
         ("timeout (5 s)", {"code": "import time; time.sleep(60)", "timeout": 5}),
-        ("memory bomb (64m)", {"code": "x = []\nwhile True: x.append(bytearray(8 << 20))",
-                               "memory_limit": "64m"}),
+        (
+            "memory bomb (64m)",
+            {"code": "x = []\nwhile True: x.append(bytearray(8 << 20))", "memory_limit": "64m"},
+        ),
         ("invalid request", {"code": "   ", "timeout": 900}),
     ]
 
@@ -47,7 +56,8 @@ async def main() -> int:
         if r is None:
             print(f"{name:28} (no result)")
             continue
-        detail = orjson.dumps(r.output).decode() if r.success else (r.error.message if r.error else "")
+        message = r.error.message if r.error else ""
+        detail = orjson.dumps(r.output).decode() if r.success else message
         error = r.error.type.value if r.error else "-"
         print(f"{name:28} {r.status.value:10} {error:16} {r.execution_time:6.2f}s  {detail[:60]}")
     first = found.get(str(named[0][1]["execution_id"]))

@@ -1,21 +1,44 @@
-"""The worker process: a faust app (web views, lifecycle) around the tako services.
+"""The worker process: a faust app (breaker table, web views, lifecycle) around the tako services.
 
 faust runs the process: its ``Worker`` starts the app and our ``Runtime`` service together,
 handles SIGTERM/SIGINT by stopping both in order, and serves the web views on
 ``TAKO_WEB_PORT``.  The request stream itself is consumed by ``Intake`` (see its docstring for
 why that is plain aiokafka rather than a faust agent).
+
+The circuit breaker's state is shared through faust: workers publish outcomes to a
+single-partition events topic; the one worker that owns that partition (faust's group gives it
+to exactly one) folds them, in order, into a ``GlobalTable`` that every worker reads locally.
+One partition on both sides keeps the agent's writes legal (a table written from an agent must
+have as many changelog partitions as the agent's source topic has partitions) and gives a
+single writer, so concurrent read-modify-writes cannot lose updates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import aiodocker
 import faust
 from mode import Service
+from pydantic import ValidationError
 
 from tako_stream import logs
+from tako_stream.breaker import (
+    Breaker,
+    BreakerConfig,
+    BreakerEvent,
+    BreakerState,
+    Outcome,
+    State,
+    endpoint_key,
+    fold,
+)
+from tako_stream.codec import dumps
 from tako_stream.errors import SandboxUnavailableError
 from tako_stream.execute import Executor
 from tako_stream.intake import Intake
@@ -28,15 +51,25 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(Service):
-    """Owns the Docker client, the pool and the intake, so they start and stop as one."""
+    """Owns the Docker client, the pool, the breaker handle and the intake."""
 
-    def __init__(self, settings: Settings, job_types: JobTypes, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        job_types: JobTypes,
+        breaker: Breaker,
+        app: faust.App,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.job_types = job_types
+        self.breaker = breaker
+        self.app = app
         self.docker: aiodocker.Docker | None = None
         self.sandbox: DockerSandbox | None = None
         self.intake: Intake | None = None
+        self.docker_available = False
 
     async def on_start(self) -> None:
         s = self.settings
@@ -46,14 +79,17 @@ class Runtime(Service):
         )
         try:
             await self.sandbox.ping()
+            self.docker_available = True
             reaped = await self.sandbox.reap()
             if reaped:
-                log.warning("removed %d container(s) left by a previous run", reaped)
+                log.warning("removed %d container(s) left by dead workers", reaped)
         except SandboxUnavailableError as exc:
             log.error("%s; jobs will fail until it is back", exc)
         pool = SandboxPool(self.sandbox, s.pool_size)
-        self.intake = Intake(s, Executor(pool, self.job_types, s), loop=self.loop)
+        executor = Executor(pool, self.job_types, s, breaker=self.breaker)
+        self.intake = Intake(s, executor, loop=self.loop)
         await self.intake.start()
+        self.add_future(self._ping_docker())
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
@@ -62,27 +98,45 @@ class Runtime(Service):
         if self.docker is not None:
             await self.docker.close()
 
-    async def health(self) -> dict[str, Any]:
-        docker_ok = False
-        if self.sandbox is not None:
+    async def _ping_docker(self) -> None:
+        """Feed the breaker without traffic: a dead daemon is noticed, a live one closes it."""
+        assert self.sandbox is not None
+        while True:
+            await asyncio.sleep(self.settings.breaker_ping_interval)
             try:
                 await self.sandbox.ping()
-                docker_ok = True
-            except SandboxUnavailableError:
-                pass
+            except SandboxUnavailableError as exc:
+                self.docker_available = False
+                await self.breaker.record(Outcome.FAILURE, source="ping", detail=str(exc))
+            else:
+                self.docker_available = True
+                await self.breaker.record(Outcome.SUCCESS, source="ping")
+
+    def health(self) -> dict[str, Any]:
+        """Tako VM's health shape, plus readiness and this worker's identity."""
+        state = self.breaker.view()
         intake = self.intake
-        ready = bool(intake and intake.assigned)
+        rebalancing = bool(getattr(self.app, "rebalancing", False))
+        healthy = self.docker_available and state.state is State.CLOSED
         return {
-            "status": "healthy" if docker_ok else "degraded",
-            "docker_available": docker_ok,
-            "ready": ready,
+            "status": "healthy" if healthy else "degraded",
+            "docker_available": self.docker_available,
+            "circuit_breaker": {
+                "state": state.state.value,
+                "failure_count": state.failure_count,
+                "success_count": state.success_count,
+                "last_failure": state.last_failure.isoformat() if state.last_failure else None,
+            },
+            "ready": bool(intake and intake.assigned) and not rebalancing,
+            "rebalancing": rebalancing,
             "worker_id": self.settings.worker_id,
             "in_flight": intake.in_flight if intake else 0,
             "answered": intake.answered if intake else 0,
         }
 
 
-def create_app(settings: Settings, runtime: Runtime) -> faust.App:
+def build(settings: Settings) -> tuple[faust.App, Runtime]:
+    """The faust app with the breaker topic, table and agent, and the runtime wired to them."""
     app = faust.App(
         f"{settings.consumer_group}-app",
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
@@ -92,13 +146,68 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         topic_partitions=1,
         topic_replication_factor=settings.topic_replication,
         datadir=f"/tmp/tako-stream-{settings.worker_id}",
+        producer_acks=-1,
     )
+    config = BreakerConfig(
+        failure_threshold=settings.breaker_failure_threshold,
+        reset_timeout=settings.breaker_reset_timeout,
+        success_threshold=settings.breaker_success_threshold,
+    )
+    events = app.topic(
+        settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
+    )
+    table = app.GlobalTable(
+        f"{settings.consumer_group}-breaker",
+        partitions=1,
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        # advised for GlobalTables read by several instances (faust-streaming #283 et al.)
+        recovery_buffer_size=1,
+    )
+
+    @app.agent(events)
+    async def fold_breaker_events(stream: Any) -> None:
+        async for raw in stream:
+            try:
+                event = BreakerEvent.model_validate_json(raw)
+            except ValidationError:
+                log.warning("ignoring an unreadable breaker event: %r", raw[:200])
+                continue
+            key = event.endpoint.encode()
+            previous = table.get(key)
+            state = BreakerState.model_validate(previous) if previous else None
+            new = fold(state, event, config)
+            if state is None or new.state != state.effective(event.at, config).state:
+                log.warning(
+                    "circuit breaker %s: %s -> %s (%s from %s)",
+                    event.endpoint,
+                    state.state.value if state else "closed",
+                    new.state.value,
+                    event.outcome.value,
+                    event.worker_id,
+                )
+            table[key] = new.model_dump(mode="json")
+
+    async def publish(event: BreakerEvent) -> None:
+        await events.send(key=event.endpoint.encode(), value=dumps(event))
+
+    def read(endpoint: str) -> Any:
+        return table.get(endpoint.encode())
+
+    breaker = Breaker(
+        endpoint=endpoint_key(os.environ.get("DOCKER_HOST"), socket.gethostname()),
+        config=config,
+        worker_id=settings.worker_id,
+        read=read,
+        publish=publish,
+        clock=lambda: datetime.now(UTC),
+    )
+    runtime = Runtime(settings, JobTypes.load(settings.job_types_file), breaker, app)
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
-        return web.json(await runtime.health())
+        return web.json(runtime.health())
 
-    return app
+    return app, runtime
 
 
 class _Worker(faust.Worker):
@@ -114,9 +223,7 @@ class _Worker(faust.Worker):
 
 def run_worker(settings: Settings) -> int:
     """Run a worker until SIGTERM/SIGINT; returns the process exit code."""
-    job_types = JobTypes.load(settings.job_types_file)
-    runtime = Runtime(settings, job_types)
-    app = create_app(settings, runtime)
+    app, runtime = build(settings)
     worker = _Worker(
         app,
         runtime,

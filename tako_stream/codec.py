@@ -19,7 +19,7 @@ from tako_stream.models import CORRELATION_HEADER, ExecutionRequest
 
 Headers = Sequence[tuple[str, bytes]]
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_CORRELATION = 256
 
 
@@ -66,7 +66,7 @@ def _usable_id(value: object) -> str | None:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    if isinstance(value, str) and _ID.match(value):
+    if isinstance(value, str) and _ID.fullmatch(value):
         return value
     return None
 

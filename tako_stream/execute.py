@@ -6,17 +6,20 @@ same code serves every way a job may arrive.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
 
+from tako_stream.breaker import Breaker, Outcome, Ticket
 from tako_stream.codec import dumps
 from tako_stream.errors import (
     ErrorType,
     InvalidRequestError,
     SandboxError,
+    SandboxUnavailableError,
     Status,
     classify_exception,
     classify_exit,
@@ -26,6 +29,7 @@ from tako_stream.errors import (
 )
 from tako_stream.jobtypes import JobTypes
 from tako_stream.models import ErrorInfo, ExecutionRequest, ExecutionResult, Timing, parse_size
+from tako_stream.retry import RetryPolicy
 from tako_stream.sandbox.docker import Limits, SandboxRun
 from tako_stream.sandbox.pool import SandboxPool
 from tako_stream.sandbox.protocol import decode_text, encode_job
@@ -150,16 +154,80 @@ def _output(run: SandboxRun, result_error: str | None) -> Verdict:
         output = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _error(ErrorType.INVALID_OUTPUT, 0, message=f"result.json is not valid JSON: {exc}")
+    if not isinstance(output, dict):
+        return _error(
+            ErrorType.INVALID_OUTPUT,
+            0,
+            message=f"result.json must hold a JSON object, not {type(output).__name__}",
+        )
     return Verdict(status=Status.SUCCEEDED, error=None, exit_code=0, output=output)
 
 
 class Executor:
     """Runs requests in the pool and answers each with exactly one result."""
 
-    def __init__(self, pool: SandboxPool, job_types: JobTypes, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: SandboxPool,
+        job_types: JobTypes,
+        settings: Settings,
+        *,
+        breaker: Breaker | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.pool = pool
         self.job_types = job_types
         self.settings = settings
+        self.breaker = breaker
+        self.retry = retry or RetryPolicy(
+            max_attempts=settings.retry_max_attempts, base_delay=settings.retry_base_delay
+        )
+
+    async def _run_with_retries(
+        self, job: bytes, limits: Limits, execution_id: str
+    ) -> tuple[SandboxRun | None, int, SandboxError | None]:
+        """Run the container, retrying transient Docker failures; (run, attempts, last error).
+
+        The breaker is asked before each attempt: while it is open no container is tried and
+        the job is answered at once; every Docker failure and (while it matters) success is
+        reported to it.
+        """
+        attempts = 0
+        failure: SandboxError | None = None
+        s = self.settings
+        for attempt in range(1, self.retry.max_attempts + 1):
+            ticket = self.breaker.acquire() if self.breaker else Ticket(None, trial=False)
+            if ticket is None:
+                log.info("circuit breaker open: not trying Docker")
+                return None, attempts, failure
+            attempts += 1
+            try:
+                run = await self.pool.run(
+                    job,
+                    limits,
+                    execution_id=execution_id,
+                    stdout_cap=s.stdout_limit,
+                    stderr_cap=s.stderr_limit,
+                    result_cap=s.output_limit,
+                )
+            except SandboxError as exc:
+                failure = exc
+                log.warning("attempt %d: %s", attempt, exc)
+                await self._report(Outcome.FAILURE, str(exc))
+                if not isinstance(exc, SandboxUnavailableError):
+                    return None, attempts, failure  # fail closed: never retried
+                if attempt < self.retry.max_attempts:
+                    await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            finally:
+                ticket.release()
+            await self._report(Outcome.SUCCESS, None)
+            return run, attempts, None
+        return None, attempts, failure
+
+    async def _report(self, outcome: Outcome, detail: str | None) -> None:
+        if self.breaker is not None:
+            await self.breaker.record(outcome, source="job", detail=detail)
 
     def rejected(
         self,
@@ -212,23 +280,16 @@ class Executor:
             stderr_cap=s.stderr_limit,
             result_cap=s.output_limit,
         )
-        try:
-            run = await self.pool.run(
-                job,
-                limits,
-                execution_id=execution_id,
-                stdout_cap=s.stdout_limit,
-                stderr_cap=s.stderr_limit,
-                result_cap=s.output_limit,
-            )
-        except SandboxError as exc:
-            log.warning("sandbox failed: %s", exc)
+        run, attempts, failure = await self._run_with_retries(job, limits, execution_id)
+        if run is None:
+            error_type = failure.error_type if failure else ErrorType.SERVICE_UNAVAILABLE
+            message = str(failure) if failure else default_message(error_type)
             return ExecutionResult(
                 **base,
-                status=Status.FAILED,
+                status=_STATUS_OF.get(error_type, Status.FAILED),
                 success=False,
-                error=ErrorInfo(type=exc.error_type, message=str(exc)),
-                attempts=1,
+                error=ErrorInfo(type=error_type, message=message),
+                attempts=attempts,
                 finished_at=now(),
                 timing=Timing(queued=queued),
             )
@@ -248,7 +309,7 @@ class Executor:
             execution_time=round(
                 report.elapsed if report and report.elapsed is not None else run.seconds, 6
             ),
-            attempts=1,
+            attempts=attempts,
             finished_at=now(),
             timing=Timing(queued=queued, sandbox=round(run.seconds, 6), warm=False),
         )

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from tako_stream.errors import ErrorType, Status
@@ -26,15 +27,16 @@ CORRELATION_HEADER = "x-correlation-id"
 
 MAX_CODE_CHARS = 100_000
 MAX_INPUT_BYTES = 1024 * 1024
+MAX_METADATA_BYTES = 64 * 1024
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def parse_size(text: str) -> int:
     """Bytes in a Docker-style size string (``"256m"``, ``"1g"``, ``"512MiB"``)."""
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a size such as '256m' or '1g'")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
@@ -77,6 +79,7 @@ class ExecutionRequest(BaseModel):
     )
     timeout: float | None = Field(
         default=None,
+        strict=True,  # a number, not "5" or true
         ge=MIN_TIMEOUT,
         le=MAX_TIMEOUT,
         description="Wall-clock seconds; the job type's default when absent.",
@@ -95,11 +98,26 @@ class ExecutionRequest(BaseModel):
     @field_validator("input_data")
     @classmethod
     def _input_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from tako_stream.codec import dumps  # codec imports models: import late
-
-        if len(dumps(value)) > MAX_INPUT_BYTES:
+        if _serialised_size(value, "input_data") > MAX_INPUT_BYTES:
             raise ValueError("input_data must be at most 1 MiB once serialised")
         return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _serialised_size(value, "metadata") > MAX_METADATA_BYTES:
+            raise ValueError("metadata must be at most 64 KiB once serialised")
+        return value
+
+
+def _serialised_size(value: Any, name: str) -> int:
+    """Bytes as JSON; what JSON cannot carry back out (too deep a nesting) is refused here."""
+    import orjson
+
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):
+        raise ValueError(f"{name} cannot be serialised (nested too deeply?)") from None
 
 
 class ErrorInfo(BaseModel):
@@ -189,6 +207,14 @@ class JobType(BaseModel):
     max_timeout: float = Field(default=MAX_TIMEOUT, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
     pids_limit: int = Field(default=128, ge=8)
     runtime: str | None = Field(default=None, description="OCI runtime, e.g. 'runsc'.")
+
+    @model_validator(mode="after")
+    def _defaults_within_ceilings(self) -> JobType:
+        if self.timeout > self.max_timeout:
+            raise ValueError(f"timeout {self.timeout:g} exceeds max_timeout {self.max_timeout:g}")
+        if parse_size(self.memory) > parse_size(self.max_memory):
+            raise ValueError(f"memory {self.memory} exceeds max_memory {self.max_memory}")
+        return self
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {

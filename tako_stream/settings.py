@@ -49,6 +49,19 @@ class Settings(BaseSettings):
     #: covers container start-up and a supervisor starved by the job.
     timeout_grace: float = Field(default=5.0, ge=0.5)
 
+    #: Attempts at a job when Docker fails transiently, and the first backoff (doubling, jittered).
+    retry_max_attempts: int = Field(default=2, ge=1, le=10)
+    retry_base_delay: float = Field(default=1.0, ge=0)
+
+    #: Circuit breaker around Docker, shared by the workers of one Docker endpoint.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_timeout: float = Field(default=30.0, gt=0)
+    breaker_success_threshold: int = Field(default=2, ge=1)
+    #: Seconds between Docker pings, so a dead daemon is noticed with no traffic.
+    breaker_ping_interval: float = Field(default=2.0, gt=0)
+    #: Single-partition topic of breaker events, folded by one agent into a GlobalTable.
+    breaker_topic: str = "tako.breaker-events"
+
     worker_id: str = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=6066, ge=0, le=65535)

@@ -7,6 +7,7 @@ caps every buffer and tolerates garbage (a broken frame ends the stream; it neve
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from importlib import resources
@@ -66,15 +67,21 @@ class Report:
     def parse(cls, data: bytes) -> Report | None:
         try:
             raw = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(raw, dict):
             return None
         report = cls()
-        if isinstance(raw.get("exit_code"), int):
+        if type(raw.get("exit_code")) is int:  # not bool, which is an int too
             report.exit_code = raw["exit_code"]
-        if isinstance(raw.get("elapsed"), (int, float)):
-            report.elapsed = float(raw["elapsed"])
+        elapsed = raw.get("elapsed")
+        if (
+            isinstance(elapsed, (int, float))
+            and not isinstance(elapsed, bool)
+            and math.isfinite(elapsed)
+            and elapsed >= 0
+        ):
+            report.elapsed = float(elapsed)
         for name in ("timed_out", "stdout_truncated", "stderr_truncated"):
             setattr(report, name, raw.get(name) is True)
         if isinstance(raw.get("stderr_tail"), str):

@@ -1,0 +1,181 @@
+"""DLQ records keep the original message byte for byte and mirror their main fields in headers."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tako_stream import dlq
+from tako_stream.errors import ErrorType
+from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+
+T0 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+T1 = datetime(2024, 1, 2, 3, 4, 9, tzinfo=UTC)
+SOURCE = SourcePosition(topic="tako.requests", partition=3, offset=1234, timestamp_ms=1700000000000)
+ERROR = ErrorInfo(type=ErrorType.INVALID_REQUEST, message="code: Field required")
+
+
+def build(
+    key: bytes | None = b"job-1",
+    value: bytes | None = b'{"nope": 1}',
+    headers: list[tuple[str, bytes]] | None = None,
+    source: SourcePosition = SOURCE,
+    error: ErrorInfo = ERROR,
+) -> tuple[DLQRecord, bytes, list[tuple[str, bytes]]]:
+    return dlq.build_record(
+        key=key,
+        value=value,
+        headers=headers,
+        source=source,
+        execution_id="job-1",
+        correlation_id="corr-9",
+        error=error,
+        attempts=2,
+        first_failure_at=T0,
+        last_failure_at=T1,
+        worker_id="worker-a",
+    )
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def test_original_message_is_kept_byte_exact() -> None:
+    key = b"\x00\xffkey\x80"
+    value = b"\xff\xfe not json \x00 at all"
+    headers = [
+        ("x-correlation-id", b"corr-9"),
+        ("bin", b"\x00\x01\xff"),
+        ("dup", b"1"),
+        ("dup", b"2"),
+    ]
+    record, _, _ = build(key=key, value=value, headers=headers)
+    assert record.original_key is not None and unb64(record.original_key) == key
+    assert unb64(record.original_value) == value
+    assert [(k, unb64(v)) for k, v in record.original_headers] == headers
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary() | st.none(),
+    st.binary(),
+    st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=50)), max_size=5),
+)
+def test_round_trip_through_the_encoded_value(
+    key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+) -> None:
+    _, encoded, _ = build(key=key, value=value, headers=headers)
+    decoded = DLQRecord.model_validate_json(encoded)
+    assert (unb64(decoded.original_key) if decoded.original_key is not None else None) == key
+    assert unb64(decoded.original_value) == value
+    assert [(k, unb64(v)) for k, v in decoded.original_headers] == headers
+
+
+def test_missing_key_and_value() -> None:
+    record, _, _ = build(key=None, value=None)
+    assert record.original_key is None
+    assert record.original_value == ""
+    assert record.original_headers == []
+
+
+def test_empty_key_is_not_missing() -> None:
+    record, _, _ = build(key=b"")
+    assert record.original_key == ""
+
+
+def test_record_fields_and_encoding() -> None:
+    record, encoded, _ = build()
+    assert record.execution_id == "job-1"
+    assert record.correlation_id == "corr-9"
+    assert record.error == ERROR
+    assert record.attempts == 2
+    assert record.first_failure_at == T0 and record.last_failure_at == T1
+    assert record.worker_id == "worker-a"
+    assert record.source == SOURCE
+    assert orjson.loads(encoded) == record.model_dump(mode="json")
+    assert DLQRecord.model_validate_json(encoded) == record
+
+
+def test_dlq_id_is_stable_for_the_same_source() -> None:
+    first, _, _ = build()
+    again, _, _ = build(value=b"other", error=ErrorInfo(type=ErrorType.INTERNAL_ERROR, message="x"))
+    assert first.dlq_id == again.dlq_id == dlq.dlq_id(SOURCE)
+    same_position = SourcePosition(topic="tako.requests", partition=3, offset=1234)
+    assert dlq.dlq_id(same_position) == first.dlq_id
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        SourcePosition(topic="tako.requests", partition=3, offset=1235),
+        SourcePosition(topic="tako.requests", partition=4, offset=1234),
+        SourcePosition(topic="other", partition=3, offset=1234),
+    ],
+)
+def test_dlq_id_differs_for_other_sources(other: SourcePosition) -> None:
+    assert dlq.dlq_id(other) != dlq.dlq_id(SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (None, 0),
+        ([], 0),
+        ([("x-tako-replay-count", b"3")], 3),
+        ([("X-Tako-Replay-Count", b"5")], 5),
+        ([("x-tako-replay-count", b"1"), ("x-tako-replay-count", b"2")], 2),
+        ([("x-tako-replay-count", b" 7 ")], 7),
+        ([("x-tako-replay-count", b"garbage")], 0),
+        ([("x-tako-replay-count", b"")], 0),
+        ([("x-tako-replay-count", b"-4")], 0),
+        ([("x-tako-replay-count", b"2.5")], 0),
+        ([("x-tako-replay-count", b"\xff\xfe")], 0),
+        ([("x-tako-replay-count", b"9" * 5000)], 0),
+    ],
+)
+def test_replay_count(headers: list[tuple[str, bytes]] | None, expected: int) -> None:
+    assert dlq.replay_count(headers) == expected
+    record, _, mirrored = build(headers=headers)
+    assert record.replay_count == expected
+    assert dict(mirrored)[dlq.REPLAY_COUNT_HEADER] == str(expected).encode()
+
+
+def test_mirrored_headers() -> None:
+    record, _, mirrored = build(headers=[("x-tako-replay-count", b"1")])
+    as_dict = dict(mirrored)
+    assert len(as_dict) == len(mirrored)  # each header once
+    assert as_dict == {
+        CORRELATION_HEADER: b"corr-9",
+        dlq.H_DLQ_ID: record.dlq_id.encode(),
+        dlq.H_EXECUTION_ID: b"job-1",
+        dlq.H_ERROR_TYPE: b"invalid_request",
+        dlq.H_ERROR_MESSAGE: b"code: Field required",
+        dlq.H_ORIGINAL_TOPIC: b"tako.requests",
+        dlq.H_ORIGINAL_PARTITION: b"3",
+        dlq.H_ORIGINAL_OFFSET: b"1234",
+        dlq.H_ATTEMPTS: b"2",
+        dlq.H_WORKER: b"worker-a",
+        dlq.REPLAY_COUNT_HEADER: b"1",
+    }
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in mirrored)
+
+
+def test_mirrored_error_message_is_capped_and_utf8() -> None:
+    error = ErrorInfo(type=ErrorType.INTERNAL_ERROR, message="é" * 2000)
+    _, _, mirrored = build(error=error)
+    message = dict(mirrored)[dlq.H_ERROR_MESSAGE]
+    assert message.decode("utf-8") == "é" * 1000
+
+
+def test_dead_letter_types() -> None:
+    assert {
+        ErrorType.INVALID_REQUEST,
+        ErrorType.INTERNAL_ERROR,
+        ErrorType.SERVICE_UNAVAILABLE,
+    } == dlq.DEAD_LETTER_TYPES
