@@ -27,7 +27,7 @@ import faust
 from mode import Service
 from pydantic import ValidationError
 
-from tako_stream import logs
+from tako_stream import dlq, logs
 from tako_stream.breaker import (
     Breaker,
     BreakerConfig,
@@ -39,6 +39,7 @@ from tako_stream.breaker import (
     fold,
 )
 from tako_stream.codec import dumps
+from tako_stream.dlq import DLQStore
 from tako_stream.errors import SandboxUnavailableError
 from tako_stream.execute import Executor
 from tako_stream.intake import Intake
@@ -70,6 +71,7 @@ class Runtime(Service):
         self.sandbox: DockerSandbox | None = None
         self.intake: Intake | None = None
         self.docker_available = False
+        self.dlq = DLQStore()
 
     async def on_start(self) -> None:
         s = self.settings
@@ -90,6 +92,7 @@ class Runtime(Service):
         self.intake = Intake(s, executor, loop=self.loop)
         await self.intake.start()
         self.add_future(self._ping_docker())
+        self.add_future(dlq.follow(s, self.dlq))
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
@@ -207,7 +210,49 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
     async def health(web: Any, request: Any) -> Any:
         return web.json(runtime.health())
 
+    @app.page("/dlq/stats")
+    async def dlq_stats(web: Any, request: Any) -> Any:
+        return web.json(runtime.dlq.stats())
+
+    @app.page("/dlq")
+    async def dlq_list(web: Any, request: Any) -> Any:
+        query = request.query
+        try:
+            since = _timestamp(query.get("since"))
+            until = _timestamp(query.get("until"))
+        except ValueError as exc:
+            return web.json({"detail": str(exc)}, status=400)
+        entries = runtime.dlq.select(error_type=query.get("error_type"), since=since, until=until)
+        return web.json(
+            {"total": len(entries), "entries": [e.model_dump(mode="json") for e in entries]}
+        )
+
+    @app.page("/dlq/{dlq_id}")
+    class DLQEntry(faust.web.View):
+        async def get(self, request: Any, dlq_id: str) -> Any:
+            entry = runtime.dlq.entries.get(dlq_id)
+            if entry is None:
+                return self.json({"detail": f"no DLQ entry {dlq_id}"}, status=404)
+            return self.json(entry.model_dump(mode="json"))
+
+        async def delete(self, request: Any, dlq_id: str) -> Any:
+            if dlq_id not in runtime.dlq.entries:
+                return self.json({"detail": f"no DLQ entry {dlq_id}"}, status=404)
+            await dlq.delete(settings, [dlq_id])
+            runtime.dlq.apply(dlq_id.encode(), None)
+            return self.json({"deleted": dlq_id})
+
     return app, runtime
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class _Worker(faust.Worker):

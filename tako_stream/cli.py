@@ -1,7 +1,9 @@
 """``tako-stream``: the one command-line entry point.
 
 Exit codes a shell can rely on: 0 success (for ``submit --wait``: the job succeeded), 1 the job
-failed, 2 usage error, 3 no result within ``--wait-timeout``, 4 Kafka unreachable.
+failed (``health``: degraded; ``dlq replay``: some entries refused; ``dlq delete``: no such
+entry), 2 usage error, 3 no result within ``--wait-timeout``, 4 Kafka (or, for ``health``, the
+worker) unreachable.
 """
 
 from __future__ import annotations
@@ -9,16 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import urllib.request
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from tako_stream import __version__, broker
+from tako_stream import __version__, broker, dlq
 from tako_stream.client import Producer, ResultReader
 from tako_stream.codec import new_id
+from tako_stream.models import DLQRecord
 from tako_stream.settings import Settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NO_RESULT, EXIT_KAFKA = 0, 1, 2, 3, 4
@@ -104,6 +109,93 @@ async def _results(settings: Settings, args: argparse.Namespace) -> int:
                 return EXIT_OK
 
 
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise _usage(f"{text!r} is not an ISO 8601 time such as 2026-11-28T10:00") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _selected(store: dlq.DLQStore, args: argparse.Namespace) -> list[DLQRecord]:
+    return store.select(
+        ids=getattr(args, "ids", None) or None,
+        error_type=args.error_type,
+        since=_when(args.since),
+        until=_when(args.until),
+    )
+
+
+async def _dlq_stats(settings: Settings, args: argparse.Namespace) -> int:
+    _print_json((await dlq.read_store(settings)).stats(), pretty=True)
+    return EXIT_OK
+
+
+async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    entries = _selected(await dlq.read_store(settings), args)
+    if args.json:
+        for entry in entries:
+            _print_json(entry.model_dump(mode="json"), pretty=False)
+        return EXIT_OK
+    print(f"{'id':36} {'error':20} {'replays':>7}  {'last failure':25} execution_id")
+    for e in entries:
+        print(
+            f"{e.dlq_id:36} {e.error.type.value:20} {e.replay_count:>7}  "
+            f"{e.last_failure_at.isoformat(timespec='seconds'):25} {e.execution_id}"
+        )
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _dlq_delete(settings: Settings, args: argparse.Namespace) -> int:
+    store = await dlq.read_store(settings)
+    missing = [i for i in args.ids if i not in store.entries]
+    if missing:
+        print(f"tako-stream: no DLQ entry {', '.join(missing)}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    await dlq.delete(settings, args.ids)
+    for dlq_id in args.ids:
+        print(f"deleted {dlq_id}")
+    return EXIT_OK
+
+
+async def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
+    if not (args.ids or args.all or args.error_type or args.since or args.until):
+        raise _usage("dlq replay: name entries (IDS) or select them (--all, --error-type, ...)")
+    entries = _selected(await dlq.read_store(settings), args)
+
+    def progress(what: str, record: DLQRecord, n: int, total: int) -> None:
+        print(f"[{n}/{total}] {what} {record.dlq_id} ({record.execution_id})", file=sys.stderr)
+
+    outcome = await dlq.replay(
+        settings,
+        entries,
+        max_replays=settings.dlq_max_replays if args.max_replays is None else args.max_replays,
+        rate=args.rate,
+        dry_run=args.dry_run,
+        progress=progress,
+    )
+    verb = "would replay" if args.dry_run else "replayed"
+    print(f"{verb} {len(outcome.replayed)}, refused {len(outcome.refused)}")
+    for dlq_id, reason in outcome.refused:
+        print(f"refused {dlq_id}: {reason}", file=sys.stderr)
+    return EXIT_OK if not outcome.refused else EXIT_JOB_FAILED
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    url = args.url or f"http://127.0.0.1:{settings.web_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            health = orjson.loads(response.read())
+    except (OSError, ValueError) as exc:
+        print(f"tako-stream: no worker answers at {url}: {exc}", file=sys.stderr)
+        return EXIT_KAFKA
+    _print_json(health, pretty=True)
+    return EXIT_OK if health.get("status") == "healthy" else EXIT_JOB_FAILED
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from tako_stream.app import run_worker
 
@@ -152,6 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --follow, stop after this many seconds with nothing new",
     )
     r.set_defaults(run=_results)
+
+    h = sub.add_parser("health", help="print a worker's health (exit 1 when degraded)")
+    h.add_argument("--url", help="default: http://127.0.0.1:$TAKO_WEB_PORT/health")
+    h.set_defaults(run=_health)
+
+    d = sub.add_parser("dlq", help="inspect, delete and replay dead-lettered requests")
+    dsub = d.add_subparsers(dest="dlq_command", required=True)
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--error-type", help="only entries of this error type")
+        p.add_argument("--since", help="only entries that last failed at or after (ISO 8601)")
+        p.add_argument("--until", help="only entries that last failed at or before (ISO 8601)")
+
+    ds = dsub.add_parser("stats", help="total and count by error type")
+    ds.set_defaults(run=_dlq_stats)
+    dl = dsub.add_parser("list", help="list entries")
+    filters(dl)
+    dl.add_argument("--json", action="store_true", help="one JSON object per line")
+    dl.set_defaults(run=_dlq_list)
+    dd = dsub.add_parser("delete", help="remove entries for good")
+    dd.add_argument("ids", nargs="+", metavar="ID")
+    dd.set_defaults(run=_dlq_delete)
+    dr = dsub.add_parser("replay", help="re-produce original requests (same execution_id)")
+    dr.add_argument("ids", nargs="*", metavar="ID")
+    dr.add_argument("--all", action="store_true", help="every entry the filters select")
+    filters(dr)
+    dr.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    dr.add_argument("--rate", type=float, help="at most this many replays per second")
+    dr.add_argument("--max-replays", type=int, help="refuse entries replayed this often")
+    dr.set_defaults(run=_dlq_replay)
 
     b = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu)")
     b.add_argument("--host", default="127.0.0.1")

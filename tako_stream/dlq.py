@@ -7,13 +7,23 @@ mirrored into headers so tools can filter without decoding the body.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tako_stream.codec import dumps, header
 from tako_stream.errors import ErrorType
+from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options
 from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: Error types whose requests go to the DLQ as well as getting a result: the system, not the
 #: user's code, is why they did not run.
@@ -95,3 +105,197 @@ def build_record(
         (REPLAY_COUNT_HEADER, str(record.replay_count).encode()),
     ]
     return record, dumps(record), mirrored
+
+
+# --- Reading, deleting and replaying ------------------------------------------------------------
+#
+# The DLQ topic is the only store: records are keyed by dlq_id, and deleting one writes a
+# tombstone (the same key, no value), so a deletion holds for every reader and survives restarts
+# of every component (and on a compacted topic the record is eventually gone for good).  A
+# replayed entry is tombstoned too: if it fails again it comes back as a new entry, its replay
+# count one higher, until the replay limit refuses it.
+
+
+@dataclass
+class DLQStore:
+    """The current DLQ: records folded in topic order, tombstones removing them."""
+
+    entries: dict[str, DLQRecord] = field(default_factory=dict)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        if value is None:
+            if key is not None:
+                self.entries.pop(key.decode("utf-8", "replace"), None)
+            return
+        try:
+            record = DLQRecord.model_validate_json(value)
+        except ValueError:
+            log.warning("skipping an unreadable DLQ record (key %r)", key)
+            return
+        self.entries[record.dlq_id] = record
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
+        by_type: dict[str, int] = {}
+        for record in self.entries.values():
+            by_type[record.error.type.value] = by_type.get(record.error.type.value, 0) + 1
+        return {"total": len(self.entries), "by_error_type": dict(sorted(by_type.items()))}
+
+    def select(
+        self,
+        *,
+        ids: Iterable[str] | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[DLQRecord]:
+        wanted = set(ids) if ids else None
+        chosen = []
+        for record in self.entries.values():
+            if wanted is not None and record.dlq_id not in wanted:
+                continue
+            if error_type and record.error.type.value != error_type:
+                continue
+            if since and record.last_failure_at < since:
+                continue
+            if until and record.last_failure_at > until:
+                continue
+            chosen.append(record)
+        return sorted(chosen, key=lambda r: r.last_failure_at)
+
+
+async def read_store(settings: Settings) -> DLQStore:
+    """Read the whole DLQ topic, up to its current end, into a store (no consumer group)."""
+    store = DLQStore()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(settings.dlq_topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()  # no public API to refresh metadata
+            partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
+        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        if not tps:
+            return store
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    store.apply(record.key, record.value)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return store
+
+
+async def delete(settings: Settings, ids: Iterable[str]) -> None:
+    """Tombstone entries, for every reader and for good."""
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        for dlq_id_ in ids:
+            await producer.send_and_wait(settings.dlq_topic, key=dlq_id_.encode(), value=None)
+    finally:
+        await producer.stop()
+
+
+@dataclass
+class ReplayOutcome:
+    replayed: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def replay_message(record: DLQRecord) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """The original key, value and headers, with the replay count one higher."""
+    headers = [
+        (k, base64.b64decode(v))
+        for k, v in record.original_headers
+        if k.lower() != REPLAY_COUNT_HEADER
+    ]
+    headers.append((REPLAY_COUNT_HEADER, str(record.replay_count + 1).encode()))
+    key = base64.b64decode(record.original_key) if record.original_key is not None else None
+    if key is None:
+        key = record.execution_id.encode()
+    return key, base64.b64decode(record.original_value), headers
+
+
+async def replay(
+    settings: Settings,
+    records: list[DLQRecord],
+    *,
+    max_replays: int,
+    rate: float | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str, DLQRecord, int, int], None] | None = None,
+) -> ReplayOutcome:
+    """Re-produce each original request to its source topic, then tombstone its entry.
+
+    An entry already replayed ``max_replays`` times is refused, so a request that keeps failing
+    cannot loop.  ``rate`` caps replays per second; ``dry_run`` only reports what would happen.
+    """
+    outcome = ReplayOutcome()
+    producer = None if dry_run else AIOKafkaProducer(**producer_options(settings))
+    if producer is not None:
+        await producer.start()
+    try:
+        for n, record in enumerate(records, 1):
+            if record.replay_count >= max_replays:
+                reason = f"replayed {record.replay_count} times already (limit {max_replays})"
+                outcome.refused.append((record.dlq_id, reason))
+                if progress:
+                    progress("refused", record, n, len(records))
+                continue
+            if producer is not None:
+                key, value, headers = replay_message(record)
+                await producer.send_and_wait(
+                    record.source.topic, key=key, value=value, headers=headers
+                )
+                await producer.send_and_wait(
+                    settings.dlq_topic, key=record.dlq_id.encode(), value=None
+                )
+            outcome.replayed.append(record.dlq_id)
+            if progress:
+                progress("would replay" if dry_run else "replayed", record, n, len(records))
+            if rate and not dry_run and n < len(records):
+                await asyncio.sleep(1.0 / rate)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    return outcome
+
+
+async def follow(settings: Settings, store: DLQStore) -> None:
+    """Keep ``store`` up to date with the DLQ topic, forever (the worker's HTTP views use it)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+    )
+    await consumer.start()
+    try:
+        partitions: set[int] = set()
+        while not partitions:
+            await consumer._client.force_metadata_update()  # no public API to refresh metadata
+            partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
+            if not partitions:
+                await asyncio.sleep(1)
+        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    store.apply(record.key, record.value)
+    finally:
+        await consumer.stop()

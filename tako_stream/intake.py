@@ -29,7 +29,13 @@ from tako_stream.errors import ErrorType, InvalidRequestError, Status
 from tako_stream.execute import Executor, now
 from tako_stream.kafka import ensure_topics, producer_options
 from tako_stream.logs import job_context
-from tako_stream.models import CORRELATION_HEADER, ErrorInfo, ExecutionResult, SourcePosition
+from tako_stream.models import (
+    CORRELATION_HEADER,
+    DLQRecord,
+    ErrorInfo,
+    ExecutionResult,
+    SourcePosition,
+)
 from tako_stream.offsets import OffsetTracker
 from tako_stream.settings import Settings
 
@@ -217,7 +223,7 @@ class Intake(Service):
         self,
         result: ExecutionResult,
         reply_to: str | None,
-        dead: tuple[Any, bytes, list[tuple[str, bytes]]] | None,
+        dead: tuple[DLQRecord, bytes, list[tuple[str, bytes]]] | None,
     ) -> None:
         """Send and await acknowledgement; retried until the broker takes it."""
         assert self._producer is not None
@@ -227,19 +233,23 @@ class Intake(Service):
             (CORRELATION_HEADER, result.correlation_id.encode()),
             ("x-tako-status", result.status.value.encode()),
         ]
-        sends: list[tuple[str, bytes, list[tuple[str, bytes]]]] = [
-            (self.settings.results_topic, value, headers)
+        sends: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = [
+            (self.settings.results_topic, key, value, headers)
         ]
         if reply_to and reply_to != self.settings.results_topic:
-            sends.append((reply_to, value, headers))
+            sends.append((reply_to, key, value, headers))
         if dead is not None:
-            sends.append((self.settings.dlq_topic, dead[1], dead[2]))
+            # keyed by its DLQ id, so a tombstone for that key deletes the entry
+            record, dead_value, dead_headers = dead
+            sends.append(
+                (self.settings.dlq_topic, record.dlq_id.encode(), dead_value, dead_headers)
+            )
         delay = 0.2
         while True:
             try:
                 futures = [
-                    await self._producer.send(topic, value=v, key=key, headers=h)
-                    for topic, v, h in sends
+                    await self._producer.send(topic, value=v, key=k, headers=h)
+                    for topic, k, v, h in sends
                 ]
                 await asyncio.gather(*futures)
                 return

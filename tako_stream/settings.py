@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     #: Single-partition topic of breaker events, folded by one agent into a GlobalTable.
     breaker_topic: str = "tako.breaker-events"
 
+    #: Times a dead-lettered request may be replayed before replay refuses it (no loops).
+    dlq_max_replays: int = Field(default=3, ge=0)
+
     worker_id: str = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=6066, ge=0, le=65535)

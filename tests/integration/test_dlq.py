@@ -1,0 +1,133 @@
+"""The DLQ: stats, list, delete (for good, across restarts), replay with a limit, dry runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tako_stream import dlq
+from tako_stream.client import Producer, ResultReader
+from tests.integration.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, **{f"TAKO_{k.upper()}": str(v) for k, v in stack.env_settings().items()}}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tako_stream",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def http(method: str, url: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, timeout=aiohttp.ClientTimeout(total=10)) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def wait_for_stats(url: str, total: int) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for _ in range(60):
+        status, stats = await http("GET", url)
+        if status == 200 and stats.get("total") == total:
+            return stats
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"DLQ stats never reached {total}: {stats}")
+
+
+async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
+    worker = new_stack.start_worker()
+    await worker.wait_ready()
+    settings = new_stack.settings
+    ids = [f"dead-{n}-{uuid.uuid4().hex[:6]}" for n in range(3)]
+    async with ResultReader(settings) as reader, Producer(settings) as producer:
+        for execution_id in ids:  # unknown job type: invalid_request, dead-lettered
+            await producer.send_raw(
+                orjson.dumps({"execution_id": execution_id, "code": "1", "job_type": "nope"}),
+                key=execution_id.encode(),
+                headers=[("x-correlation-id", f"c-{execution_id}".encode())],
+            )
+        found = await reader.wait_for(set(ids), 60)
+    assert set(found) == set(ids)
+
+    base = f"http://127.0.0.1:{worker.web_port}"
+    stats = await wait_for_stats(f"{base}/dlq/stats", 3)
+    assert stats == {"total": 3, "by_error_type": {"invalid_request": 3}}
+    code, out, _ = await cli(new_stack, "dlq", "stats")
+    assert code == 0 and orjson.loads(out) == stats
+
+    code, out, _ = await cli(new_stack, "dlq", "list", "--json", "--error-type", "invalid_request")
+    entries = [orjson.loads(line) for line in out.splitlines()]
+    assert code == 0 and sorted(e["execution_id"] for e in entries) == sorted(ids)
+    assert all(e["replay_count"] == 0 and e["attempts"] == 0 for e in entries)
+    status, listing = await http("GET", f"{base}/dlq")
+    assert status == 200 and listing["total"] == 3
+    code, out, _ = await cli(new_stack, "dlq", "list", "--json", "--since", "2999-01-01T00:00")
+    assert code == 0 and out == ""
+
+    # Delete one over HTTP and one from the CLI.
+    by_exec = {e["execution_id"]: e["dlq_id"] for e in entries}
+    status, body = await http("DELETE", f"{base}/dlq/{by_exec[ids[0]]}")
+    assert status == 200 and body == {"deleted": by_exec[ids[0]]}
+    status, _ = await http("DELETE", f"{base}/dlq/{by_exec[ids[0]]}")
+    assert status == 404
+    code, _, _ = await cli(new_stack, "dlq", "delete", by_exec[ids[1]])
+    assert code == 0
+    code, _, err = await cli(new_stack, "dlq", "delete", "no-such-entry")
+    assert code == 1 and "no DLQ entry" in err
+    await wait_for_stats(f"{base}/dlq/stats", 1)
+
+    # Deletions hold across a restart of the worker (the store is the DLQ topic itself).
+    worker.kill()
+    worker.wait_exit(30)
+    again = new_stack.start_worker()
+    await again.wait_ready()
+    stats = await wait_for_stats(f"http://127.0.0.1:{again.web_port}/dlq/stats", 1)
+    assert stats["total"] == 1
+
+    # A dry run changes nothing.
+    code, out, err = await cli(new_stack, "dlq", "replay", "--all", "--dry-run")
+    assert code == 0 and "would replay 1" in out and "[1/1] would replay" in err
+    assert (await dlq.read_store(settings)).stats()["total"] == 1
+
+    # Each replay re-produces the same request (same execution_id, one more replay); it fails
+    # again, so it comes back with a higher count, until the limit refuses it.
+    async with ResultReader(settings) as reader:
+        for round_ in range(1, 3):
+            code, out, _ = await cli(
+                new_stack, "dlq", "replay", "--all", "--max-replays", "2", "--rate", "10"
+            )
+            assert code == 0 and "replayed 1" in out
+            again_result = await reader.wait_for({ids[2]}, 60)
+            assert again_result[ids[2]].error is not None
+            store = None
+            for _ in range(40):
+                store = await dlq.read_store(settings)
+                if [e.replay_count for e in store.entries.values()] == [round_]:
+                    break
+                await asyncio.sleep(0.5)
+            assert store is not None
+            (entry,) = store.entries.values()
+            assert entry.execution_id == ids[2] and entry.replay_count == round_
+            assert entry.correlation_id == f"c-{ids[2]}"
+    code, out, err = await cli(new_stack, "dlq", "replay", "--all", "--max-replays", "2")
+    assert code == 1 and "refused 1" in out and "limit 2" in err
+    assert (await dlq.read_store(settings)).stats()["total"] == 1

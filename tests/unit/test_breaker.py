@@ -1,0 +1,154 @@
+"""The breaker's state machine: closed → open → half_open → closed, as a fold over events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tako_stream.breaker import (
+    Breaker,
+    BreakerConfig,
+    BreakerEvent,
+    BreakerState,
+    Outcome,
+    State,
+    endpoint_key,
+    fold,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+CONFIG = BreakerConfig(failure_threshold=5, reset_timeout=30, success_threshold=2)
+
+
+def ev(outcome: Outcome, seconds: float) -> BreakerEvent:
+    return BreakerEvent(
+        endpoint="e", outcome=outcome, at=T0 + timedelta(seconds=seconds), worker_id="w"
+    )
+
+
+def run(events: list[BreakerEvent]) -> BreakerState:
+    state = None
+    for event in events:
+        state = fold(state, event, CONFIG)
+    assert state is not None
+    return state
+
+
+F, S = Outcome.FAILURE, Outcome.SUCCESS
+
+
+def test_opens_after_five_consecutive_failures() -> None:
+    assert run([ev(F, i) for i in range(4)]).state is State.CLOSED
+    opened = run([ev(F, i) for i in range(5)])
+    assert opened.state is State.OPEN and opened.opened_at == T0 + timedelta(seconds=4)
+    assert opened.failure_count == 5 and opened.last_failure == opened.opened_at
+
+
+def test_a_success_resets_the_consecutive_count() -> None:
+    state = run([ev(F, 0), ev(F, 1), ev(F, 2), ev(F, 3), ev(S, 4), ev(F, 5)])
+    assert state.state is State.CLOSED and state.failure_count == 1
+
+
+def test_half_open_after_the_reset_timeout_then_closed_after_two_successes() -> None:
+    opened = run([ev(F, i) for i in range(5)])
+    assert opened.effective(T0 + timedelta(seconds=33), CONFIG).state is State.OPEN
+    half = opened.effective(T0 + timedelta(seconds=34), CONFIG)
+    assert half.state is State.HALF_OPEN and half.success_count == 0
+    one = fold(opened, ev(S, 35), CONFIG)
+    assert one.state is State.HALF_OPEN and one.success_count == 1
+    two = fold(one, ev(S, 36), CONFIG)
+    assert two.state is State.CLOSED and two.failure_count == 0
+
+
+def test_any_failure_in_half_open_reopens() -> None:
+    opened = run([ev(F, i) for i in range(5)])
+    one = fold(opened, ev(S, 40), CONFIG)
+    again = fold(one, ev(F, 41), CONFIG)
+    assert again.state is State.OPEN and again.opened_at == T0 + timedelta(seconds=41)
+    # and the reset timeout runs from the re-opening
+    assert again.effective(T0 + timedelta(seconds=70), CONFIG).state is State.OPEN
+    assert again.effective(T0 + timedelta(seconds=71), CONFIG).state is State.HALF_OPEN
+
+
+def test_events_while_open_do_not_close_or_extend_it() -> None:
+    opened = run([ev(F, i) for i in range(5)])
+    late_success = fold(opened, ev(S, 10), CONFIG)
+    assert late_success.state is State.OPEN and late_success.opened_at == opened.opened_at
+    more = fold(opened, ev(F, 20), CONFIG)
+    assert more.state is State.OPEN and more.opened_at == opened.opened_at
+    assert more.failure_count == 6
+
+
+def test_endpoint_key_is_per_host_for_local_sockets() -> None:
+    assert endpoint_key(None, "h1") == "h1|unix:///var/run/docker.sock"
+    assert endpoint_key("unix:///tmp/d.sock", "h2") == "h2|unix:///tmp/d.sock"
+    assert endpoint_key("tcp://10.0.0.5:2375", "h1") == "tcp://10.0.0.5:2375"
+
+
+class FakeTable:
+    """Stands in for the GlobalTable: the fold applied at once, as the single writer would."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.published: list[BreakerEvent] = []
+        self.now = T0
+
+    def read(self, key: str) -> Any:
+        return self.data.get(key)
+
+    async def publish(self, event: BreakerEvent) -> None:
+        self.published.append(event)
+        previous = self.data.get(event.endpoint)
+        state = BreakerState.model_validate(previous) if previous else None
+        self.data[event.endpoint] = fold(state, event, CONFIG).model_dump(mode="json")
+
+
+@pytest.fixture
+def table() -> FakeTable:
+    return FakeTable()
+
+
+def handle(table: FakeTable) -> Breaker:
+    return Breaker(
+        endpoint="e",
+        config=CONFIG,
+        worker_id="w",
+        read=table.read,
+        publish=table.publish,
+        clock=lambda: table.now,
+    )
+
+
+async def test_handle_admits_one_trial_at_a_time_when_half_open(table: FakeTable) -> None:
+    breaker = handle(table)
+    ticket = breaker.acquire()
+    assert ticket is not None and not ticket.trial
+    for _ in range(5):
+        await breaker.record(Outcome.FAILURE, source="job", detail="down")
+    assert breaker.view().state is State.OPEN
+    assert breaker.acquire() is None
+    table.now = T0 + timedelta(seconds=31)
+    trial = breaker.acquire()
+    assert trial is not None and trial.trial
+    assert breaker.acquire() is None  # one trial per worker at a time
+    trial.release()
+    assert breaker.acquire() is not None
+
+
+async def test_quiet_successes_are_not_published(table: FakeTable) -> None:
+    breaker = handle(table)
+    await breaker.record(Outcome.SUCCESS, source="ping")
+    assert table.published == []
+    await breaker.record(Outcome.FAILURE, source="ping", detail="x")
+    await breaker.record(Outcome.SUCCESS, source="ping")
+    assert [e.outcome for e in table.published] == [Outcome.FAILURE, Outcome.SUCCESS]
+
+
+async def test_a_failing_publish_never_raises(table: FakeTable) -> None:
+    async def broken(event: BreakerEvent) -> None:
+        raise RuntimeError("broker down")
+
+    breaker = Breaker(endpoint="e", config=CONFIG, worker_id="w", read=table.read, publish=broken)
+    await breaker.record(Outcome.FAILURE, source="job")
