@@ -5,12 +5,19 @@ handles SIGTERM/SIGINT by stopping both in order, and serves the web views on
 ``TAKO_WEB_PORT``.  The request stream itself is consumed by ``Intake`` (see its docstring for
 why that is plain aiokafka rather than a faust agent).
 
-The circuit breaker's state is shared through faust: workers publish outcomes to a
+The circuit breaker's state is shared through a faust table: workers publish outcomes to a
 single-partition events topic; the one worker that owns that partition (faust's group gives it
-to exactly one) folds them, in order, into a ``GlobalTable`` that every worker reads locally.
-One partition on both sides keeps the agent's writes legal (a table written from an agent must
-have as many changelog partitions as the agent's source topic has partitions) and gives a
-single writer, so concurrent read-modify-writes cannot lose updates.
+to exactly one) folds them, in order, into a one-partition ``Table``.  One partition on both
+sides keeps the agent's writes legal (a table written from an agent must have as many changelog
+partitions as the agent's source topic has partitions) and gives a single writer, so concurrent
+read-modify-writes cannot lose updates; when that worker dies, faust hands the partition to
+another, which recovers the table from its changelog and goes on folding.
+
+Every worker reads the table's state from its changelog, tailed into a local dict.  A
+``GlobalTable`` would be the textbook reader, but faust treats a GlobalTable's partitions as
+active on every worker and never applies changelog records to an active partition after
+recovery, so readers other than the writer never see a transition (faust-streaming #283; seen
+here with and without ``synchronize_all_active_partitions``).
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiodocker
 import faust
+from aiokafka.admin import NewTopic
 from mode import Service
 from pydantic import ValidationError
 
@@ -38,12 +47,13 @@ from tako_stream.breaker import (
     endpoint_key,
     fold,
 )
-from tako_stream.codec import dumps
+from tako_stream.codec import dumps, loads
 from tako_stream.dlq import DLQStore
 from tako_stream.errors import SandboxUnavailableError
 from tako_stream.execute import Executor
 from tako_stream.intake import Intake
 from tako_stream.jobtypes import JobTypes
+from tako_stream.kafka import ensure_topics, tail
 from tako_stream.sandbox.docker import DockerSandbox
 from tako_stream.sandbox.pool import SandboxPool
 from tako_stream.settings import Settings
@@ -72,6 +82,13 @@ class Runtime(Service):
         self.intake: Intake | None = None
         self.docker_available = False
         self.dlq = DLQStore()
+        #: Set once faust has joined its group and recovered the breaker table.
+        self.app_started = False
+        self._followed: list[tuple[str, Callable[[bytes | None, bytes | None], None]]] = []
+
+    def follow(self, topic: str, apply: Callable[[bytes | None, bytes | None], None]) -> None:
+        """Tail ``topic`` into a local view once started."""
+        self._followed.append((topic, apply))
 
     async def on_start(self) -> None:
         s = self.settings
@@ -93,6 +110,8 @@ class Runtime(Service):
         await self.intake.start()
         self.add_future(self._ping_docker())
         self.add_future(dlq.follow(s, self.dlq))
+        for topic, apply in self._followed:
+            self.add_future(tail(s, topic, apply))
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
@@ -120,6 +139,7 @@ class Runtime(Service):
         state = self.breaker.view()
         intake = self.intake
         rebalancing = bool(getattr(self.app, "rebalancing", False))
+        recovering = not self.app_started
         healthy = self.docker_available and state.state is State.CLOSED
         return {
             "status": "healthy" if healthy else "degraded",
@@ -130,7 +150,8 @@ class Runtime(Service):
                 "success_count": state.success_count,
                 "last_failure": state.last_failure.isoformat() if state.last_failure else None,
             },
-            "ready": bool(intake and intake.assigned) and not rebalancing,
+            "ready": bool(intake and intake.assigned) and not (rebalancing or recovering),
+            "recovering": recovering,
             "rebalancing": rebalancing,
             "worker_id": self.settings.worker_id,
             "in_flight": intake.in_flight if intake else 0,
@@ -159,13 +180,12 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
     events = app.topic(
         settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
     )
-    table = app.GlobalTable(
+    table = app.Table(
         f"{settings.consumer_group}-breaker",
         partitions=1,
         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-        # advised for GlobalTables read by several instances (faust-streaming #283 et al.)
-        recovery_buffer_size=1,
     )
+    shared: dict[str, Any] = {}  # endpoint -> state, as of the changelog tailed by this worker
 
     @app.agent(events)
     async def fold_breaker_events(stream: Any) -> None:
@@ -179,11 +199,12 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
             previous = table.get(key)
             state = BreakerState.model_validate(previous) if previous else None
             new = fold(state, event, config)
-            if state is None or new.state != state.effective(event.at, config).state:
+            before = state.effective(event.at, config).state if state else State.CLOSED
+            if new.state != before:
                 log.warning(
                     "circuit breaker %s: %s -> %s (%s from %s)",
                     event.endpoint,
-                    state.state.value if state else "closed",
+                    before.value,
                     new.state.value,
                     event.outcome.value,
                     event.worker_id,
@@ -194,7 +215,19 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
         await events.send(key=event.endpoint.encode(), value=dumps(event))
 
     def read(endpoint: str) -> Any:
-        return table.get(endpoint.encode())
+        return shared.get(endpoint)
+
+    def apply_changelog(key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        endpoint = key.decode("utf-8", "replace")
+        if value is None:
+            shared.pop(endpoint, None)
+            return
+        try:
+            shared[endpoint] = loads(value)
+        except ValueError:
+            log.warning("unreadable breaker state for %s", endpoint)
 
     breaker = Breaker(
         endpoint=endpoint_key(os.environ.get("DOCKER_HOST"), socket.gethostname()),
@@ -205,6 +238,7 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
         clock=lambda: datetime.now(UTC),
     )
     runtime = Runtime(settings, JobTypes.load(settings.job_types_file), breaker, app)
+    runtime.follow(table.changelog_topic.get_topic_name(), apply_changelog)
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
@@ -258,17 +292,43 @@ def _timestamp(text: str | None) -> datetime | None:
 class _Worker(faust.Worker):
     """faust's worker with our logging (job ids on every line, optional JSON)."""
 
-    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+    def __init__(
+        self, app: faust.App, runtime: Runtime, *, settings: Settings, **kwargs: Any
+    ) -> None:
         self._tako_settings = settings
-        super().__init__(*args, **kwargs)
+        self._runtime = runtime
+        super().__init__(app, runtime, **kwargs)
 
     def _setup_logging(self) -> None:
         logs.configure(self._tako_settings.log_level, self._tako_settings.log_format)
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        self._runtime.app_started = True
+        log.info("faust app ready: breaker table recovered")
+
+
+def _faust_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
+    """The breaker's topics, created before faust starts: when two workers start together,
+    faust creating them lazily races, and its producer then crashes on a partition its metadata
+    does not know yet."""
+    specs = [NewTopic(settings.breaker_topic, 1, settings.topic_replication)]
+    for table in app.tables.values():
+        specs.append(
+            NewTopic(
+                table.changelog_topic.get_topic_name(),
+                1,
+                settings.topic_replication,
+                topic_configs={"cleanup.policy": "compact"},
+            )
+        )
+    return specs
 
 
 def run_worker(settings: Settings) -> int:
     """Run a worker until SIGTERM/SIGINT; returns the process exit code."""
     app, runtime = build(settings)
+    asyncio.run(ensure_topics(settings, extra=_faust_topics(app, settings)))
     worker = _Worker(
         app,
         runtime,

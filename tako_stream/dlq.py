@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tako_stream.codec import dumps, header
 from tako_stream.errors import ErrorType
-from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options
+from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, tail
 from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
 from tako_stream.settings import Settings
 
@@ -276,26 +276,4 @@ async def replay(
 
 async def follow(settings: Settings, store: DLQStore) -> None:
     """Keep ``store`` up to date with the DLQ topic, forever (the worker's HTTP views use it)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-    )
-    await consumer.start()
-    try:
-        partitions: set[int] = set()
-        while not partitions:
-            await consumer._client.force_metadata_update()  # no public API to refresh metadata
-            partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
-            if not partitions:
-                await asyncio.sleep(1)
-        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        while True:
-            batches = await consumer.getmany(timeout_ms=1000)
-            for records in batches.values():
-                for record in records:
-                    store.apply(record.key, record.value)
-    finally:
-        await consumer.stop()
+    await tail(settings, settings.dlq_topic, store.apply)

@@ -244,17 +244,21 @@ class Intake(Service):
             sends.append(
                 (self.settings.dlq_topic, record.dlq_id.encode(), dead_value, dead_headers)
             )
+        await asyncio.gather(*(self._send_until_acked(*send) for send in sends))
+
+    async def _send_until_acked(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        """One message, re-sent (alone) until the broker acknowledges it."""
+        assert self._producer is not None
         delay = 0.2
         while True:
             try:
-                futures = [
-                    await self._producer.send(topic, value=v, key=k, headers=h)
-                    for topic, k, v, h in sends
-                ]
-                await asyncio.gather(*futures)
+                ack = await self._producer.send(topic, value=value, key=key, headers=headers)
+                await ack
                 return
             except KafkaError as exc:
-                log.warning("publishing the answer failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

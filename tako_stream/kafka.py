@@ -5,9 +5,12 @@ Only standard Kafka APIs are used, so Apache Kafka, Redpanda and the embedded br
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -76,3 +79,36 @@ async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None)
                 pass  # another worker created them first
     finally:
         await admin.close()
+
+
+async def tail(
+    settings: Settings, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+) -> None:
+    """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``.
+
+    No consumer group: every caller sees every partition, which is what a local view of a
+    shared, keyed topic (the DLQ, a table's changelog) needs.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+    )
+    await consumer.start()
+    try:
+        partitions: set[int] = set()
+        while not partitions:
+            await consumer._client.force_metadata_update()  # no public API to refresh metadata
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await asyncio.sleep(1)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    apply(record.key, record.value)
+    finally:
+        await consumer.stop()

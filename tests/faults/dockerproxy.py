@@ -105,6 +105,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -134,6 +135,7 @@ FaultAction = Literal["error", "drop"]
 FaultWhen = Literal["before", "after"]
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -244,6 +246,10 @@ class _BufReader:
             start = max(0, len(self._buf) - len(sep) + 1)
             if not await self.fill():
                 raise asyncio.IncompleteReadError(bytes(self._buf), None)
+
+    def at_eof(self) -> bool:
+        """EOF seen (or pending) and nothing buffered."""
+        return not self._buf and (self.eof or self._reader.at_eof())
 
     async def read_some(self, n: int = _CHUNK) -> bytes:
         """Up to n bytes; b"" on EOF."""
@@ -396,6 +402,15 @@ def _response_framing(req: _Head, resp: _Head) -> tuple[str, int]:
     # No framing at all: body until EOF.  Docker's pre-Upgrade hijack (200 OK with a raw
     # stream) looks exactly like this and is bidirectional, so treat it as a tunnel.
     return "tunnel", 0
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a helper task and wait for it, without swallowing our own cancellation."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: never "Task exception was never retrieved"
 
 
 def _error_response(status: int, message: str, close: bool) -> bytes:
@@ -806,6 +821,8 @@ class DockerProxy:
                 pass
         except (OSError, EOFError, _ProtocolError, asyncio.IncompleteReadError, ValueError):
             pass
+        except Exception:
+            _log.exception("dockerproxy: unexpected error on a connection")
         finally:
             with self._lock:
                 self._conns.discard(conn)
@@ -839,6 +856,11 @@ class DockerProxy:
             await _write(conn.writer, _error_response(rule.status, rule.message, req_close))
             return not req_close
 
+        if conn.up_writer is not None and (
+            conn.up_writer.transport.is_closing()
+            or (conn.up_reader is not None and conn.up_reader.at_eof())
+        ):
+            conn.close_upstream()  # the daemon closed the idle connection: open a new one
         if conn.up_writer is None:
             try:
                 up_r, up_w = await asyncio.open_unix_connection(
@@ -862,10 +884,7 @@ class DockerProxy:
         try:
             return await self._relay_response(conn, req, req_close, rule, watcher)
         finally:
-            if not watcher.done():
-                watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await _cancel_and_wait(watcher)
 
     async def _watch_client(self, conn: _Conn, up_writer: asyncio.StreamWriter) -> None:
         """While a response is pending: forward a client EOF upstream as a half-close."""
@@ -915,10 +934,7 @@ class DockerProxy:
 
         await _write(conn.writer, raw)
         if framing == "tunnel":
-            if not watcher.done():
-                watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await _cancel_and_wait(watcher)
             self._count("upgrades")
             await self._tunnel(conn)
             return False
@@ -1017,7 +1033,7 @@ async def start_control_server(
                 shutdown = False
                 try:
                     answer, shutdown = _control_command(proxy, line.decode())
-                except (ValueError, TypeError) as exc:
+                except (ValueError, TypeError, re.error) as exc:
                     answer = {"ok": False, "error": str(exc)}
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
@@ -1057,7 +1073,10 @@ class ProxyControl:
         self.command("PING")
 
     def set_down(self, down: bool = True, style: DownStyle = "refuse") -> None:
-        self.command("DOWN", {"style": style}) if down else self.command("UP")
+        if down:
+            self.command("DOWN", {"style": style})
+        else:
+            self.command("UP")
 
     def fail_next(self, n: int = 1, **kwargs: Any) -> None:
         self.command("FAIL_NEXT", {"n": n, **kwargs})

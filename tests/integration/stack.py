@@ -99,6 +99,7 @@ class Stack:
             "results_topic": f"t{self.tag}.results",
             "dlq_topic": f"t{self.tag}.dlq",
             "consumer_group": f"g{self.tag}",
+            "breaker_topic": f"t{self.tag}.breaker",
             "topic_partitions": 4,
             "worker_id": f"test-client-{self.tag}",
         }

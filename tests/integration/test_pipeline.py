@@ -322,7 +322,8 @@ async def test_reply_to_topic_also_gets_the_result(stack: Stack) -> None:
                 break
     finally:
         await consumer.stop()
-    assert keys == [str(request["execution_id"]).encode()]
+    # At least once (the delivery guarantee); never another job's result.
+    assert keys and set(keys) == {str(request["execution_id"]).encode()}
 
 
 async def test_cli_submit_wait_and_results(stack: Stack) -> None:
