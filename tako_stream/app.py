@@ -50,12 +50,12 @@ from tako_stream.breaker import (
 from tako_stream.codec import dumps, loads
 from tako_stream.dlq import DLQStore
 from tako_stream.errors import SandboxUnavailableError
-from tako_stream.execute import Executor
+from tako_stream.execute import Executor, default_limits
 from tako_stream.intake import Intake
 from tako_stream.jobtypes import JobTypes
 from tako_stream.kafka import ensure_topics, tail
 from tako_stream.sandbox.docker import DockerSandbox
-from tako_stream.sandbox.pool import SandboxPool
+from tako_stream.sandbox.pool import SandboxPool, WarmPool
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Runtime(Service):
         self.docker: aiodocker.Docker | None = None
         self.sandbox: DockerSandbox | None = None
         self.intake: Intake | None = None
+        self.warm: WarmPool | None = None
         self.docker_available = False
         self.dlq = DLQStore()
         #: Set once faust has joined its group and recovered the breaker table.
@@ -104,7 +105,14 @@ class Runtime(Service):
                 log.warning("removed %d container(s) left by dead workers", reaped)
         except SandboxUnavailableError as exc:
             log.error("%s; jobs will fail until it is back", exc)
-        pool = SandboxPool(self.sandbox, s.pool_size)
+        self.warm = WarmPool(
+            self.sandbox,
+            [default_limits(job_type) for job_type in self.job_types.values()],
+            size=s.warm_pool_size,
+            max_idle=s.warm_max_idle,
+        )
+        self.warm.start()
+        pool = SandboxPool(self.sandbox, s.pool_size, self.warm)
         executor = Executor(pool, self.job_types, s, breaker=self.breaker)
         self.intake = Intake(s, executor, loop=self.loop)
         await self.intake.start()
@@ -117,6 +125,8 @@ class Runtime(Service):
     async def on_stop(self) -> None:
         if self.intake is not None:
             await self.intake.stop()
+        if self.warm is not None:
+            await self.warm.drain()
         if self.docker is not None:
             await self.docker.close()
 
@@ -155,6 +165,7 @@ class Runtime(Service):
             "rebalancing": rebalancing,
             "worker_id": self.settings.worker_id,
             "in_flight": intake.in_flight if intake else 0,
+            "warm_pool": self.warm.sizes() if self.warm else {},
             "answered": intake.answered if intake else 0,
         }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import orjson
@@ -28,7 +28,14 @@ from tako_stream.errors import (
     parse_traceback,
 )
 from tako_stream.jobtypes import JobTypes
-from tako_stream.models import ErrorInfo, ExecutionRequest, ExecutionResult, Timing, parse_size
+from tako_stream.models import (
+    ErrorInfo,
+    ExecutionRequest,
+    ExecutionResult,
+    JobType,
+    Timing,
+    parse_size,
+)
 from tako_stream.retry import RetryPolicy
 from tako_stream.sandbox.docker import Limits, SandboxRun
 from tako_stream.sandbox.pool import SandboxPool
@@ -77,12 +84,17 @@ def resolve_limits(request: ExecutionRequest, job_types: JobTypes) -> Limits:
             )
     if problems:
         raise InvalidRequestError(problems, request.execution_id)
+    return replace(default_limits(job_type), memory=memory, timeout=timeout)
+
+
+def default_limits(job_type: JobType) -> Limits:
+    """A job type's container when a request asks for nothing special (the warm pool's shape)."""
     return Limits(
         image=job_type.image,
-        memory=memory,
+        memory=parse_size(job_type.memory),
         cpus=job_type.cpus,
         pids_limit=job_type.pids_limit,
-        timeout=timeout,
+        timeout=job_type.timeout,
         runtime=job_type.runtime,
     )
 
@@ -311,5 +323,5 @@ class Executor:
             ),
             attempts=attempts,
             finished_at=now(),
-            timing=Timing(queued=queued, sandbox=round(run.seconds, 6), warm=False),
+            timing=Timing(queued=queued, sandbox=round(run.seconds, 6), warm=run.warm),
         )

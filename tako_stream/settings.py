@@ -40,6 +40,10 @@ class Settings(BaseSettings):
 
     #: Containers one worker runs at once (the async pool's limit).
     pool_size: int = Field(default=4, ge=1, le=256)
+    #: Containers per job type started ahead of time, each waiting for one job (0: all cold).
+    warm_pool_size: int = Field(default=2, ge=0, le=64)
+    #: Seconds a warm container may wait before it is replaced by a fresh one.
+    warm_max_idle: float = Field(default=300.0, gt=0)
     job_types_file: Path | None = None
     stdout_limit: int = Field(default=64 * 1024, ge=1024)
     stderr_limit: int = Field(default=64 * 1024, ge=1024)

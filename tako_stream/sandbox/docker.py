@@ -16,11 +16,12 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.stream import Stream
 
 from tako_stream.errors import SandboxSetupError, SandboxUnavailableError
 from tako_stream.sandbox.protocol import (
@@ -80,6 +81,16 @@ class SandboxRun:
     container_exit: int | None
     outer_timeout: bool
     seconds: float
+    warm: bool = False
+
+
+@dataclass
+class Prepared:
+    """A started container whose supervisor waits on stdin for its one job."""
+
+    container: aiodocker.containers.DockerContainer
+    stream: Stream
+    created: float = field(default_factory=time.monotonic)
 
 
 def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
@@ -159,16 +170,8 @@ class DockerSandbox:
         except Exception as exc:
             raise SandboxUnavailableError(f"Docker daemon unreachable: {exc}") from exc
 
-    async def run(
-        self,
-        job: bytes,
-        limits: Limits,
-        *,
-        execution_id: str,
-        stdout_cap: int,
-        stderr_cap: int,
-        result_cap: int,
-    ) -> SandboxRun:
+    async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> Prepared:
+        """Create, attach and start a container; its supervisor then waits for one job."""
         labels = {
             LABEL: "1",
             LABEL_WORKER: self._worker_id,
@@ -183,34 +186,63 @@ class DockerSandbox:
             )
         except Exception as exc:
             raise self._map(exc, "create") from exc
+        prepared = Prepared(container, container.attach(stdin=True, stdout=True, stderr=True))
         try:
-            return await self._attach_and_run(
-                container,
+            await prepared.stream._init()  # attach before start so no output can be missed
+            await container.start()
+        except BaseException as exc:
+            await self.discard(prepared)
+            if isinstance(exc, Exception):
+                raise self._map(exc, "start") from exc
+            raise
+        return prepared
+
+    async def run(
+        self,
+        job: bytes,
+        limits: Limits,
+        *,
+        execution_id: str,
+        stdout_cap: int,
+        stderr_cap: int,
+        result_cap: int,
+        prepared: Prepared | None = None,
+    ) -> SandboxRun:
+        """Run one job in a fresh container (``prepared`` ahead of time, or created now), then
+        remove the container whatever happens."""
+        warm = prepared is not None
+        began = time.monotonic()
+        if prepared is None:
+            prepared = await self.prepare(limits, execution_id=execution_id)
+        try:
+            run = await self._execute(
+                prepared,
                 job,
                 limits,
                 FrameReader(stdout_cap=stdout_cap, stderr_cap=stderr_cap, result_cap=result_cap),
             )
+            run.warm = warm
+            run.seconds = time.monotonic() - began
+            return run
         finally:
-            # Shielded: a cancelled job (shutdown, revoke) must still leave no container behind.
-            removal = asyncio.ensure_future(self._remove(container))
-            self._removals.add(removal)
-            removal.add_done_callback(self._removals.discard)
-            await asyncio.shield(removal)
+            await self.discard(prepared)
 
-    async def _attach_and_run(
-        self,
-        container: aiodocker.containers.DockerContainer,
-        job: bytes,
-        limits: Limits,
-        reader: FrameReader,
+    async def discard(self, prepared: Prepared) -> None:
+        """Close and remove; shielded, so a cancelled job (shutdown, revoke) leaves nothing."""
+        await prepared.stream.close()
+        removal = asyncio.ensure_future(self._remove(prepared.container))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        await asyncio.shield(removal)
+
+    async def _execute(
+        self, prepared: Prepared, job: bytes, limits: Limits, reader: FrameReader
     ) -> SandboxRun:
-        stream = container.attach(stdin=True, stdout=True, stderr=True)
+        container, stream = prepared.container, prepared.stream
         started = time.monotonic()
         outer_timeout = False
         try:
             try:
-                await stream._init()  # attach before start so no output can be missed
-                await container.start()
                 await stream.write_in(job)
             except Exception as exc:
                 raise self._map(exc, "start") from exc

@@ -1,28 +1,117 @@
-"""The async pool: how many containers one worker runs at once.
+"""The async pool: how many containers one worker runs at once, and the warm containers.
 
 A semaphore rather than a thread pool: every Docker call is awaited on the worker's event loop,
 so one worker keeps many containers running while it goes on reading Kafka and serving HTTP.
+
+The warm pool keeps, per job type, a few containers created, locked down and started ahead of
+time, each with its supervisor blocked on stdin waiting for exactly one job.  Handing a job to
+one skips create and start (most of a cold job's cost) without giving up one container per
+job: a warm container runs one job and is destroyed like any other.  Jobs whose limits differ
+from the job type's defaults (a larger memory limit, say) take the cold path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import replace
 
-from tako_stream.sandbox.docker import DockerSandbox, Limits, SandboxRun
+from tako_stream.errors import SandboxError
+from tako_stream.sandbox.docker import DockerSandbox, Limits, Prepared, SandboxRun
+
+log = logging.getLogger(__name__)
+
+
+def warm_key(limits: Limits) -> Limits:
+    """What a warm container is made for: everything but the timeout (sent with the job)."""
+    return replace(limits, timeout=0)
+
+
+class WarmPool:
+    """Started containers waiting for a job, per container shape; refilled one at a time."""
+
+    def __init__(
+        self, sandbox: DockerSandbox, shapes: Iterable[Limits], *, size: int, max_idle: float
+    ) -> None:
+        self._sandbox = sandbox
+        self._size = size
+        self._max_idle = max_idle
+        self._ready: dict[Limits, list[Prepared]] = {warm_key(s): [] for s in shapes}
+        self._wanted = asyncio.Event()
+        self._filler: asyncio.Task[None] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        return {shape.image: len(ready) for shape, ready in self._ready.items()}
+
+    def start(self) -> None:
+        if self._size > 0 and self._filler is None:
+            self._filler = asyncio.ensure_future(self._fill())
+            self._wanted.set()
+
+    def take(self, limits: Limits) -> Prepared | None:
+        ready = self._ready.get(warm_key(limits))
+        if not ready:
+            return None
+        prepared = ready.pop(0)  # oldest first, so none idles long
+        self._wanted.set()
+        return prepared
+
+    async def _fill(self) -> None:
+        """Top every shape up, one container at a time: refilling must not take the CPU that
+        running jobs need, so it is never more than one create+start at once."""
+        failures = 0
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            await self._expire()
+            for shape, ready in self._ready.items():
+                while len(ready) < self._size:
+                    try:
+                        ready.append(await self._sandbox.prepare(shape))
+                        failures = 0
+                    except SandboxError as exc:
+                        failures += 1
+                        log.warning("warm pool: could not start a container: %s", exc)
+                        # Docker is failing: back off, and let the breaker's pings judge it.
+                        await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                        self._wanted.set()
+                        break
+            if self._max_idle > 0:
+                # wake up to recycle idle containers even when nobody takes one
+                asyncio.get_running_loop().call_later(self._max_idle / 2, self._wanted.set)
+
+    async def _expire(self) -> None:
+        now = time.monotonic()
+        for ready in self._ready.values():
+            stale = [p for p in ready if now - p.created > self._max_idle]
+            for prepared in stale:
+                ready.remove(prepared)
+                await self._sandbox.discard(prepared)
+
+    async def drain(self) -> None:
+        """Stop refilling and remove every waiting container."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+            self._filler = None
+        for ready in self._ready.values():
+            while ready:
+                await self._sandbox.discard(ready.pop())
 
 
 class SandboxPool:
-    """Runs jobs through a sandbox, at most ``size`` at a time."""
+    """Runs jobs through a sandbox, at most ``size`` at a time, warm when it can."""
 
-    def __init__(self, sandbox: DockerSandbox, size: int) -> None:
+    def __init__(self, sandbox: DockerSandbox, size: int, warm: WarmPool | None = None) -> None:
         self.sandbox = sandbox
         self.size = size
+        self.warm = warm
         self._slots = asyncio.Semaphore(size)
         self.in_flight = 0
-
-    @property
-    def full(self) -> bool:
-        return self.in_flight >= self.size
 
     async def run(
         self,
@@ -37,6 +126,22 @@ class SandboxPool:
         async with self._slots:
             self.in_flight += 1
             try:
+                prepared = self.warm.take(limits) if self.warm else None
+                if prepared is not None:
+                    try:
+                        return await self.sandbox.run(
+                            job,
+                            limits,
+                            execution_id=execution_id,
+                            stdout_cap=stdout_cap,
+                            stderr_cap=stderr_cap,
+                            result_cap=result_cap,
+                            prepared=prepared,
+                        )
+                    except SandboxError as exc:
+                        # A warm container that died while waiting (a daemon restart, say) is
+                        # no fault of the job's: run it cold instead.
+                        log.warning("warm container unusable (%s); running cold", exc)
                 return await self.sandbox.run(
                     job,
                     limits,

@@ -56,13 +56,17 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
     await client.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["warm", "cold"])
 async def stack(
-    bootstrap: str, docker: aiodocker.Docker, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    bootstrap: str,
+    docker: aiodocker.Docker,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    """One worker on fresh topics, shared by the tests of a module."""
-    s = Stack(bootstrap=bootstrap, workdir=tmp_path_factory.mktemp("stack"))
-    worker = s.start_worker()
+    """One worker on fresh topics, shared by the tests of a module; every such test runs once
+    with the warm pool (the default) and once with every job cold."""
+    s = Stack(bootstrap=bootstrap, workdir=tmp_path_factory.mktemp("stack"), mode=request.param)
+    worker = s.start_worker(TAKO_WARM_POOL_SIZE="2" if request.param == "warm" else "0")
     try:
         await worker.wait_ready()
         yield s

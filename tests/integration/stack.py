@@ -87,6 +87,7 @@ class Stack:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[WorkerProcess] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    mode: str = "warm"
 
     @property
     def settings(self) -> Settings:

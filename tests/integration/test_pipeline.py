@@ -39,6 +39,7 @@ async def test_job_with_input_and_output(stack: Stack) -> None:
     assert result.job_type == "default" and result.attempts == 1
     assert result.worker_id.startswith("w1-")
     assert result.started_at and result.finished_at >= result.started_at
+    assert result.timing.warm == (stack.mode == "warm")
 
 
 async def test_seed_examples(stack: Stack) -> None:
