@@ -182,6 +182,11 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
         topic_replication_factor=settings.topic_replication,
         datadir=f"/tmp/tako-stream-{settings.worker_id}",
         producer_acks=-1,
+        # A dead worker's faust membership (and so the breaker writer's partition) is handed
+        # on after 10 s rather than faust's default 60 s.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        broker_rebalance_timeout=20.0,
     )
     config = BreakerConfig(
         failure_threshold=settings.breaker_failure_threshold,
