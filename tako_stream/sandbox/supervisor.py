@@ -40,8 +40,9 @@ TAIL = 8192  # bytes of stderr kept for classifying the final exception, even wh
 # exception's MRO on fd 3 (so a subclass of ValueError classifies as value_error) and prints the
 # traceback without this prelude's frames, so users see a plain traceback of their own file.
 PRELUDE = r"""
-import os, sys, traceback
+import os, sys
 def _hook(t, v, tb):
+    import traceback  # ~15 ms of imports: paid only when there is a traceback to print
     try:
         names = [c.__name__ if c.__module__ == "builtins" else c.__module__ + "." + c.__qualname__
                  for c in t.__mro__]
@@ -55,8 +56,10 @@ sys.excepthook = _hook
 sys.argv = ["/code/main.py"]
 sys.path.insert(0, "/code")
 del _hook
-import runpy
-runpy.run_path("/code/main.py", run_name="__main__")
+with open("/code/main.py", "rb") as _f:
+    _code = compile(_f.read(), "/code/main.py", "exec")
+del _f
+exec(_code, {"__name__": "__main__", "__file__": "/code/main.py", "__builtins__": __builtins__})
 """
 
 
