@@ -34,6 +34,8 @@ from tako_stream.models import ExecutionResult  # noqa: E402
 from tests.integration.stack import Stack, WorkerProcess, free_port  # noqa: E402
 
 TRIVIAL = "print('hello')"
+#: Low load: one job at a time, this far apart (the baseline gets the same spacing).
+GAP = 0.25
 IMAGE = "tako-stream/default:1"
 
 
@@ -73,6 +75,7 @@ async def latency(stack: Stack, count: int) -> list[float]:
             if execution_id not in found or not found[execution_id].success:
                 raise RuntimeError(f"benchmark job failed: {found.get(execution_id)}")
             times.append(time.perf_counter() - started)
+            await asyncio.sleep(GAP)
     return times
 
 
@@ -124,9 +127,14 @@ def docker_run(count: int, concurrency: int) -> dict[str, Any]:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         return time.perf_counter() - t0
 
+    def spaced() -> float:
+        elapsed = one()
+        time.sleep(GAP)
+        return elapsed
+
     started = time.perf_counter()
     if concurrency == 1:
-        times = [one() for _ in range(count)]
+        times = [spaced() for _ in range(count)]
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -176,7 +184,7 @@ async def main() -> int:
             "concurrency": conc,
             "worker_rss_idle_mb": rss_mb(warm_worker.proc.pid),
         }
-        print("bench: latency, one job at a time", flush=True)
+        print(f"bench: latency, one job at a time, {GAP:g} s apart", flush=True)
         results["latency_warm"] = summary(await latency(warm, n_latency))
         results["latency_cold"] = summary(await latency(cold, n_latency))
         print(f"bench: throughput, {n_burst} jobs at once, {conc} containers at a time", flush=True)

@@ -110,9 +110,10 @@ class Runtime(Service):
             [default_limits(job_type) for job_type in self.job_types.values()],
             size=s.warm_pool_size,
             max_idle=s.warm_max_idle,
+            busy=lambda: pool.in_flight,
         )
-        self.warm.start()
         pool = SandboxPool(self.sandbox, s.pool_size, self.warm)
+        self.warm.start()
         executor = Executor(pool, self.job_types, s, breaker=self.breaker)
         self.intake = Intake(s, executor, loop=self.loop)
         await self.intake.start()

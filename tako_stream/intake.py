@@ -33,6 +33,7 @@ from tako_stream.models import (
     CORRELATION_HEADER,
     DLQRecord,
     ErrorInfo,
+    ExecutionRequest,
     ExecutionResult,
     SourcePosition,
 )
@@ -67,6 +68,8 @@ class Intake(Service):
         # Jobs accepted but unanswered; a little above the pool size so the next job is already
         # decoded when a container slot frees up, without hoarding a partition's backlog.
         self._capacity = asyncio.Semaphore(settings.pool_size * 2)
+        #: Rejections in flight (no container, just an answer to publish).
+        self._light = asyncio.Semaphore(256)
         self._generation = 0
         self._accepting = True
         self._consumer: AIOKafkaConsumer | None = None
@@ -129,26 +132,49 @@ class Intake(Service):
             generation = self._generation
             for tp, records in batches.items():
                 for record in records:
-                    await self._capacity.acquire()
+                    # Decoding is cheap and tells whether the record needs a container: those
+                    # that do wait for capacity; rejections only need the producer, so a burst
+                    # of bad messages is answered fast and never queues behind running jobs.
+                    try:
+                        decoded: ExecutionRequest | InvalidRequestError = decode_request(
+                            record.value, record.key
+                        )
+                    except InvalidRequestError as exc:
+                        decoded = exc
+                    except Exception as exc:  # a decoder bug must not stop the stream
+                        log.exception("unexpected error decoding a request")
+                        decoded = InvalidRequestError([f"request: cannot be decoded ({exc!r})"])
+                    limit = (
+                        self._light if isinstance(decoded, InvalidRequestError) else self._capacity
+                    )
+                    await limit.acquire()
                     # A rebalance while we waited may have taken the partition (or reset its
                     # position): leave the record to whoever owns it now.
                     if generation != self._generation or not self._accepting:
-                        self._capacity.release()
+                        limit.release()
                         continue
-                    self._start(tp, record)
+                    self._start(tp, record, decoded, limit)
 
-    def _start(self, tp: TopicPartition, record: Record) -> None:
+    def _start(
+        self,
+        tp: TopicPartition,
+        record: Record,
+        decoded: ExecutionRequest | InvalidRequestError,
+        limit: asyncio.Semaphore,
+    ) -> None:
         self.tracker.start(tp, record.offset)
-        task = asyncio.ensure_future(self._handle(tp, record))
+        task = asyncio.ensure_future(self._handle(tp, record, decoded))
         self._jobs[(tp, record.offset)] = task
 
         def finished(_: asyncio.Task[None]) -> None:
             self._jobs.pop((tp, record.offset), None)
-            self._capacity.release()
+            limit.release()
 
         task.add_done_callback(finished)
 
-    async def _handle(self, tp: TopicPartition, record: Record) -> None:
+    async def _handle(
+        self, tp: TopicPartition, record: Record, decoded: ExecutionRequest | InvalidRequestError
+    ) -> None:
         """Answer one record; marks its offset done only once the broker has the answer."""
         headers = list(record.headers or ())
         corr = correlation_id(headers)
@@ -160,14 +186,14 @@ class Intake(Service):
         )
         first_failure = now()
         reply_to: str | None = None
-        try:
-            request = decode_request(record.value, record.key)
-        except InvalidRequestError as exc:
+        if isinstance(decoded, InvalidRequestError):
+            exc = decoded
             execution_id = exc.execution_id or new_id()
             with job_context(execution_id, corr):
                 log.info("invalid request: %s", "; ".join(exc.errors))
                 result = self.executor.rejected(exc, execution_id=execution_id, correlation_id=corr)
         else:
+            request = decoded
             execution_id = request.execution_id or new_id()
             reply_to = request.reply_to
             with job_context(execution_id, corr):
