@@ -128,6 +128,8 @@ class Runtime(Service):
             await self.intake.stop()
         if self.warm is not None:
             await self.warm.drain()
+        if self.sandbox is not None:
+            await self.sandbox.drain()  # removals run in the background: wait for all of them
         if self.docker is not None:
             await self.docker.close()
 
@@ -269,8 +271,8 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
     async def dlq_list(web: Any, request: Any) -> Any:
         query = request.query
         try:
-            since = _timestamp(query.get("since"))
-            until = _timestamp(query.get("until"))
+            since = dlq.parse_time(query.get("since"))
+            until = dlq.parse_time(query.get("until"))
         except ValueError as exc:
             return web.json({"detail": str(exc)}, status=400)
         entries = runtime.dlq.select(error_type=query.get("error_type"), since=since, until=until)
@@ -294,16 +296,6 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
             return self.json({"deleted": dlq_id})
 
     return app, runtime
-
-
-def _timestamp(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an ISO 8601 time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class _Worker(faust.Worker):

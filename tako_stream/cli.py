@@ -13,7 +13,7 @@ import asyncio
 import sys
 import urllib.request
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,10 @@ async def _results(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _when(text: str | None) -> datetime | None:
-    if not text:
-        return None
     try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise _usage(f"{text!r} is not an ISO 8601 time such as 2026-11-28T10:00") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return dlq.parse_time(text)
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
 
 
 def _selected(store: dlq.DLQStore, args: argparse.Namespace) -> list[DLQRecord]:

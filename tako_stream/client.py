@@ -15,7 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tako_stream.codec import dumps, loads, new_id
-from tako_stream.kafka import FETCH_WAIT_MS, MAX_MESSAGE_BYTES, producer_options
+from tako_stream.kafka import FETCH_WAIT_MS, MAX_MESSAGE_BYTES, producer_options, reader
 from tako_stream.models import CORRELATION_HEADER, ExecutionResult
 from tako_stream.settings import Settings
 
@@ -29,12 +29,8 @@ class ResultReader:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> ResultReader:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            enable_auto_commit=False,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-            fetch_max_bytes=2 * MAX_MESSAGE_BYTES,
-            fetch_max_wait_ms=FETCH_WAIT_MS,
+        consumer = reader(
+            self._settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_wait_ms=FETCH_WAIT_MS
         )
         await consumer.start()
         self._consumer = consumer

@@ -12,14 +12,14 @@ import base64
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from tako_stream.codec import dumps, header
 from tako_stream.errors import ErrorType
-from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, tail
+from tako_stream.kafka import producer_options, reader, tail
 from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
 from tako_stream.settings import Settings
 
@@ -45,6 +45,17 @@ H_WORKER = "x-tako-worker-id"
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An ISO 8601 time for the DLQ's filters; a time without a zone is taken as UTC."""
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time such as 2026-11-28T10:00") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def replay_count(headers: Sequence[tuple[str, bytes]] | None) -> int:
@@ -167,11 +178,7 @@ class DLQStore:
 async def read_store(settings: Settings) -> DLQStore:
     """Read the whole DLQ topic, up to its current end, into a store (no consumer group)."""
     store = DLQStore()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-    )
+    consumer = reader(settings)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(settings.dlq_topic)

@@ -83,6 +83,16 @@ async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None)
         await admin.close()
 
 
+def reader(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A consumer with no group, for reading topics whole (partitions assigned by the caller)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+        **options,
+    )
+
+
 async def tail(
     settings: Settings, topic: str, apply: Callable[[bytes | None, bytes | None], None]
 ) -> None:
@@ -91,11 +101,7 @@ async def tail(
     No consumer group: every caller sees every partition, which is what a local view of a
     shared, keyed topic (the DLQ, a table's changelog) needs.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-    )
+    consumer = reader(settings)
     await consumer.start()
     try:
         partitions: set[int] = set()

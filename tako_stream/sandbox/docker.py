@@ -92,6 +92,14 @@ class Prepared:
     stream: Stream
     created: float = field(default_factory=time.monotonic)
 
+    def alive(self) -> bool:
+        """Whether its attach stream is still open (a daemon restart or a cut connection
+        leaves a waiting container unreachable)."""
+        response = self.stream._resp
+        connection = response.connection if response is not None else None
+        transport = connection.transport if connection is not None else None
+        return transport is not None and not transport.is_closing()
+
 
 def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
     """The Engine API create body: every lock-down setting in one reviewable place."""
@@ -212,6 +220,9 @@ class DockerSandbox:
         remove the container whatever happens."""
         warm = prepared is not None
         began = time.monotonic()
+        if prepared is not None and not prepared.alive():
+            await self.discard(prepared)
+            raise SandboxUnavailableError("a warm container lost its connection to Docker")
         if prepared is None:
             prepared = await self.prepare(limits, execution_id=execution_id)
         try:

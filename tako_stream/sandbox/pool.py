@@ -142,7 +142,7 @@ class SandboxPool:
             self.in_flight += 1
             try:
                 prepared = self.warm.take(limits) if self.warm else None
-                if prepared is not None:
+                while True:
                     try:
                         return await self.sandbox.run(
                             job,
@@ -154,16 +154,11 @@ class SandboxPool:
                             prepared=prepared,
                         )
                     except SandboxError as exc:
+                        if prepared is None:
+                            raise
                         # A warm container that died while waiting (a daemon restart, say) is
                         # no fault of the job's: run it cold instead.
                         log.warning("warm container unusable (%s); running cold", exc)
-                return await self.sandbox.run(
-                    job,
-                    limits,
-                    execution_id=execution_id,
-                    stdout_cap=stdout_cap,
-                    stderr_cap=stderr_cap,
-                    result_cap=result_cap,
-                )
+                        prepared = None
             finally:
                 self.in_flight -= 1

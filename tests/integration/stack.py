@@ -163,6 +163,22 @@ class Stack:
             raise AssertionError(f"{len(missing)} job(s) got no result:\n{logs}")
         return found
 
+    async def cli(self, *args: str, **env: str) -> tuple[int, str, str]:
+        """Run ``tako-stream ARGS`` against this stack; (exit code, stdout, stderr)."""
+        settings_env = {f"TAKO_{k.upper()}": str(v) for k, v in self.env_settings().items()}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tako_stream",
+            *args,
+            env={**os.environ, **settings_env, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
     async def run_job(self, request: dict[str, Any], **kwargs: Any) -> ExecutionResult:
         found = await self.run_jobs([request], **kwargs)
         return next(iter(found.values()))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import uuid
 from typing import Any
 
@@ -17,22 +15,6 @@ from tako_stream.client import Producer, ResultReader
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, **{f"TAKO_{k.upper()}": str(v) for k, v in stack.env_settings().items()}}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tako_stream",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def http(method: str, url: str) -> tuple[int, Any]:
@@ -71,16 +53,16 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     base = f"http://127.0.0.1:{worker.web_port}"
     stats = await wait_for_stats(f"{base}/dlq/stats", 3)
     assert stats == {"total": 3, "by_error_type": {"invalid_request": 3}}
-    code, out, _ = await cli(new_stack, "dlq", "stats")
+    code, out, _ = await new_stack.cli("dlq", "stats")
     assert code == 0 and orjson.loads(out) == stats
 
-    code, out, _ = await cli(new_stack, "dlq", "list", "--json", "--error-type", "invalid_request")
+    code, out, _ = await new_stack.cli("dlq", "list", "--json", "--error-type", "invalid_request")
     entries = [orjson.loads(line) for line in out.splitlines()]
     assert code == 0 and sorted(e["execution_id"] for e in entries) == sorted(ids)
     assert all(e["replay_count"] == 0 and e["attempts"] == 0 for e in entries)
     status, listing = await http("GET", f"{base}/dlq")
     assert status == 200 and listing["total"] == 3
-    code, out, _ = await cli(new_stack, "dlq", "list", "--json", "--since", "2999-01-01T00:00")
+    code, out, _ = await new_stack.cli("dlq", "list", "--json", "--since", "2999-01-01T00:00")
     assert code == 0 and out == ""
 
     # Delete one over HTTP and one from the CLI.
@@ -89,9 +71,9 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     assert status == 200 and body == {"deleted": by_exec[ids[0]]}
     status, _ = await http("DELETE", f"{base}/dlq/{by_exec[ids[0]]}")
     assert status == 404
-    code, _, _ = await cli(new_stack, "dlq", "delete", by_exec[ids[1]])
+    code, _, _ = await new_stack.cli("dlq", "delete", by_exec[ids[1]])
     assert code == 0
-    code, _, err = await cli(new_stack, "dlq", "delete", "no-such-entry")
+    code, _, err = await new_stack.cli("dlq", "delete", "no-such-entry")
     assert code == 1 and "no DLQ entry" in err
     await wait_for_stats(f"{base}/dlq/stats", 1)
 
@@ -104,7 +86,7 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     assert stats["total"] == 1
 
     # A dry run changes nothing.
-    code, out, err = await cli(new_stack, "dlq", "replay", "--all", "--dry-run")
+    code, out, err = await new_stack.cli("dlq", "replay", "--all", "--dry-run")
     assert code == 0 and "would replay 1" in out and "[1/1] would replay" in err
     assert (await dlq.read_store(settings)).stats()["total"] == 1
 
@@ -112,8 +94,8 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     # again, so it comes back with a higher count, until the limit refuses it.
     async with ResultReader(settings) as reader:
         for round_ in range(1, 3):
-            code, out, _ = await cli(
-                new_stack, "dlq", "replay", "--all", "--max-replays", "2", "--rate", "10"
+            code, out, _ = await new_stack.cli(
+                "dlq", "replay", "--all", "--max-replays", "2", "--rate", "10"
             )
             assert code == 0 and "replayed 1" in out
             again_result = await reader.wait_for({ids[2]}, 60)
@@ -128,6 +110,6 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
             (entry,) = store.entries.values()
             assert entry.execution_id == ids[2] and entry.replay_count == round_
             assert entry.correlation_id == f"c-{ids[2]}"
-    code, out, err = await cli(new_stack, "dlq", "replay", "--all", "--max-replays", "2")
+    code, out, err = await new_stack.cli("dlq", "replay", "--all", "--max-replays", "2")
     assert code == 1 and "refused 1" in out and "limit 2" in err
     assert (await dlq.read_store(settings)).stats()["total"] == 1

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import os
-import sys
 import uuid
 
 import orjson
@@ -328,26 +325,7 @@ async def test_reply_to_topic_also_gets_the_result(stack: Stack) -> None:
 
 
 async def test_cli_submit_wait_and_results(stack: Stack) -> None:
-    env = {
-        **os.environ,
-        **{f"TAKO_{k.upper()}": str(v) for k, v in stack.env_settings().items()},
-    }
-
-    async def cli(*args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tako_stream",
-            *args,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 120)
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
-
-    code, out, _ = await cli(
+    code, out, _ = await stack.cli(
         "submit",
         "--code",
         "import json; json.dump({'ok': 1}, open('/output/result.json', 'w'))",
@@ -357,12 +335,13 @@ async def test_cli_submit_wait_and_results(stack: Stack) -> None:
         "cli-ok-" + stack.tag,
     )
     assert code == 0 and orjson.loads(out)["output"] == {"ok": 1}
-    code, out, _ = await cli("submit", "--code", "1/0", "--wait", "--compact")
+    code, out, _ = await stack.cli("submit", "--code", "1/0", "--wait", "--compact")
     assert code == 1 and orjson.loads(out)["error"]["type"] == "division_error"
-    code, out, _ = await cli("results", "--execution-id", "cli-ok-" + stack.tag)
+    code, out, _ = await stack.cli("results", "--execution-id", "cli-ok-" + stack.tag)
     assert code == 0 and orjson.loads(out.splitlines()[0])["execution_id"] == "cli-ok-" + stack.tag
-    code, _, err = await cli("submit", "--code", "1", "--input", "{nope")
+    code, _, err = await stack.cli("submit", "--code", "1", "--input", "{nope")
     assert code == 2 and "--input is not valid JSON" in err
-    env["TAKO_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
-    code, _, err = await cli("submit", "--code", "1")
+    code, _, err = await stack.cli(
+        "submit", "--code", "1", TAKO_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"
+    )
     assert code == 4 and "cannot reach Kafka" in err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -120,17 +119,11 @@ async def test_breaker_shared_by_two_workers_and_replay_after_recovery(
     await wait_state([a, b], "closed", 10)
 
     # Replaying the DLQ runs every dead-lettered job, each answered once more, successfully.
-    env_vars = {f"TAKO_{k.upper()}": str(v) for k, v in new_stack.env_settings().items()}
     replay_started = datetime.now(UTC)
     async with ResultReader(settings) as reader:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tako_stream", "dlq", "replay", "--all",
-            env={**os.environ, **env_vars},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, err
-        assert b"replayed 6" in out
+        code, out, err = await new_stack.cli("dlq", "replay", "--all")
+        assert code == 0, err
+        assert "replayed 6" in out
         answers: Counter[str] = Counter()
 
         async def collect() -> None:
@@ -152,7 +145,9 @@ async def test_breaker_shared_by_two_workers_and_replay_after_recovery(
 async def test_transient_failure_retried_and_permanent_one_dead_lettered(
     new_stack: Stack, proxy: DockerProxy
 ) -> None:
-    env = {**BREAKER_ENV, "TAKO_BREAKER_FAILURE_THRESHOLD": "10"}
+    # Cold containers only: the faults target the job's own create call, which a warm
+    # container made before the job arrived.
+    env = {**BREAKER_ENV, "TAKO_BREAKER_FAILURE_THRESHOLD": "10", "TAKO_WARM_POOL_SIZE": "0"}
     worker = new_stack.start_worker(DOCKER_HOST=f"unix://{proxy.listen_path}", **env)
     await worker.wait_ready(180)
 
