@@ -128,7 +128,12 @@ class Intake(Service):
     async def _consume(self) -> None:
         assert self._consumer is not None
         while self._accepting:
-            batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+            except KafkaError as exc:  # the broker away or a rebalance fault: keep trying
+                log.warning("fetching requests failed (%s); retrying", exc)
+                await asyncio.sleep(1)
+                continue
             generation = self._generation
             for tp, records in batches.items():
                 for record in records:
