@@ -12,7 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from tako_stream.settings import Settings
 
@@ -99,8 +99,20 @@ async def tail(
     """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``.
 
     No consumer group: every caller sees every partition, which is what a local view of a
-    shared, keyed topic (the DLQ, a table's changelog) needs.
+    shared, keyed topic (the DLQ, a table's changelog) needs.  A broker fault restarts the read
+    from the beginning (the views are folds, so replaying records is harmless), never ends it.
     """
+    while True:
+        try:
+            await _tail_once(settings, topic, apply)
+        except KafkaError as exc:
+            log.warning("reading %s failed (%s); starting over", topic, exc)
+            await asyncio.sleep(1)
+
+
+async def _tail_once(
+    settings: Settings, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+) -> None:
     consumer = reader(settings)
     await consumer.start()
     try:
