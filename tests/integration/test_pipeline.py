@@ -159,7 +159,10 @@ async def test_lockdown_seen_from_inside(stack: Stack) -> None:
         "facts['write_input'] = attempt(lambda: open('/input/data.json', 'w'))\n"
         "facts['chmod_input'] = attempt(lambda: os.chmod('/input/data.json', 0o666))\n"
         "facts['write_code'] = attempt(lambda: open('/code/main.py', 'a'))\n"
-        "facts['network'] = attempt(lambda: socket.create_connection(('1.1.1.1', 53), 2))\n"
+        # No traffic is sent anywhere: the container must simply have no route out.
+        "facts['routes'] = open('/proc/net/route').read().splitlines()[1:]\n"
+        "facts['udp'] = attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+        ".connect(('192.0.2.1', 9)))\n"
         "facts['ifaces'] = sorted(os.listdir('/sys/class/net'))\n"
         "facts['environ'] = sorted(os.environ)\n"
         "json.dump(facts, open('/output/result.json', 'w'))\n"
@@ -174,7 +177,8 @@ async def test_lockdown_seen_from_inside(stack: Stack) -> None:
     assert facts["write_input"] == "PermissionError"
     assert facts["chmod_input"] == "PermissionError"
     assert facts["write_code"] == "PermissionError"
-    assert facts["network"] != "allowed"
+    assert facts["routes"] == []  # no default route, no interface but loopback
+    assert facts["udp"] == "OSError"  # ENETUNREACH: connecting a UDP socket sends nothing
     assert facts["ifaces"] == ["lo"]
     assert set(facts["environ"]) <= {
         "PATH",
