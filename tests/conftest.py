@@ -1,4 +1,4 @@
-"""Fixtures for the integration tier: a real broker and the real Docker engine.
+"""Fixtures for the integration and security tiers: a real broker and the real Docker engine.
 
 Nothing here skips: when the broker or Docker is missing, the tests fail and say so, because the
 test command (scripts/test) is what starts them.
@@ -17,8 +17,6 @@ import pytest
 
 from tako_stream import broker as embedded
 from tests.integration.stack import Stack, free_port
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
