@@ -30,7 +30,7 @@ MAX_INPUT_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 64 * 1024
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
 
-_SIZE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?\s*", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -57,8 +57,22 @@ def _not_blank(code: str) -> str:
 ExecutionId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
 ]
+
+
+def _usable_topic(name: str) -> str:
+    # Kafka refuses "." and ".." as names, and "__"-prefixed topics are the broker's own
+    # (__consumer_offsets, __transaction_state): a result must never be written there.
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a valid Kafka topic name")
+    if name.startswith("__"):
+        raise ValueError("topics starting with '__' are internal to Kafka")
+    return name
+
+
 TopicName = Annotated[
-    str, StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    str,
+    StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$"),
+    AfterValidator(_usable_topic),
 ]
 MemoryLimit = Annotated[str, AfterValidator(_check_size)]
 
