@@ -111,6 +111,11 @@ def fold(state: BreakerState | None, event: BreakerEvent, config: BreakerConfig)
     return current.model_copy(update=update)
 
 
+def changelog_topic(consumer_group: str) -> str:
+    """The shared breaker table's changelog, named as faust names it (app id, table name)."""
+    return f"{consumer_group}-app-{consumer_group}-breaker-changelog"
+
+
 def endpoint_key(docker_host: str | None, hostname: str) -> str:
     """One breaker per Docker engine: a local socket is per host, a TCP endpoint is global."""
     host = docker_host or "unix:///var/run/docker.sock"

@@ -199,6 +199,13 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
+def _gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from tako_stream import gateway
+
+    gateway.run(settings)
+    return EXIT_OK
+
+
 def _broker(settings: Settings, args: argparse.Namespace) -> int:
     broker.exec_broker(args.host, args.port)
     return EXIT_OK  # not reached
@@ -214,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker (settings from TAKO_* variables)")
     w.set_defaults(run=_worker)
+
+    g = sub.add_parser(
+        "gateway", help="serve Tako VM's HTTP API over Kafka (port $TAKO_GATEWAY_PORT, 8000)"
+    )
+    g.set_defaults(run=_gateway)
 
     s = sub.add_parser("submit", help="produce a job to the requests topic")
     src = s.add_mutually_exclusive_group(required=True)

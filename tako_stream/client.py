@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from tako_stream.codec import dumps, loads, new_id
@@ -74,14 +74,24 @@ class Producer:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._producer = AIOKafkaProducer(**producer_options(settings))
+        self._kafka: AIOKafkaProducer | None = None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        if self._kafka is None:
+            raise RuntimeError("Producer is not started (use 'async with')")
+        return self._kafka
 
     async def __aenter__(self) -> Producer:
-        await self._producer.start()
+        # made here, not in __init__: aiokafka binds to the loop running when it is created
+        self._kafka = AIOKafkaProducer(**producer_options(self._settings))
+        await self._kafka.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._producer.stop()
+        if self._kafka is not None:
+            await self._kafka.stop()
+            self._kafka = None
 
     async def submit(
         self,
@@ -122,8 +132,11 @@ class Client:
     partition from the beginning: results are keyed by execution id on a compacted topic.
     """
 
-    def __init__(self, settings: Settings | None = None, *, keep: int = 10_000) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, keep: int = 10_000, history: bool = False
+    ) -> None:
         self.settings = settings or Settings()
+        self._history = history
         self._producer = Producer(self.settings)
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -142,7 +155,7 @@ class Client:
     async def start(self) -> None:
         await self._producer.__aenter__()
         try:
-            self._consumer = await _assigned_reader(self.settings, from_beginning=False)
+            self._consumer = await _assigned_reader(self.settings, from_beginning=self._history)
         except BaseException:
             await self._producer.__aexit__()
             raise
@@ -249,32 +262,45 @@ class Client:
 
     async def _lookup(self, execution_id: str) -> ExecutionResult | None:
         """Its latest result already on the topic, read from its key's partition."""
-        assert self._consumer is not None
-        topic = self.settings.results_topic
-        partitions = sorted(self._consumer.partitions_for_topic(topic) or ())
+        record = await latest_record(self.settings, self.settings.results_topic, execution_id)
+        return _parse_result(record.value) if record is not None else None
+
+    def seen(self) -> list[ExecutionResult]:
+        """The results this client has read, oldest first (at most ``keep``)."""
+        return list(self._recent.values())
+
+
+async def latest_record(
+    settings: Settings, topic: str, key: str
+) -> ConsumerRecord[Any, Any] | None:
+    """The last record with ``key`` on ``topic`` now, reading only the partition the default
+    partitioner puts that key in (how every tako-stream producer keys its messages)."""
+    consumer = reader(settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES)
+    await consumer.start()
+    try:
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = sorted(consumer.partitions_for_topic(topic) or ())
         if not partitions:
             return None
-        key = execution_id.encode()
-        partition = DefaultPartitioner()(key, partitions, partitions)
-        tp = TopicPartition(topic, partition)
-        consumer = reader(self.settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES)
-        await consumer.start()
-        try:
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
-            found: ExecutionResult | None = None
-            idle = 0
-            while idle < 4 and await consumer.position(tp) < end:  # idle: a compacted tail
-                batches = await consumer.getmany(tp, timeout_ms=500)
-                idle = 0 if batches else idle + 1
-                for records in batches.values():
-                    for record in records:
-                        if record.key == key:
-                            found = _parse_result(record.value) or found
-            return found
-        finally:
-            await consumer.stop()
+        wanted = key.encode()
+        tp = TopicPartition(topic, DefaultPartitioner()(wanted, partitions, partitions))
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        found: ConsumerRecord[Any, Any] | None = None
+        idle = 0
+        while idle < 4 and await consumer.position(tp) < end:  # idle: a compacted tail
+            batches = await consumer.getmany(tp, timeout_ms=500)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                for record in records:
+                    if record.key == wanted and record.offset < end:
+                        found = record
+        return found
+    finally:
+        await consumer.stop()
 
 
 def _parse_result(raw: bytes | None) -> ExecutionResult | None:

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=6066, ge=0, le=65535)
+    #: The HTTP gateway (``tako-stream gateway``): Tako VM's REST API over Kafka.
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(default=8000, ge=0, le=65535)
+    #: Results the gateway keeps in memory for ``/executions`` (the oldest are forgotten).
+    gateway_keep: int = Field(default=100_000, ge=1)
+    #: Seconds a sync ``POST /execute`` waits beyond the job's own timeout before answering 504.
+    gateway_wait_margin: float = Field(default=60.0, ge=0)
     #: Seconds a stopping worker waits for running jobs before handing them back uncommitted.
     shutdown_grace: float = Field(default=30.0, ge=0)
     #: How often finished offsets are committed (they are also committed on revoke and stop).

@@ -1,0 +1,289 @@
+"""The HTTP gateway, black-box over HTTP, against a real worker and broker; and the seed guide's
+Python snippets run as written against it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+import requests
+
+from tako_stream.client import Producer
+from tests.integration import seed_snippets
+from tests.integration.stack import Stack
+
+pytestmark = [pytest.mark.integration]
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    stack: Stack
+
+    async def call(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
+    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method,
+                self.url + path,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=180),
+                **kw,
+            ) as resp,
+        ):
+            return resp.status, await resp.json(), resp.headers
+
+
+def start_gateway(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tako_stream", "gateway"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="module")
+async def gw(
+    bootstrap: str, docker: aiodocker.Docker, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Gateway]:
+    workdir = tmp_path_factory.mktemp("gateway")
+    stack = Stack(bootstrap=bootstrap, workdir=workdir)
+    worker = stack.start_worker()
+    port = 8000  # the seed guide's snippets hard-code localhost:8000; CI has it free
+    env = {
+        **os.environ,
+        **{f"TAKO_{k.upper()}": str(v) for k, v in stack.env_settings().items()},
+        "TAKO_GATEWAY_PORT": str(port),
+        "TAKO_GATEWAY_HOST": "127.0.0.1",
+        "TAKO_WORKER_ID": f"gateway-{stack.tag}",
+    }
+    log = workdir / "gateway.log"
+    proc = start_gateway(env, log)
+    gateway = Gateway(f"http://127.0.0.1:{port}", proc, log, stack)
+    try:
+        await worker.wait_ready()
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited:\n{log.read_text()}")
+            try:
+                status, _, _ = await gateway.call("GET", "/health")
+                if status == 200:
+                    break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+        else:
+            raise TimeoutError(f"gateway not up:\n{log.read_text()}")
+        yield gateway
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stack.stop_all()
+
+
+async def test_execute_answers_tako_vm_sync_shape(gw: Gateway) -> None:
+    code = (
+        "import json\nwith open('/input/data.json') as f:\n    data = json.load(f)\n"
+        "json.dump({'double': data['n'] * 2}, open('/output/result.json', 'w'))\nprint('hi')"
+    )
+    status, body, headers = await gw.call(
+        "POST",
+        "/execute",
+        json={"code": code, "input_data": {"n": 21}},
+        headers={"X-Correlation-ID": "gw-trace-1"},
+    )
+    assert status == 200, body
+    assert headers["X-Correlation-ID"] == "gw-trace-1"
+    assert body["success"] is True and body["output"] == {"double": 42}
+    assert body["stdout"] == "hi\n" and body["exit_code"] == 0 and body["error"] is None
+    assert body["job_type"] == "default" and body["execution_time"] > 0
+
+    # the correlation id reached the result on Kafka too
+    status, record, _ = await gw.call("GET", f"/executions/{body['execution_id']}")
+    assert status == 200 and record["correlation_id"] == "gw-trace-1"
+
+
+async def test_execute_failures_are_http_200_with_the_error(gw: Gateway) -> None:
+    status, body, _ = await gw.call(
+        "POST", "/execute", json={"code": "x = 1 / 0", "input_data": {}}
+    )
+    assert status == 200
+    assert body["success"] is False and body["exit_code"] == 1
+    assert "ZeroDivisionError: division by zero" in body["stderr"]
+    assert body["error_type"] == "division_error" and "division by zero" in body["error"]
+    status, body, _ = await gw.call(
+        "POST", "/execute", json={"code": "import time; time.sleep(60)", "timeout": 2}
+    )
+    assert status == 200 and body["error"] == "Execution timeout exceeded (2s)"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"code": "print(1)", "timeout": 999}, "timeout"),
+        ({"code": ""}, "code"),
+        ({"input_data": {}}, "code"),
+        ({"code": "print(1)", "job_type": "no-such-type"}, "job_type"),
+        ({"code": "print(1)", "memory_limit": "64g"}, "memory_limit"),
+        ({"code": "print(1)", "surprise": 1}, "surprise"),
+    ],
+)
+async def test_invalid_requests_are_422_naming_the_field(
+    gw: Gateway, payload: dict[str, Any], field: str
+) -> None:
+    for path in ("/execute", "/execute/async"):
+        status, body, headers = await gw.call(
+            "POST", path, json=payload, headers={"X-Correlation-ID": "bad-1"}
+        )
+        assert status == 422, body
+        assert body["correlation_id"] == "bad-1" and headers["X-Correlation-ID"] == "bad-1"
+        assert any(field in str(problem) for problem in body["detail"]), body
+
+
+async def test_not_json_is_422(gw: Gateway) -> None:
+    status, body, _ = await gw.call("POST", "/execute", data=b"\xff{not json")
+    assert status == 422 and "correlation_id" in body
+
+
+async def test_async_job_lifecycle(gw: Gateway) -> None:
+    status, accepted, _ = await gw.call(
+        "POST", "/execute/async", json={"code": "import time; time.sleep(1); print('later')"}
+    )
+    assert status == 202 and accepted["status"] == "queued"
+    job_id = accepted["job_id"]
+    status, job, _ = await gw.call("GET", f"/jobs/{job_id}")
+    assert status == 200 and job["job_id"] == job_id
+    assert job["status"] in ("queued", "succeeded")
+    status, record, _ = await gw.call("GET", f"/jobs/{job_id}/result?wait=true&timeout=120")
+    assert status == 200 and record["status"] == "succeeded" and record["stdout"] == "later\n"
+    status, job, _ = await gw.call("GET", f"/jobs/{job_id}")
+    assert job["status"] == "succeeded" and job["success"] is True
+    status, listing, _ = await gw.call("GET", "/executions?limit=5")
+    assert status == 200 and listing["limit"] == 5 and len(listing["items"]) <= 5
+    assert job_id in [item["execution_id"] for item in listing["items"]]
+    status, page, _ = await gw.call("GET", "/executions?limit=1&offset=1&status=succeeded")
+    assert status == 200 and len(page["items"]) == 1 and page["total"] >= 2
+    assert (await gw.call("GET", "/executions?limit=0"))[0] == 422
+
+
+async def test_unknown_ids_are_404(gw: Gateway) -> None:
+    missing = f"nothing-{uuid.uuid4()}"
+    for path in (f"/jobs/{missing}", f"/jobs/{missing}/result", f"/executions/{missing}"):
+        status, body, _ = await gw.call("GET", path)
+        assert status == 404 and "detail" in body and "correlation_id" in body
+
+
+async def test_idempotency_key(gw: Gateway) -> None:
+    key = f"order-{uuid.uuid4()}"
+    body = {"code": "print('once')", "idempotency_key": key}
+    s1, first, _ = await gw.call("POST", "/execute/async", json=body)
+    s2, second, _ = await gw.call("POST", "/execute/async", json=body)
+    assert s1 == 202 and s2 == 200 and first["job_id"] == second["job_id"]
+    s3, conflict, _ = await gw.call(
+        "POST", "/execute/async", json={"code": "print('other')", "idempotency_key": key}
+    )
+    assert s3 == 409 and "idempotency_key" in conflict["detail"]
+    status, record, _ = await gw.call(
+        "GET", f"/jobs/{first['job_id']}/result?wait=true&timeout=120"
+    )
+    assert status == 200 and record["stdout"] == "once\n"
+    # after it ran, the same key still names the same job, now finished
+    s4, again, _ = await gw.call("POST", "/execute/async", json=body)
+    assert s4 == 200 and again == {"job_id": first["job_id"], "status": "succeeded"}
+
+
+async def test_job_types(gw: Gateway) -> None:
+    status, types, _ = await gw.call("GET", "/job-types")
+    assert status == 200 and {"default", "data-processing"} <= {t["name"] for t in types}
+    status, one, _ = await gw.call("GET", "/job-types/data-processing")
+    assert status == 200 and one["name"] == "data-processing" and "image" in one
+    assert (await gw.call("GET", "/job-types/nope"))[0] == 404
+
+
+async def test_health_has_the_seed_shape(gw: Gateway) -> None:
+    status, health, _ = await gw.call("GET", "/health")
+    assert status == 200 and health["status"] == "healthy"
+    assert health["docker_available"] is True
+    assert set(health["circuit_breaker"]) == {
+        "state",
+        "failure_count",
+        "success_count",
+        "last_failure",
+    }
+    assert health["circuit_breaker"]["state"] == "closed"
+
+
+async def test_dlq_endpoints(gw: Gateway) -> None:
+    async with Producer(gw.stack.settings) as producer:
+        await producer.send_raw(b"\x00 not a request", key=None)
+    for _ in range(120):
+        status, listing, _ = await gw.call("GET", "/dlq")
+        if listing["total"]:
+            break
+        await asyncio.sleep(0.5)
+    assert status == 200 and listing["total"] >= 1
+    entry = listing["entries"][0]
+    status, stats, _ = await gw.call("GET", "/dlq/stats")
+    assert stats["total"] == listing["total"]
+    assert stats["by_error_type"].get("invalid_request", 0) >= 1
+    status, one, _ = await gw.call("GET", f"/dlq/{entry['dlq_id']}")
+    assert status == 200 and one["dlq_id"] == entry["dlq_id"]
+    status, deleted, _ = await gw.call("DELETE", f"/dlq/{entry['dlq_id']}")
+    assert status == 200 and deleted == {"deleted": entry["dlq_id"]}
+    assert (await gw.call("GET", f"/dlq/{entry['dlq_id']}"))[0] == 404
+    assert (await gw.call("DELETE", f"/dlq/{entry['dlq_id']}"))[0] == 404
+
+
+async def test_openapi_document_is_served(gw: Gateway) -> None:
+    status, doc, _ = await gw.call("GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.") and "/execute" in doc["paths"]
+
+
+async def test_seed_snippets_run_as_written(gw: Gateway) -> None:
+    def run() -> dict[str, Any]:
+        ok = seed_snippets.execute_safely("print(40 + 2)", {})
+        broken = seed_snippets.execute_safely("def broken(", {})
+        retried = seed_snippets.execute_with_retry("print(undefined)", {})
+        handled: dict[str, str] = {}
+        for name, code in (("syntax", "def broken("), ("timeout", "import time; time.sleep(9)")):
+            result = seed_snippets.execute_safely(code, {}, timeout=2)
+            # the guide hands handle_execution_result an async job's record (error by type)
+            record = requests.get(f"{gw.url}/jobs/{result['execution_id']}", timeout=30).json()
+            try:
+                seed_snippets.handle_execution_result(record)
+            except Exception as exc:
+                handled[name] = type(exc).__name__
+        return {
+            "ok": ok,
+            "broken": broken,
+            "retried": retried,
+            "handled": handled,
+            "issues": seed_snippets.check_system_health(),
+        }
+
+    out = await asyncio.to_thread(run)
+    assert out["ok"]["success"] is True and out["ok"]["stdout"] == "42\n"
+    assert out["broken"]["success"] is False and "SyntaxError" in out["broken"]["stderr"]
+    assert out["retried"]["success"] is False and "NameError" in out["retried"]["stderr"]
+    assert out["handled"] == {"syntax": "ValueError", "timeout": "ResourceError"}
+    assert out["issues"] == []

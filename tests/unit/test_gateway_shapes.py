@@ -1,0 +1,80 @@
+"""The gateway's pure parts: names shared with the worker, payload digests, response shapes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from tako_stream.breaker import changelog_topic
+from tako_stream.errors import ErrorType, Status
+from tako_stream.gateway import openapi_document, payload_digest, sync_response
+from tako_stream.models import ErrorInfo, ExecutionResult
+from tako_stream.settings import Settings
+
+
+def test_breaker_changelog_name_is_the_one_faust_uses() -> None:
+    from tako_stream.app import build
+
+    settings = Settings(consumer_group="gname", worker_id="w-unit")
+    app, _ = build(settings)
+    (table,) = app.tables.values()
+    assert table.changelog_topic.get_topic_name() == changelog_topic("gname")
+
+
+def test_payload_digest_ignores_key_order_and_the_idempotency_key() -> None:
+    a = payload_digest({"code": "print(1)", "input_data": {"x": 1, "y": 2}, "idempotency_key": "k"})
+    b = payload_digest({"input_data": {"y": 2, "x": 1}, "code": "print(1)"})
+    c = payload_digest({"code": "print(2)", "input_data": {"x": 1, "y": 2}})
+    assert a == b != c
+
+
+def test_sync_response_has_tako_vm_fields_with_a_string_error() -> None:
+    result = ExecutionResult(
+        execution_id="e1",
+        correlation_id="c1",
+        status=Status.FAILED,
+        success=False,
+        stderr="Traceback ...\nZeroDivisionError: division by zero\n",
+        exit_code=1,
+        error=ErrorInfo(type=ErrorType.DIVISION_ERROR, message="division by zero"),
+        execution_time=0.05,
+        job_type="default",
+        worker_id="w",
+        finished_at=datetime.now(UTC),
+    )
+    body = sync_response(result).model_dump(mode="json")
+    tako_vm = {"success", "output", "execution_time", "stdout", "stderr", "exit_code", "error"}
+    assert tako_vm | {"job_type"} <= set(body)
+    assert body["error"] == "division by zero" and body["error_type"] == "division_error"
+
+
+def test_openapi_lists_every_route_and_resolves_its_refs() -> None:
+    doc = openapi_document()
+    assert {
+        "/execute",
+        "/execute/async",
+        "/jobs/{id}",
+        "/jobs/{id}/result",
+        "/executions",
+        "/executions/{id}",
+        "/job-types",
+        "/job-types/{name}",
+        "/health",
+        "/dlq",
+        "/dlq/stats",
+        "/dlq/{id}",
+    } <= set(doc["paths"])
+    schemas = doc["components"]["schemas"]
+    refs = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref":
+                    refs.add(v.rsplit("/", 1)[-1])
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc)
+    assert refs and refs <= set(schemas), refs - set(schemas)
