@@ -215,7 +215,10 @@ def main() -> None:
     pid = start_job(job, out_w, err_w, exc_w)
     for fd in (out_w, err_w, exc_w):
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None  # ENOSYS under gVisor: poll waitpid instead
     deadline = started + job["timeout"]
     caps = {out_r: job["stdout_cap"], err_r: job["stderr_cap"]}
     kinds = {out_r: STDOUT, err_r: STDERR}
@@ -227,8 +230,11 @@ def main() -> None:
     status = None
     timed_out = False
     poller = select.poll()
-    for fd in (*open_fds, pidfd):
+    for fd in open_fds:
         poller.register(fd, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    wait_step = 1.0 if pidfd is not None else 0.02
 
     def pump(fd: int) -> None:
         nonlocal tail, exc_names
@@ -255,14 +261,18 @@ def main() -> None:
         if remaining <= 0:
             timed_out = True
             break
-        for fd, _ in poller.poll(min(remaining, 1.0) * 1000):
+        for fd, _ in poller.poll(min(remaining, wait_step) * 1000):
             if fd == pidfd:
                 _, status = os.waitpid(pid, 0)
                 poller.unregister(pidfd)
             else:
                 pump(fd)
+        if pidfd is None and status is None:
+            reaped, wstatus = os.waitpid(pid, os.WNOHANG)
+            if reaped:
+                status = wstatus
     elapsed = time.monotonic() - started
-    if status is None:
+    if status is None and pidfd is not None:
         poller.unregister(pidfd)
     # The main process is gone (or timed out): kill whatever it left behind, then read what is
     # still buffered in the pipes; with every writer dead, they end quickly.
