@@ -302,7 +302,9 @@ class DockerSandbox:
         return bool(state.get("OOMKilled")), state.get("ExitCode")
 
     async def _remove(self, container: aiodocker.containers.DockerContainer) -> None:
-        for attempt in range(3):
+        # Retried for about 30 s: a daemon restart (which stops every container first) takes
+        # longer than a few seconds, and giving up leaves the container behind for good.
+        for attempt in range(9):
             try:
                 await container.delete(force=True, v=True)
                 return
@@ -312,7 +314,7 @@ class DockerSandbox:
                 log.warning("container %s removal failed: %s", container.id[:12], exc)
             except Exception as exc:  # daemon unreachable: try again shortly
                 log.warning("container %s removal failed: %s", container.id[:12], exc)
-            await asyncio.sleep(0.5 * (attempt + 1))
+            await asyncio.sleep(min(5.0, 0.5 * 2**attempt))
 
     async def drain(self) -> None:
         """Wait for background removals, so a stopping worker leaves no container behind."""

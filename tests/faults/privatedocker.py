@@ -96,10 +96,13 @@ class PrivateDocker:
         if sig == signal.SIGKILL:
             self._kill_orphans()
 
-    def restart(self, sig: int = signal.SIGTERM) -> None:
+    def restart(self, sig: int = signal.SIGTERM) -> float:
+        """Stop with ``sig`` and start again; returns the seconds the API was away."""
+        began = time.monotonic()
         self.stop(sig)
         self.start()
         self.restarts += 1
+        return time.monotonic() - began
 
     def _kill_orphans(self) -> None:
         """A SIGKILLed dockerd leaves its managed containerd (and shims) behind: end those
