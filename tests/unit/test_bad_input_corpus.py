@@ -79,10 +79,10 @@ json_values = st.recursive(
     ),
     max_leaves=15,
 )
-field_names = st.sampled_from(
-    ["execution_id", "code", "input_data", "timeout", "job_type", "memory_limit", "reply_to"]
-    + ["metadata", "Code", "code ", "", "__proto__"]
-) | st.text(max_size=12)
+FIELDS = ["execution_id", "code", "input_data", "timeout", "job_type", "memory_limit", "reply_to"]
+field_names = st.sampled_from([*FIELDS, "metadata", "Code", "code ", "", "__proto__"]) | st.text(
+    max_size=12
+)
 
 
 def decodes_or_rejects(value: bytes, key: bytes | None) -> None:
