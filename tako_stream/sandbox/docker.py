@@ -302,9 +302,11 @@ class DockerSandbox:
         return bool(state.get("OOMKilled")), state.get("ExitCode")
 
     async def _remove(self, container: aiodocker.containers.DockerContainer) -> None:
-        # Retried for about 30 s: a daemon restart (which stops every container first) takes
-        # longer than a few seconds, and giving up leaves the container behind for good.
-        for attempt in range(9):
+        # Retried for about 20 s: a daemon restart (which stops every container first) takes
+        # more than a few seconds, and giving up leaves the container behind until a restart.
+        for attempt in range(8):
+            if attempt:
+                await asyncio.sleep(min(5.0, 0.5 * 2 ** (attempt - 1)))
             try:
                 await container.delete(force=True, v=True)
                 return
@@ -314,12 +316,15 @@ class DockerSandbox:
                 log.warning("container %s removal failed: %s", container.id[:12], exc)
             except Exception as exc:  # daemon unreachable: try again shortly
                 log.warning("container %s removal failed: %s", container.id[:12], exc)
-            await asyncio.sleep(min(5.0, 0.5 * 2**attempt))
 
-    async def drain(self) -> None:
-        """Wait for background removals, so a stopping worker leaves no container behind."""
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for background removals, so a stopping worker leaves no container behind; at
+        most ``timeout`` (with the daemon away, the next start on this host reaps the rest)."""
         if self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+            _, pending = await asyncio.wait(set(self._removals), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def reap(self) -> int:
         """Remove sandboxes left behind by dead workers; returns how many.

@@ -108,10 +108,12 @@ async def test_broker_frozen_for_20s_workers_recover(
         f"all {len(everything)} answered {recovery:.1f}s after the resume; "
         f"duplicates: {len(duplicates)}"
     )
-    # Re-runs are allowed (at-least-once), only of jobs that were running or answered in the
-    # last moments before the freeze, as in a rebalance: both workers hold 2 * pool_size.
-    assert len(duplicates) <= 2 * (2 * 3), duplicates
-    assert set(duplicates) <= set(before), duplicates
+    # Re-runs are allowed (at-least-once) and happen here: the broker, back after 20 s without
+    # heartbeats, expires the workers' sessions, so their last commits are refused and the
+    # partitions' uncommitted jobs run again.  Per worker that is at most the 2 * pool_size
+    # jobs its intake holds plus those answered within the last commit interval (1 s: at most
+    # pool_size of these 1.5 s jobs).
+    assert len(duplicates) <= 2 * (2 * 3 + 3), duplicates
 
 
 async def test_docker_daemon_restarted_under_load(
