@@ -363,6 +363,11 @@ async def test_worker_stopped_while_jobs_run_loses_nothing(stack: ComposeStack) 
     ]
     taken_over = [i for i in ours if partitions[i] in w1_partitions and ours[i].worker_id == w2]
     assert taken_over, f"worker2 answered nothing from worker1's partitions {w1_partitions}"
+    by_worker = {w: sum(r.worker_id == w for r in ours.values()) for w in (w1, w2)}
+    print(
+        f"\n{len(ours)} jobs answered ({by_worker}); worker1 stopped with jobs in flight; "
+        f"worker2 answered {len(taken_over)} from worker1's partitions {sorted(w1_partitions)}"
+    )
 
     assert stack.state("worker1") == "exited 0", stack.logs("worker1")
     # a worker stopped with `docker stop` removes its job containers (warm ones included)
