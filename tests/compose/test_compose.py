@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -136,6 +137,21 @@ class ComposeStack:
             raise AssertionError(f"not up in {timeout}s: {sorted(pending)}\n{self.logs()}")
 
 
+def check_free(ports: dict[str, int]) -> None:
+    """Fail clearly, before compose starts anything, when a port is taken (a stack left by an
+    interrupted run: `docker ps --filter name=takotest`)."""
+    for name, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise RuntimeError(
+                    f"port {port} for {name} is in use ({exc}); set "
+                    f"TAKO_TEST_COMPOSE_{name.upper()}_PORT to another"
+                ) from exc
+
+
 def job_containers(worker_ids: list[str]) -> list[str]:
     """Sandbox containers (any state) started by these workers."""
     found: list[str] = []
@@ -172,6 +188,7 @@ def compose_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeS
         "worker1": _port("WORKER1", 16066),
         "worker2": _port("WORKER2", 16067),
     }
+    check_free(ports)
     worker_ids = {"worker1": f"{project}-worker1", "worker2": f"{project}-worker2"}
     env = {
         **os.environ,
