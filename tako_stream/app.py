@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ from tako_stream.execute import Executor, default_limits
 from tako_stream.intake import Intake
 from tako_stream.jobtypes import JobTypes
 from tako_stream.kafka import ensure_topics, tail
+from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
 from tako_stream.sandbox.docker import DockerSandbox
 from tako_stream.sandbox.pool import SandboxPool, WarmPool
 from tako_stream.settings import Settings
@@ -83,6 +84,8 @@ class Runtime(Service):
         self.warm: WarmPool | None = None
         self.docker_available = False
         self.dlq = DLQStore()
+        self.metrics = Metrics()
+        self.metrics.add_gauges(self._gauges)
         #: Set once faust has joined its group and recovered the breaker table.
         self.app_started = False
         self._followed: list[tuple[str, Callable[[bytes | None, bytes | None], None]]] = []
@@ -116,6 +119,7 @@ class Runtime(Service):
         self.warm.start()
         executor = Executor(pool, self.job_types, s, breaker=self.breaker)
         self.intake = Intake(s, executor, loop=self.loop)
+        self.intake.on_answered = self.metrics.observe
         await self.intake.start()
         self.add_future(self._ping_docker())
         self.add_future(dlq.follow(s, self.dlq))
@@ -146,6 +150,43 @@ class Runtime(Service):
             else:
                 self.docker_available = True
                 await self.breaker.record(Outcome.SUCCESS, source="ping")
+
+    def _gauges(self) -> Iterable[Metric]:
+        state = self.breaker.view()
+        yield gauge(
+            "tako_in_flight",
+            "Jobs accepted and not yet answered.",
+            {(): self.intake.in_flight if self.intake else 0},
+            [],
+        )
+        sizes = self.warm.sizes() if self.warm else {}
+        yield gauge(
+            "tako_warm_pool_ready",
+            "Started containers waiting for a job, by image.",
+            {(image,): n for image, n in sizes.items()},
+            ["image"],
+        )
+        yield gauge(
+            "tako_breaker_state",
+            "The shared Docker circuit breaker: 0 closed, 1 half-open, 2 open.",
+            {(state.endpoint,): BREAKER_VALUES[state.state]},
+            ["endpoint"],
+        )
+        yield gauge(
+            "tako_breaker_failures",
+            "Consecutive Docker failures the breaker has counted.",
+            {(state.endpoint,): state.failure_count},
+            ["endpoint"],
+        )
+        yield gauge(
+            "tako_docker_available",
+            "1 when the Docker engine answers.",
+            {(): int(self.docker_available)},
+            [],
+        )
+        yield gauge(
+            "tako_dlq_size", "Entries in the DLQ topic now.", {(): len(self.dlq.entries)}, []
+        )
 
     def health(self) -> dict[str, Any]:
         """Tako VM's health shape, plus readiness and this worker's identity."""
@@ -262,6 +303,10 @@ def build(settings: Settings) -> tuple[faust.App, Runtime]:
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         return web.json(runtime.health())
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.bytes(runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     @app.page("/dlq/stats")
     async def dlq_stats(web: Any, request: Any) -> Any:

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from tako_stream.execute import resolve_limits
 from tako_stream.jobtypes import JobTypes
 from tako_stream.kafka import ensure_topics, tail
 from tako_stream.logs import configure, job_context
+from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
 from tako_stream.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
 from tako_stream.settings import Settings
 
@@ -128,6 +129,8 @@ class Gateway:
             success_threshold=settings.breaker_success_threshold,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = Metrics()
+        self.metrics.add_gauges(self._gauges)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,6 +184,7 @@ class Gateway:
             web.get("/dlq/{id}", self.dlq_get),
             web.delete("/dlq/{id}", self.dlq_delete),
             web.get("/openapi.json", self.openapi),
+            web.get("/metrics", self.serve_metrics),
         ]
         app.add_routes(routes)
 
@@ -208,7 +212,31 @@ class Gateway:
                 log.exception("gateway error on %s %s", request.method, request.path)
                 response = _error(request, 500, "internal error")
         response.headers[CORRELATION_HTTP_HEADER] = request["correlation_id"]
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else "unmatched"
+        self.metrics.http.labels(request.method, path, str(response.status)).inc()
         return response
+
+    def _gauges(self) -> Iterable[Metric]:
+        state = self.breaker()
+        yield gauge(
+            "tako_breaker_state",
+            "The shared Docker circuit breaker, worst endpoint: 0 closed, 1 half-open, 2 open.",
+            {(): BREAKER_VALUES[state.state]},
+            [],
+        )
+        yield gauge(
+            "tako_dlq_size", "Entries in the DLQ topic now.", {(): len(self.dlq.entries)}, []
+        )
+        yield gauge(
+            "tako_executions_known",
+            "Finished executions in this gateway's view of the results topic.",
+            {(): len(self.client._recent)},
+            [],
+        )
+
+    async def serve_metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- submitting ------------------------------------------------------------------------
     async def _body(self, request: web.Request, model: type[ExecutionRequest]) -> Any:

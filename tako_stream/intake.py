@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -76,6 +76,8 @@ class Intake(Service):
         self._producer: AIOKafkaProducer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.answered = 0
+        #: Told of each answer once the broker has it, with seconds since the request was produced.
+        self.on_answered: Callable[[ExecutionResult, float | None], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -237,6 +239,9 @@ class Intake(Service):
             )
         self.tracker.finish(tp, record.offset)
         self.answered += 1
+        if self.on_answered is not None:
+            since = time.time() - record.timestamp / 1000 if record.timestamp else None
+            self.on_answered(result, since)
 
     def _internal_error(
         self, execution_id: str, corr: str, job_type: str | None, exc: Exception

@@ -287,3 +287,24 @@ async def test_seed_snippets_run_as_written(gw: Gateway) -> None:
     assert out["retried"]["success"] is False and "NameError" in out["retried"]["stderr"]
     assert out["handled"] == {"syntax": "ValueError", "timeout": "ResourceError"}
     assert out["issues"] == []
+
+
+async def test_gateway_metrics_count_requests_by_route(gw: Gateway) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await gw.call("GET", "/job-types")
+    await gw.call("GET", "/job-types/nope")
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = frozenset({"method": "GET", "route": "/job-types", "code": "200"}.items())
+    missing = frozenset({"method": "GET", "route": "/job-types/{name}", "code": "404"}.items())
+    assert samples[("tako_http_requests_total", ok)] >= 1
+    assert samples[("tako_http_requests_total", missing)] >= 1
+    assert samples[("tako_breaker_state", frozenset())] == 0
+    assert ("tako_dlq_size", frozenset()) in samples
