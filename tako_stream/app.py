@@ -83,7 +83,7 @@ class Runtime(Service):
         self.intake: Intake | None = None
         self.warm: WarmPool | None = None
         self.docker_available = False
-        self.dlq = DLQStore()
+        self.dlq = DLQStore(keep_originals=False)
         self.metrics = Metrics()
         self.metrics.add_gauges(self._gauges)
         #: Set once faust has joined its group and recovered the breaker table.

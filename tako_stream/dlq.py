@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,13 @@ H_ORIGINAL_PARTITION = "x-tako-original-partition"
 H_ORIGINAL_OFFSET = "x-tako-original-offset"
 H_ATTEMPTS = "x-tako-attempts"
 H_WORKER = "x-tako-worker-id"
+
+
+#: What a DLQ record keeps of an original message: base64 makes it 4/3 larger, and the record
+#: must stay under the topics' 8 MiB message limit (valid requests are under 1.2 MiB).
+MAX_ORIGINAL_BYTES = 4 * 1024 * 1024
+MAX_ORIGINAL_HEADERS = 512 * 1024
+MAX_ORIGINAL_KEY = 64 * 1024
 
 
 def _b64(data: bytes) -> str:
@@ -86,7 +93,19 @@ def build_record(
     last_failure_at: datetime,
     worker_id: str,
 ) -> tuple[DLQRecord, bytes, list[tuple[str, bytes]]]:
-    """The record, its encoded value, and the headers mirroring its main fields."""
+    """The record, its encoded value, and the headers mirroring its main fields.
+
+    The original is kept byte for byte when it fits; a larger one (only invalid requests can
+    be) keeps its first :data:`MAX_ORIGINAL_BYTES`, so the record, in base64, always fits the
+    topic's message limit: otherwise the broker would refuse it and the partition would stall.
+    """
+    header_bytes = sum(len(k) + len(v or b"") for k, v in headers or ())
+    size = len(value or b"") + header_bytes + len(key or b"")
+    truncated = (
+        len(value or b"") > MAX_ORIGINAL_BYTES
+        or header_bytes > MAX_ORIGINAL_HEADERS
+        or len(key or b"") > MAX_ORIGINAL_KEY
+    )
     record = DLQRecord(
         dlq_id=dlq_id(source),
         execution_id=execution_id,
@@ -98,9 +117,11 @@ def build_record(
         worker_id=worker_id,
         source=source,
         replay_count=replay_count(headers),
-        original_key=_b64(key) if key is not None else None,
-        original_value=_b64(value or b""),
-        original_headers=[(k, _b64(v or b"")) for k, v in headers or ()],
+        original_key=_b64(key[:MAX_ORIGINAL_KEY]) if key is not None else None,
+        original_value=_b64(value[:MAX_ORIGINAL_BYTES]) if value is not None else None,
+        original_headers=[] if truncated else [(k, _b64(v or b"")) for k, v in headers or ()],
+        original_size=size,
+        original_truncated=truncated,
     )
     mirrored = [
         (CORRELATION_HEADER, correlation_id.encode()),
@@ -127,29 +148,66 @@ def build_record(
 # count one higher, until the replay limit refuses it.
 
 
+class _Entries(Mapping[str, DLQRecord]):
+    """Records by DLQ id; summaries are held encoded and decoded when read."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, DLQRecord | bytes] = {}
+
+    def __getitem__(self, key: str) -> DLQRecord:
+        item = self.data[key]
+        return item if isinstance(item, DLQRecord) else DLQRecord.model_validate_json(item)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 @dataclass
 class DLQStore:
     """The current DLQ: records folded in topic order, tombstones removing them."""
 
-    entries: dict[str, DLQRecord] = field(default_factory=dict)
+    #: False for the long-lived views of workers and gateways: they keep each entry as a summary
+    #: without the original bytes, encoded (under 1 KB), so their memory grows by that per entry
+    #: rather than by the size of every bad message; the CLI reads the topic whole to replay.
+    keep_originals: bool = True
+    entries: _Entries = field(default_factory=_Entries)
+    _types: dict[str, ErrorType] = field(default_factory=dict)
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:
             if key is not None:
-                self.entries.pop(key.decode("utf-8", "replace"), None)
+                dlq_id_ = key.decode("utf-8", "replace")
+                self.entries.data.pop(dlq_id_, None)
+                self._types.pop(dlq_id_, None)
             return
         try:
             record = DLQRecord.model_validate_json(value)
         except ValueError:
             log.warning("skipping an unreadable DLQ record (key %r)", key)
             return
-        self.entries[record.dlq_id] = record
+        self._types[record.dlq_id] = record.error.type
+        if self.keep_originals:
+            self.entries.data[record.dlq_id] = record
+            return
+        summary = record.model_copy(
+            update={
+                "original_key": None,
+                "original_value": None,
+                "original_headers": [],
+                "original_omitted": True,
+            }
+        )
+        # a copy: orjson's output keeps its larger working buffer (8 KB here) allocated
+        self.entries.data[record.dlq_id] = bytes(memoryview(dumps(summary)))
 
     def stats(self) -> dict[str, Any]:
         """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
         by_type: dict[str, int] = {}
-        for record in self.entries.values():
-            by_type[record.error.type.value] = by_type.get(record.error.type.value, 0) + 1
+        for type_ in self._types.values():
+            by_type[type_.value] = by_type.get(type_.value, 0) + 1
         return {"total": len(self.entries), "by_error_type": dict(sorted(by_type.items()))}
 
     def select(
@@ -162,11 +220,12 @@ class DLQStore:
     ) -> list[DLQRecord]:
         wanted = set(ids) if ids else None
         chosen = []
-        for record in self.entries.values():
-            if wanted is not None and record.dlq_id not in wanted:
+        for dlq_id_ in self.entries:
+            if wanted is not None and dlq_id_ not in wanted:
                 continue
-            if error_type and record.error.type.value != error_type:
+            if error_type and self._types[dlq_id_].value != error_type:
                 continue
+            record = self.entries[dlq_id_]
             if since and record.last_failure_at < since:
                 continue
             if until and record.last_failure_at > until:
@@ -222,7 +281,24 @@ class ReplayOutcome:
     refused: list[tuple[str, str]] = field(default_factory=list)
 
 
-def replay_message(record: DLQRecord) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+def refusal(record: DLQRecord, max_replays: int) -> str | None:
+    """Why an entry must not be replayed, if it must not."""
+    if record.replay_count >= max_replays:
+        return f"replayed {record.replay_count} times already (limit {max_replays})"
+    if record.original_truncated:
+        s = record.source
+        return (
+            f"the original ({record.original_size} bytes) was too large to keep; it is at "
+            f"{s.topic}[{s.partition}]@{s.offset} while that topic retains it"
+        )
+    if record.original_omitted:
+        return "a summary without the original bytes: read the entry from the DLQ topic"
+    return None
+
+
+def replay_message(
+    record: DLQRecord,
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """The original key, value and headers, with the replay count one higher."""
     headers = [
         (k, base64.b64decode(v))
@@ -233,7 +309,8 @@ def replay_message(record: DLQRecord) -> tuple[bytes | None, bytes, list[tuple[s
     key = base64.b64decode(record.original_key) if record.original_key is not None else None
     if key is None:
         key = record.execution_id.encode()
-    return key, base64.b64decode(record.original_value), headers
+    value = base64.b64decode(record.original_value) if record.original_value is not None else None
+    return key, value, headers
 
 
 async def replay(
@@ -256,8 +333,8 @@ async def replay(
         await producer.start()
     try:
         for n, record in enumerate(records, 1):
-            if record.replay_count >= max_replays:
-                reason = f"replayed {record.replay_count} times already (limit {max_replays})"
+            reason = refusal(record, max_replays)
+            if reason is not None:
                 outcome.refused.append((record.dlq_id, reason))
                 if progress:
                     progress("refused", record, n, len(records))

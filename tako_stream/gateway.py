@@ -121,7 +121,7 @@ class Gateway:
         self.settings = settings
         self.job_types = job_types
         self.client = Client(settings, keep=settings.gateway_keep, history=True)
-        self.dlq = dlq.DLQStore()
+        self.dlq = dlq.DLQStore(keep_originals=False)
         self.breakers: dict[str, BreakerState] = {}  # endpoint -> state, from the changelog
         self._breaker_config = BreakerConfig(
             failure_threshold=settings.breaker_failure_threshold,

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
@@ -295,6 +295,11 @@ class Intake(Service):
             try:
                 ack = await self._producer.send(topic, value=value, key=key, headers=headers)
                 await ack
+                return
+            except MessageSizeTooLargeError as exc:
+                # Retrying cannot help and would stall the partition for good.  Results and DLQ
+                # records are capped well below the limit, so this means a misconfigured topic.
+                log.error("%s refused a %d-byte message, not retried: %s", topic, len(value), exc)
                 return
             except KafkaError as exc:
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, delay)

@@ -200,9 +200,29 @@ class DLQRecord(BaseModel):
     source: SourcePosition
     replay_count: int = 0
     original_key: str | None = Field(default=None, description="Base64 of the original key.")
-    original_value: str = Field(description="Base64 of the original request bytes.")
+    original_value: str | None = Field(
+        description=(
+            "Base64 of the original request bytes; null when the message had no value, or in "
+            "the summaries served by workers and gateways (see original_omitted)."
+        )
+    )
     original_headers: list[tuple[str, str]] = Field(
         default_factory=list, description="Original headers, values in base64."
+    )
+    original_size: int = Field(
+        default=0, description="Bytes of the original value and headers, as consumed."
+    )
+    original_truncated: bool = Field(
+        default=False,
+        description=(
+            "The original was too large to keep whole in a DLQ record: only its first bytes "
+            "are kept (headers dropped), replay is refused, and the message itself is at "
+            "`source` for as long as that topic retains it."
+        ),
+    )
+    original_omitted: bool = Field(
+        default=False,
+        description="A summary: the original bytes were left out (read the DLQ topic for them).",
     )
 
 

@@ -80,8 +80,9 @@ def test_round_trip_through_the_encoded_value(
 def test_missing_key_and_value() -> None:
     record, _, _ = build(key=None, value=None)
     assert record.original_key is None
-    assert record.original_value == ""
+    assert record.original_value is None  # a null value stays null, not ""
     assert record.original_headers == []
+    assert dlq.replay_message(record)[1] is None
 
 
 def test_empty_key_is_not_missing() -> None:
@@ -179,3 +180,38 @@ def test_dead_letter_types() -> None:
         ErrorType.INTERNAL_ERROR,
         ErrorType.SERVICE_UNAVAILABLE,
     } == dlq.DEAD_LETTER_TYPES
+
+
+def test_an_original_too_large_for_a_record_is_truncated_and_not_replayed() -> None:
+    value = b"c" * (dlq.MAX_ORIGINAL_BYTES + 1000)
+    record, encoded, _ = build(value=value, headers=[("h", b"v")])
+    assert record.original_truncated and record.original_size == len(value) + 2 + len(b"job-1")
+    assert record.original_value is not None
+    assert unb64(record.original_value) == value[: dlq.MAX_ORIGINAL_BYTES]
+    assert record.original_headers == []
+    assert len(encoded) < 8 * 1024 * 1024 - 64 * 1024
+    reason = dlq.refusal(record, max_replays=3)
+    assert reason is not None and "tako.requests[3]@1234" in reason
+
+
+def test_huge_headers_or_key_truncate_too() -> None:
+    record, _, _ = build(headers=[("h", b"x" * (dlq.MAX_ORIGINAL_HEADERS + 1))])
+    assert record.original_truncated and record.original_headers == []
+    record, _, _ = build(key=b"k" * (dlq.MAX_ORIGINAL_KEY + 1))
+    assert record.original_truncated
+    assert record.original_key is not None
+    assert len(unb64(record.original_key)) == dlq.MAX_ORIGINAL_KEY
+
+
+def test_summaries_leave_the_original_out_and_are_not_replayed() -> None:
+    record, encoded, _ = build(value=b"v" * 100_000, headers=[("h", b"v")])
+    full, summary = dlq.DLQStore(), dlq.DLQStore(keep_originals=False)
+    for store in (full, summary):
+        store.apply(record.dlq_id.encode(), encoded)
+    kept = summary.entries[record.dlq_id]
+    assert kept.original_omitted and kept.original_value is None and kept.original_headers == []
+    assert kept.original_size == record.original_size and kept.error == record.error
+    assert full.entries[record.dlq_id] == record
+    assert dlq.refusal(record, max_replays=3) is None
+    assert dlq.refusal(kept, max_replays=3) is not None
+    assert dlq.refusal(record.model_copy(update={"replay_count": 3}), max_replays=3) is not None
