@@ -4,7 +4,7 @@
 ``Status`` and ``ErrorType`` are what comes back.
 """
 
-from tako_stream.client import Client, SyncClient
+from tako_stream.client import CancelRefused, Client, SyncClient
 from tako_stream.errors import RETRYABLE, ErrorType, Status
 from tako_stream.models import ExecutionRequest, ExecutionResult
 from tako_stream.settings import Settings
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RETRYABLE",
+    "CancelRefused",
     "Client",
     "ErrorType",
     "ExecutionRequest",

@@ -23,6 +23,7 @@ here with and without ``synchronize_all_active_partitions``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -47,6 +48,7 @@ from tako_stream.breaker import (
     endpoint_key,
     fold,
 )
+from tako_stream.cancel import Cancellations
 from tako_stream.codec import dumps, loads
 from tako_stream.dlq import DLQStore
 from tako_stream.errors import SandboxUnavailableError
@@ -84,6 +86,7 @@ class Runtime(Service):
         self.warm: WarmPool | None = None
         self.docker_available = False
         self.dlq = DLQStore(keep_originals=False)
+        self.cancellations: Cancellations | None = None
         self.metrics = Metrics()
         self.metrics.add_gauges(self._gauges)
         #: Set once faust has joined its group and recovered the breaker table.
@@ -118,7 +121,16 @@ class Runtime(Service):
         pool = SandboxPool(self.sandbox, s.pool_size, self.warm)
         self.warm.start()
         executor = Executor(pool, self.job_types, s, breaker=self.breaker)
-        self.intake = Intake(s, executor, loop=self.loop)
+        # Know the cancels already on the control topic before taking jobs (bounded: a broker
+        # that is slow to answer must not keep the worker from starting).
+        self.cancellations = Cancellations()
+        await ensure_topics(s)
+        self.add_future(
+            tail(s, s.control_topic, self.cancellations.apply, self.cancellations.caught_up)
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.cancellations.caught_up.wait(), 15)
+        self.intake = Intake(s, executor, cancellations=self.cancellations, loop=self.loop)
         self.intake.on_answered = self.metrics.observe
         await self.intake.start()
         self.add_future(self._ping_docker())

@@ -2,8 +2,8 @@
 
 Exit codes a shell can rely on: 0 success (for ``submit --wait``: the job succeeded), 1 the job
 failed (``health``: degraded; ``dlq replay``: some entries refused; ``dlq delete``: no such
-entry), 2 usage error, 3 no result within ``--wait-timeout``, 4 Kafka (or, for ``health``, the
-worker) unreachable.
+entry; ``cancel``: refused, the job had finished), 2 usage error, 3 no result within
+``--wait-timeout``, 4 Kafka (or, for ``health``, the worker) unreachable.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from tako_stream import __version__, broker, dlq
-from tako_stream.client import Producer, ResultReader
+from tako_stream.client import CancelRefused, Client, Producer, ResultReader
 from tako_stream.codec import new_id
 from tako_stream.models import DLQRecord
 from tako_stream.settings import Settings
@@ -107,6 +107,31 @@ async def _results(settings: Settings, args: argparse.Namespace) -> int:
             seen.add(result.execution_id)
             if wanted and not args.follow and seen >= wanted:
                 return EXIT_OK
+
+
+async def _cancel(settings: Settings, args: argparse.Namespace) -> int:
+    async with Client(settings) as client:
+        try:
+            await client.cancel(
+                args.execution_id, reason=args.reason, correlation_id=args.correlation_id
+            )
+        except CancelRefused as exc:
+            print(f"tako-stream: refused: {exc}", file=sys.stderr)
+            _print_json(exc.result.model_dump(mode="json"), pretty=not args.compact)
+            return EXIT_JOB_FAILED
+        if not args.wait:
+            print(f"cancel requested for {args.execution_id}")
+            return EXIT_OK
+        try:
+            result = await client.result(args.execution_id, timeout=args.wait_timeout)
+        except TimeoutError:
+            print(
+                f"tako-stream: no result for {args.execution_id} within {args.wait_timeout:g}s",
+                file=sys.stderr,
+            )
+            return EXIT_NO_RESULT
+    _print_json(result.model_dump(mode="json"), pretty=not args.compact)
+    return EXIT_OK
 
 
 def _when(text: str | None) -> datetime | None:
@@ -241,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-timeout", type=float, default=120.0)
     s.add_argument("--compact", action="store_true", help="print the result on one line")
     s.set_defaults(run=_submit)
+
+    c = sub.add_parser(
+        "cancel", help="cancel a queued or running job (refused, exit 1, once it finished)"
+    )
+    c.add_argument("execution_id")
+    c.add_argument("--reason")
+    c.add_argument("--correlation-id")
+    c.add_argument("--wait", action="store_true", help="wait for the job's result and print it")
+    c.add_argument("--wait-timeout", type=float, default=120.0)
+    c.add_argument("--compact", action="store_true", help="print the result on one line")
+    c.set_defaults(run=_cancel)
 
     r = sub.add_parser("results", help="print results (JSON lines)")
     r.add_argument("--follow", "-f", action="store_true", help="keep waiting for new results")

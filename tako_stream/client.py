@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -19,7 +20,12 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from tako_stream.codec import dumps, loads, new_id
 from tako_stream.kafka import FETCH_WAIT_MS, MAX_MESSAGE_BYTES, producer_options, reader
-from tako_stream.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
+from tako_stream.models import (
+    CORRELATION_HEADER,
+    CancelRequest,
+    ExecutionRequest,
+    ExecutionResult,
+)
 from tako_stream.settings import Settings
 
 T = TypeVar("T")
@@ -121,6 +127,15 @@ class Producer:
         await self._producer.send_and_wait(
             topic or self._settings.requests_topic, value=value, key=key, headers=headers or []
         )
+
+
+class CancelRefused(Exception):
+    """A finished job cannot be cancelled; ``result`` is how it ended."""
+
+    def __init__(self, execution_id: str, result: ExecutionResult) -> None:
+        super().__init__(f"job {execution_id} already finished ({result.status.value})")
+        self.execution_id = execution_id
+        self.result = result
 
 
 class Client:
@@ -229,6 +244,35 @@ class Client:
         """Submit and wait for the result (``wait`` seconds at most)."""
         execution_id = await self.submit(code, input_data, **fields)
         return await self.result(execution_id, timeout=wait)
+
+    async def cancel(
+        self,
+        execution_id: str,
+        *,
+        reason: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Cancel a queued or running job: its result will say ``cancelled``.
+
+        Raises ``CancelRefused`` (holding the result) when the job has already finished.  A
+        job that finishes while the cancel is on its way keeps its own result.
+        """
+        finished = self._recent.get(execution_id) or await self._lookup(execution_id)
+        if finished is not None:
+            raise CancelRefused(execution_id, finished)
+        corr = correlation_id or new_id()
+        message = CancelRequest(
+            execution_id=execution_id,
+            requested_at=datetime.now(UTC),
+            reason=reason,
+            correlation_id=corr,
+        )
+        await self._producer.send_raw(
+            dumps(message),
+            key=execution_id.encode(),
+            headers=[(CORRELATION_HEADER, corr.encode())],
+            topic=self.settings.control_topic,
+        )
 
     async def results(self) -> AsyncIterator[ExecutionResult]:
         """Every result published from now on, by any worker, for any producer."""
@@ -380,6 +424,9 @@ class SyncClient:
         self, code: str, input_data: Mapping[str, Any] | None = None, **fields: Any
     ) -> ExecutionResult:
         return self._call(self._client.run(code, input_data, **fields))
+
+    def cancel(self, execution_id: str, *, reason: str | None = None) -> None:
+        self._call(self._client.cancel(execution_id, reason=reason))
 
     @staticmethod
     async def _started(settings: Settings | None) -> Client:

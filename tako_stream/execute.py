@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -38,7 +39,7 @@ from tako_stream.models import (
 )
 from tako_stream.retry import RetryPolicy
 from tako_stream.sandbox.docker import Limits, SandboxRun
-from tako_stream.sandbox.pool import SandboxPool
+from tako_stream.sandbox.pool import CancelledBeforeStart, SandboxPool
 from tako_stream.sandbox.protocol import decode_text, encode_job
 from tako_stream.settings import Settings
 
@@ -126,6 +127,12 @@ def classify(run: SandboxRun, limits: Limits) -> Verdict:
     if report.timed_out:
         return _error(ErrorType.TIMEOUT, None, timeout=limits.timeout)
     code = report.exit_code
+    if report.cancelled and run.cancel_sent and code != 0:
+        # SIGTERM ends most jobs (143, as in Tako VM); one that ignores it is SIGKILLed (137)
+        message = "Execution cancelled" + (
+            "" if code == 143 else " (it did not stop on SIGTERM and was killed)"
+        )
+        return _error(ErrorType.CANCELLED, code, message=message)
     if code == 0:
         return _output(run, report.result_error)
     if code is None:
@@ -196,7 +203,12 @@ class Executor:
         )
 
     async def _run_with_retries(
-        self, job: bytes, limits: Limits, execution_id: str
+        self,
+        job: bytes,
+        limits: Limits,
+        execution_id: str,
+        cancel: asyncio.Event | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> tuple[SandboxRun | None, int, SandboxError | None]:
         """Run the container, retrying transient Docker failures; (run, attempts, last error).
 
@@ -221,6 +233,8 @@ class Executor:
                     stdout_cap=s.stdout_limit,
                     stderr_cap=s.stderr_limit,
                     result_cap=s.output_limit,
+                    cancel=cancel,
+                    on_start=on_start if attempt == 1 else None,
                 )
             except SandboxError as exc:
                 failure = exc
@@ -230,6 +244,8 @@ class Executor:
                     return None, attempts, failure  # fail closed: never retried
                 if attempt < self.retry.max_attempts:
                     await asyncio.sleep(self.retry.delay(attempt))
+                if cancel is not None and cancel.is_set():
+                    raise CancelledBeforeStart() from exc
                 continue
             finally:
                 ticket.release()
@@ -261,9 +277,40 @@ class Executor:
             metadata=metadata,
         )
 
-    async def execute(
-        self, request: ExecutionRequest, correlation_id: str, *, queued: float | None = None
+    def cancelled(
+        self,
+        request: ExecutionRequest,
+        correlation_id: str,
+        *,
+        queued: float | None = None,
+        started_at: datetime | None = None,
     ) -> ExecutionResult:
+        """The answer to a job cancelled before it ran: no container, no exit code."""
+        return ExecutionResult(
+            execution_id=request.execution_id or "",
+            correlation_id=correlation_id,
+            job_type=request.job_type,
+            worker_id=self.settings.worker_id,
+            started_at=started_at,
+            metadata=request.metadata,
+            status=Status.CANCELLED,
+            success=False,
+            error=ErrorInfo(type=ErrorType.CANCELLED, message="Execution cancelled before it ran"),
+            finished_at=now(),
+            timing=Timing(queued=queued),
+        )
+
+    async def execute(
+        self,
+        request: ExecutionRequest,
+        correlation_id: str,
+        *,
+        queued: float | None = None,
+        cancel: asyncio.Event | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> ExecutionResult:
+        """Run one request; ``cancel`` set (before or while it runs) cancels it; ``on_start``
+        is told when it gets a container slot."""
         execution_id = request.execution_id or ""
         started_at = now()
         base = {
@@ -291,8 +338,14 @@ class Executor:
             stdout_cap=s.stdout_limit,
             stderr_cap=s.stderr_limit,
             result_cap=s.output_limit,
+            cancel_grace=s.cancel_grace,
         )
-        run, attempts, failure = await self._run_with_retries(job, limits, execution_id)
+        try:
+            run, attempts, failure = await self._run_with_retries(
+                job, limits, execution_id, cancel, on_start
+            )
+        except CancelledBeforeStart:
+            return self.cancelled(request, correlation_id, queued=queued, started_at=started_at)
         if run is None:
             error_type = failure.error_type if failure else ErrorType.SERVICE_UNAVAILABLE
             message = str(failure) if failure else default_message(error_type)

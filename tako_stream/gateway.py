@@ -3,8 +3,9 @@
 Clients written for Tako VM (``requests.post("http://localhost:8000/execute", json=...)``) run
 unchanged. The gateway keeps nothing Kafka does not hold: a request is produced to the requests
 topic, results come from the results topic (read from the beginning into a bounded local view),
-a queued job is one whose request is on the requests topic with no result yet, and the DLQ is
-the DLQ topic. Any number of gateways can run side by side.
+a running job is one a worker announced on the status topic, a queued one has its request on
+the requests topic and neither, a cancel is a record on the control topic, and the DLQ is the
+DLQ topic. Any number of gateways can run side by side.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tako_stream import __version__, dlq
 from tako_stream.breaker import BreakerConfig, BreakerState, State, changelog_topic
-from tako_stream.client import Client, latest_record
+from tako_stream.client import CancelRefused, Client, latest_record
 from tako_stream.codec import new_id
 from tako_stream.errors import InvalidRequestError
 from tako_stream.execute import resolve_limits
@@ -32,7 +34,7 @@ from tako_stream.jobtypes import JobTypes
 from tako_stream.kafka import ensure_topics, tail
 from tako_stream.logs import configure, job_context
 from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
-from tako_stream.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
+from tako_stream.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class Gateway:
         self.job_types = job_types
         self.client = Client(settings, keep=settings.gateway_keep, history=True)
         self.dlq = dlq.DLQStore(keep_originals=False)
+        #: Jobs a worker said it is running (the status topic), the newest ``gateway_keep``.
+        self.running: OrderedDict[str, JobStatus] = OrderedDict()
         self.breakers: dict[str, BreakerState] = {}  # endpoint -> state, from the changelog
         self._breaker_config = BreakerConfig(
             failure_threshold=settings.breaker_failure_threshold,
@@ -139,6 +143,23 @@ class Gateway:
         self._tasks.append(asyncio.create_task(dlq.follow(self.settings, self.dlq)))
         topic = changelog_topic(self.settings.consumer_group)
         self._tasks.append(asyncio.create_task(tail(self.settings, topic, self._apply_breaker)))
+        self._tasks.append(
+            asyncio.create_task(tail(self.settings, self.settings.status_topic, self._apply_status))
+        )
+
+    def _apply_status(self, key: bytes | None, value: bytes | None) -> None:
+        if value is None:
+            if key is not None:
+                self.running.pop(key.decode("utf-8", "replace"), None)
+            return
+        try:
+            status = JobStatus.model_validate_json(value)
+        except ValueError:
+            return
+        self.running[status.execution_id] = status
+        self.running.move_to_end(status.execution_id)
+        while len(self.running) > self.settings.gateway_keep:
+            self.running.popitem(last=False)
 
     def _apply_breaker(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -174,6 +195,7 @@ class Gateway:
             web.post("/execute/async", self.execute_async),
             web.get("/jobs/{id}", self.job),
             web.get("/jobs/{id}/result", self.job_result),
+            web.post("/jobs/{id}/cancel", self.cancel),
             web.get("/executions", self.executions),
             web.get("/executions/{id}", self.execution),
             web.get("/job-types", self.list_job_types),
@@ -316,26 +338,64 @@ class Gateway:
     # -- reading ---------------------------------------------------------------------------
     def _status(self, execution_id: str) -> str:
         result = self.client._recent.get(execution_id)
-        return result.status.value if result is not None else "queued"
+        if result is not None:
+            return result.status.value
+        return "running" if execution_id in self.running else "queued"
 
     async def _find(self, execution_id: str) -> tuple[str, ExecutionResult | None]:
-        """("done", result), ("queued", None) or ("unknown", None)."""
+        """("done", result), ("running" | "queued", None) or ("unknown", None)."""
         result = self.client._recent.get(execution_id)
         if result is not None:
             return "done", result
         with contextlib.suppress(TimeoutError):
             return "done", await self.client.result(execution_id, timeout=0.05)
+        if execution_id in self.running:
+            return "running", None
         req = await latest_record(self.settings, self.settings.requests_topic, execution_id)
         return ("queued", None) if req is not None else ("unknown", None)
+
+    def _pending(self, execution_id: str, state: str) -> dict[str, Any]:
+        record: dict[str, Any] = {"job_id": execution_id, "execution_id": execution_id}
+        record["status"] = state
+        if state == "running":
+            status = self.running[execution_id]
+            record |= {"worker_id": status.worker_id, "started_at": status.at.isoformat()}
+        return record
 
     async def job(self, request: web.Request) -> web.StreamResponse:
         execution_id = request.match_info["id"]
         state, result = await self._find(execution_id)
         if result is not None:
             return _json(job_record(result))
-        if state == "queued":
-            return _json({"job_id": execution_id, "execution_id": execution_id, "status": "queued"})
+        if state in ("queued", "running"):
+            return _json(self._pending(execution_id, state))
         return _error(request, 404, f"no job {execution_id}")
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """Cancel a queued or running job (202); 409 once it finished.  With ``wait=true``,
+        answers with the job's result when it arrives (``timeout`` seconds at most)."""
+        execution_id = request.match_info["id"]
+        wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
+        try:
+            timeout = float(request.query.get("timeout", "30"))
+        except ValueError:
+            return _error(request, 422, "timeout must be a number of seconds")
+        state, result = await self._find(execution_id)
+        if state == "unknown":
+            return _error(request, 404, f"no job {execution_id}")
+        try:
+            if result is not None:
+                raise CancelRefused(execution_id, result)
+            await self.client.cancel(execution_id, correlation_id=request["correlation_id"])
+        except CancelRefused as exc:
+            return _error(request, 409, str(exc))
+        log.info("cancel requested for %s (%s)", execution_id, state)
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                result = await self.client.result(execution_id, timeout=max(0.0, timeout))
+            if result is not None:
+                return _json(job_record(result))
+        return _json({"job_id": execution_id, "status": "cancelling", "was": state}, 202)
 
     async def job_result(self, request: web.Request) -> web.StreamResponse:
         """The record once finished; with ``wait=true``, waits up to ``timeout`` seconds."""
@@ -352,7 +412,7 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 result = await self.client.result(execution_id, timeout=max(0.0, timeout))
         if result is None:
-            return _json({"job_id": execution_id, "status": "queued"}, 202)
+            return _json({"job_id": execution_id, "status": self._status(execution_id)}, 202)
         return _json(job_record(result))
 
     async def execution(self, request: web.Request) -> web.StreamResponse:
@@ -538,6 +598,22 @@ def openapi_document() -> dict[str, Any]:
                     "200": {"description": "Finished", **ref("ExecutionResult")},
                     "202": {"description": "Not finished yet", **any_json},
                     "404": error,
+                },
+            }
+        },
+        "/jobs/{id}/cancel": {
+            "post": {
+                "summary": "Cancel a queued or running job; wait=true&timeout=N waits for it",
+                "parameters": [
+                    *job_id,
+                    {"name": "wait", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "timeout", "in": "query", "schema": {"type": "number"}},
+                ],
+                "responses": {
+                    "202": {"description": "Cancel requested", **any_json},
+                    "200": {"description": "Ended (with wait=true)", **ref("ExecutionResult")},
+                    "404": error,
+                    "409": {"description": "Already finished: {detail, correlation_id}"},
                 },
             }
         },

@@ -23,6 +23,7 @@ from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeEr
 from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
+from tako_stream.cancel import Cancellations
 from tako_stream.codec import correlation_id, decode_request, dumps, new_id
 from tako_stream.dlq import DEAD_LETTER_TYPES, build_record
 from tako_stream.errors import ErrorType, InvalidRequestError, Status
@@ -35,6 +36,7 @@ from tako_stream.models import (
     ErrorInfo,
     ExecutionRequest,
     ExecutionResult,
+    JobStatus,
     SourcePosition,
 )
 from tako_stream.offsets import OffsetTracker
@@ -59,10 +61,19 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Intake(Service):
     """Consumes requests, runs them through the executor, publishes answers, commits."""
 
-    def __init__(self, settings: Settings, executor: Executor, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        executor: Executor,
+        *,
+        cancellations: Cancellations | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.executor = executor
+        self.cancellations = cancellations or Cancellations()
+        self._announcing: set[asyncio.Task[None]] = set()
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._jobs: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         # Jobs accepted but unanswered; a little above the pool size so the next job is already
@@ -208,7 +219,18 @@ class Intake(Service):
                     max(0.0, time.time() - record.timestamp / 1000) if record.timestamp else None
                 )
                 try:
-                    result = await self.executor.execute(request, corr, queued=queued)
+                    if self.cancellations.requested(execution_id) is not None:
+                        log.info("cancelled before it ran")
+                        result = self.executor.cancelled(request, corr, queued=queued)
+                    else:
+                        with self.cancellations.watch(execution_id) as cancel:
+                            result = await self.executor.execute(
+                                request,
+                                corr,
+                                queued=queued,
+                                cancel=cancel,
+                                on_start=lambda: self._announce_running(execution_id, corr),
+                            )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a bug of ours must not lose the job
@@ -242,6 +264,32 @@ class Intake(Service):
         if self.on_answered is not None:
             since = time.time() - record.timestamp / 1000 if record.timestamp else None
             self.on_answered(result, since)
+
+    def _announce_running(self, execution_id: str, corr: str) -> None:
+        """Tell the status topic the job runs (best effort, never delaying the job: the result
+        is what counts, and a missing ``running`` only shows the job as queued a bit longer)."""
+        status = JobStatus(
+            execution_id=execution_id,
+            worker_id=self.settings.worker_id,
+            correlation_id=corr,
+            at=now(),
+        )
+
+        async def send() -> None:
+            assert self._producer is not None
+            try:
+                await self._producer.send(
+                    self.settings.status_topic,
+                    key=execution_id.encode(),
+                    value=dumps(status),
+                    headers=[(CORRELATION_HEADER, corr.encode())],
+                )
+            except KafkaError as exc:
+                log.debug("status not published: %s", exc)
+
+        task = asyncio.ensure_future(send())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
 
     def _internal_error(
         self, execution_id: str, corr: str, job_type: str | None, exc: Exception

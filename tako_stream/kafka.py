@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Longest a fetch waits on the broker for data, where latency matters (requests, results).
 FETCH_WAIT_MS = 20
+DAY_MS = 24 * 3600 * 1000
 
 
 def producer_options(settings: Settings) -> dict[str, Any]:
@@ -60,6 +61,20 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             settings.topic_replication,
             topic_configs=common,
         ),
+        # Read whole by every worker and gateway: compacted per job, and kept a week (a cancel
+        # for a request still queued after that is moot), a day for running states.
+        NewTopic(
+            settings.control_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS)},
+        ),
+        NewTopic(
+            settings.status_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS)},
+        ),
     ]
 
 
@@ -94,24 +109,31 @@ def reader(settings: Settings, **options: Any) -> AIOKafkaConsumer:
 
 
 async def tail(
-    settings: Settings, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+    settings: Settings,
+    topic: str,
+    apply: Callable[[bytes | None, bytes | None], None],
+    caught_up: asyncio.Event | None = None,
 ) -> None:
     """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``.
 
     No consumer group: every caller sees every partition, which is what a local view of a
     shared, keyed topic (the DLQ, a table's changelog) needs.  A broker fault restarts the read
     from the beginning (the views are folds, so replaying records is harmless), never ends it.
+    ``caught_up`` is set once what the topic held at the start has been applied.
     """
     while True:
         try:
-            await _tail_once(settings, topic, apply)
+            await _tail_once(settings, topic, apply, caught_up)
         except KafkaError as exc:
             log.warning("reading %s failed (%s); starting over", topic, exc)
             await asyncio.sleep(1)
 
 
 async def _tail_once(
-    settings: Settings, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+    settings: Settings,
+    topic: str,
+    apply: Callable[[bytes | None, bytes | None], None],
+    caught_up: asyncio.Event | None,
 ) -> None:
     consumer = reader(settings)
     await consumer.start()
@@ -125,10 +147,17 @@ async def _tail_once(
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps) if caught_up is not None else {}
         while True:
             batches = await consumer.getmany(timeout_ms=1000)
             for records in batches.values():
                 for record in records:
                     apply(record.key, record.value)
+            if (
+                caught_up is not None
+                and not caught_up.is_set()
+                and all([await consumer.position(tp) >= end[tp] for tp in tps])
+            ):
+                caught_up.set()
     finally:
         await consumer.stop()

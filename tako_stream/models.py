@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -251,8 +251,37 @@ class JobType(BaseModel):
         return self
 
 
+class CancelRequest(BaseModel):
+    """On the control topic (key = execution_id): stop this job, queued or running."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"title": "CancelRequest"})
+
+    action: Literal["cancel"] = "cancel"
+    execution_id: str = Field(min_length=1, max_length=128)
+    requested_at: datetime
+    reason: str | None = Field(default=None, max_length=1000)
+    correlation_id: str | None = Field(default=None, max_length=128)
+
+
+class JobStatus(BaseModel):
+    """On the status topic (key = execution_id): a job was picked up and is running now.
+
+    Terminal states are on the results topic only; a job with neither is queued.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"title": "JobStatus"})
+
+    execution_id: str
+    status: Literal["running"] = "running"
+    worker_id: str
+    correlation_id: str
+    at: datetime
+
+
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "execution-request": ExecutionRequest,
     "execution-result": ExecutionResult,
     "dlq-record": DLQRecord,
+    "cancel-request": CancelRequest,
+    "job-status": JobStatus,
 }

@@ -21,6 +21,8 @@ _MODES: dict[str, Literal["validation", "serialization"]] = {
     "execution-request": "validation",
     "execution-result": "serialization",
     "dlq-record": "serialization",
+    "cancel-request": "validation",
+    "job-status": "serialization",
 }
 
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     requests_topic: str = "tako.requests"
     results_topic: str = "tako.results"
     dlq_topic: str = "tako.dlq"
+    #: Cancel requests (keyed by execution_id), read whole by every worker.
+    control_topic: str = "tako.control"
+    #: "running" events (keyed by execution_id): with the results, what a job's state is now.
+    status_topic: str = "tako.status"
     #: Partitions given to topics the service creates itself; the most workers that can share
     #: the request stream, since Kafka gives each partition to one consumer of a group.
     topic_partitions: int = Field(default=8, ge=1)
@@ -79,6 +83,8 @@ class Settings(BaseSettings):
     gateway_keep: int = Field(default=100_000, ge=1)
     #: Seconds a sync ``POST /execute`` waits beyond the job's own timeout before answering 504.
     gateway_wait_margin: float = Field(default=60.0, ge=0)
+    #: Seconds a cancelled job gets between SIGTERM and SIGKILL.
+    cancel_grace: float = Field(default=2.0, ge=0, le=60)
     #: Seconds a stopping worker waits for running jobs before handing them back uncommitted.
     shutdown_grace: float = Field(default=30.0, ge=0)
     #: How often finished offsets are committed (they are also committed on revoke and stop).

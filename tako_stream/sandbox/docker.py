@@ -25,6 +25,7 @@ from aiodocker.stream import Stream
 
 from tako_stream.errors import SandboxSetupError, SandboxUnavailableError
 from tako_stream.sandbox.protocol import (
+    CANCEL,
     JOB_GID,
     JOB_PYTHON,
     JOB_UID,
@@ -82,6 +83,8 @@ class SandboxRun:
     outer_timeout: bool
     seconds: float
     warm: bool = False
+    #: A cancel was sent to the supervisor while the job ran.
+    cancel_sent: bool = False
 
 
 @dataclass
@@ -234,6 +237,7 @@ class DockerSandbox:
         stderr_cap: int,
         result_cap: int,
         prepared: Prepared | None = None,
+        cancel: asyncio.Event | None = None,
     ) -> SandboxRun:
         """Run one job in a fresh container (``prepared`` ahead of time, or created now), then
         remove the container whatever happens."""
@@ -250,6 +254,7 @@ class DockerSandbox:
                 job,
                 limits,
                 FrameReader(stdout_cap=stdout_cap, stderr_cap=stderr_cap, result_cap=result_cap),
+                cancel,
             )
             run.warm = warm
             run.seconds = time.monotonic() - began
@@ -267,16 +272,34 @@ class DockerSandbox:
         removal.add_done_callback(self._removals.discard)
 
     async def _execute(
-        self, prepared: Prepared, job: bytes, limits: Limits, reader: FrameReader
+        self,
+        prepared: Prepared,
+        job: bytes,
+        limits: Limits,
+        reader: FrameReader,
+        cancel: asyncio.Event | None = None,
     ) -> SandboxRun:
         container, stream = prepared.container, prepared.stream
         started = time.monotonic()
         outer_timeout = False
+        cancel_sent = False
+
+        async def forward_cancel(event: asyncio.Event) -> None:
+            nonlocal cancel_sent
+            await event.wait()
+            with contextlib.suppress(Exception):  # the job may be ending anyway
+                await stream.write_in(CANCEL)
+                cancel_sent = True
+                log.info("cancel sent to the running job")
+
+        watcher: asyncio.Future[None] | None = None
         try:
             try:
                 await stream.write_in(job)
             except Exception as exc:
                 raise self._map(exc, "start") from exc
+            if cancel is not None:  # only now: a cancel byte must follow the whole job
+                watcher = asyncio.ensure_future(forward_cancel(cancel))
             try:
                 async with asyncio.timeout(limits.timeout + self._grace):
                     while not reader.done:
@@ -290,6 +313,8 @@ class DockerSandbox:
             except TimeoutError:
                 outer_timeout = True
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await stream.close()
         report = reader.collected.report
         oom_killed, container_exit = False, None
@@ -303,6 +328,7 @@ class DockerSandbox:
             container_exit=container_exit,
             outer_timeout=outer_timeout,
             seconds=time.monotonic() - started,
+            cancel_sent=cancel_sent,
         )
 
     async def _final_state(

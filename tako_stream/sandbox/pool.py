@@ -18,11 +18,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
 from tako_stream.errors import SandboxError
 from tako_stream.sandbox.docker import DockerSandbox, Limits, Prepared, SandboxRun
 
 log = logging.getLogger(__name__)
+
+
+class CancelledBeforeStart(Exception):
+    """The job was cancelled while it waited for a container slot: it never ran."""
 
 
 def warm_key(limits: Limits) -> Limits:
@@ -137,9 +142,16 @@ class SandboxPool:
         stdout_cap: int,
         stderr_cap: int,
         result_cap: int,
+        cancel: asyncio.Event | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> SandboxRun:
-        async with self._slots:
+        """Run in a slot; raises ``CancelledBeforeStart`` if cancelled while waiting for one.
+        ``on_start`` is called once the job has its slot, as it starts."""
+        await self._acquire(cancel)
+        try:
             self.in_flight += 1
+            if on_start is not None:
+                on_start()
             try:
                 prepared = self.warm.take(limits) if self.warm else None
                 while True:
@@ -152,6 +164,7 @@ class SandboxPool:
                             stderr_cap=stderr_cap,
                             result_cap=result_cap,
                             prepared=prepared,
+                            cancel=cancel,
                         )
                     except SandboxError as exc:
                         if prepared is None:
@@ -162,3 +175,31 @@ class SandboxPool:
                         prepared = None
             finally:
                 self.in_flight -= 1
+        finally:
+            self._slots.release()
+
+    async def _acquire(self, cancel: asyncio.Event | None) -> None:
+        if cancel is None:
+            await self._slots.acquire()
+            return
+        if cancel.is_set():
+            raise CancelledBeforeStart()
+        slot = asyncio.ensure_future(self._slots.acquire())
+        cancelled = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({slot, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            cancelled.cancel()
+            self._give_back(slot)
+            raise
+        cancelled.cancel()
+        if slot.done() and not cancel.is_set():
+            return
+        self._give_back(slot)
+        raise CancelledBeforeStart()
+
+    def _give_back(self, slot: asyncio.Future[Any]) -> None:
+        if slot.done() and not slot.cancelled():
+            self._slots.release()
+        else:
+            slot.cancel()

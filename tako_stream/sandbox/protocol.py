@@ -15,6 +15,8 @@ from typing import Any
 
 FRAME = struct.Struct(">BI")
 STDOUT, STDERR, RESULT, REPORT = 1, 2, 3, 9
+#: Written to a running container's stdin to cancel its job.
+CANCEL = b"C"
 #: The job's uid/gid inside the container: ``nobody``, present in every Debian-based image.
 JOB_UID = JOB_GID = 65534
 JOB_PYTHON = "/usr/bin/python3"
@@ -33,9 +35,11 @@ def encode_job(
     stdout_cap: int,
     stderr_cap: int,
     result_cap: int,
+    cancel_grace: float = 2.0,
 ) -> bytes:
     payload = json.dumps(
         {
+            "cancel_grace": cancel_grace,
             "code": code,
             "input": input_json.decode("utf-8"),
             "timeout": timeout,
@@ -62,6 +66,7 @@ class Report:
     stderr_tail: str = ""
     exception: list[str] = field(default_factory=list)
     result_error: str | None = None
+    cancelled: bool = False
 
     @classmethod
     def parse(cls, data: bytes) -> Report | None:
@@ -82,7 +87,7 @@ class Report:
             and elapsed >= 0
         ):
             report.elapsed = float(elapsed)
-        for name in ("timed_out", "stdout_truncated", "stderr_truncated"):
+        for name in ("timed_out", "stdout_truncated", "stderr_truncated", "cancelled"):
             setattr(report, name, raw.get(name) is True)
         if isinstance(raw.get("stderr_tail"), str):
             report.stderr_tail = raw["stderr_tail"][-16384:]

@@ -19,7 +19,9 @@ Why a supervisor rather than running the user's file directly:
 Protocol.  stdin: an 8-byte big-endian length, then a JSON object (see ``Job`` in
 ``tako_stream.sandbox.protocol``).  stdout: frames of a 1-byte kind, a 4-byte big-endian length
 and the data; kinds: 1 stdout chunk, 2 stderr chunk, 3 result.json bytes, 9 the final report
-(JSON).  The host treats all of it as untrusted input.
+(JSON).  The host treats all of it as untrusted input.  After the job, stdin stays open for
+control: a ``C`` byte cancels it (SIGTERM to every job process, SIGKILL ``cancel_grace`` seconds
+later), and the report then says ``"cancelled": true``.
 """
 
 import json
@@ -137,6 +139,24 @@ def start_job(job: dict[str, Any], out_w: int, err_w: int, exc_w: int) -> int:
     os._exit(127)
 
 
+def terminate_job(job: dict[str, Any]) -> bool:
+    """SIGTERM every job process (from a helper with the job's uid: root here cannot signal
+    them); False when no helper could be started (pids exhausted), so SIGKILL must follow now."""
+    try:
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid == 0:
+        try:
+            drop_privileges(job["uid"], job["gid"])
+            os.kill(-1, signal.SIGTERM)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return True
+
+
 def reap_and_read_result(job: dict[str, Any]) -> tuple[bytes | None, str | None]:
     """Kill every job process, then read result.json as the job's user, never following links.
 
@@ -232,6 +252,9 @@ def main() -> None:
     poller = select.poll()
     for fd in open_fds:
         poller.register(fd, select.POLLIN)
+    poller.register(0, select.POLLIN)  # the host's control channel: a cancel
+    cancelled = False
+    kill_at: float | None = None  # a cancel's SIGKILL time
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
     wait_step = 1.0 if pidfd is not None else 0.02
@@ -256,15 +279,32 @@ def main() -> None:
             sent[fd] += len(data)
             emit(kinds[fd], data)
 
+    def control() -> None:
+        nonlocal cancelled, kill_at
+        data = os.read(0, 64)
+        if not data:
+            poller.unregister(0)
+            return
+        if b"C" in data and not cancelled:
+            cancelled = True
+            graceful = terminate_job(job)
+            kill_at = time.monotonic() + (job.get("cancel_grace", 2.0) if graceful else 0.0)
+
     while status is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             timed_out = True
             break
-        for fd, _ in poller.poll(min(remaining, wait_step) * 1000):
+        if kill_at is not None:
+            if time.monotonic() >= kill_at:
+                break  # cancelled and still running: the reaper below SIGKILLs it
+            remaining = min(remaining, kill_at - time.monotonic())
+        for fd, _ in poller.poll(max(0.0, min(remaining, wait_step)) * 1000):
             if fd == pidfd:
                 _, status = os.waitpid(pid, 0)
                 poller.unregister(pidfd)
+            elif fd == 0:
+                control()
             else:
                 pump(fd)
         if pidfd is None and status is None:
@@ -303,6 +343,7 @@ def main() -> None:
         "stderr_tail": tail.decode("utf-8", "replace"),
         "exception": exc_names.decode("utf-8", "replace").split(),
         "result_error": result_error,
+        "cancelled": cancelled,
     }
     emit(REPORT, json.dumps(report).encode())
 

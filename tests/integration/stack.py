@@ -99,6 +99,8 @@ class Stack:
             "requests_topic": f"t{self.tag}.requests",
             "results_topic": f"t{self.tag}.results",
             "dlq_topic": f"t{self.tag}.dlq",
+            "control_topic": f"t{self.tag}.control",
+            "status_topic": f"t{self.tag}.status",
             "consumer_group": f"g{self.tag}",
             "breaker_topic": f"t{self.tag}.breaker",
             "topic_partitions": 4,

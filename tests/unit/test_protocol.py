@@ -368,6 +368,7 @@ def test_encode_job_length_prefix_and_payload() -> None:
         "uid": JOB_UID,
         "gid": JOB_GID,
         "python": JOB_PYTHON,
+        "cancel_grace": 2.0,
     }
 
 
@@ -382,3 +383,11 @@ def test_encode_job_round_trips(code: str, data: dict[str, int]) -> None:
     payload = json.loads(job[8:])
     assert payload["code"] == code
     assert json.loads(payload["input"]) == data
+
+
+def test_report_cancelled_flag() -> None:
+    report = Report.parse(b'{"exit_code": 143, "cancelled": true}')
+    assert report is not None and report.cancelled and report.exit_code == 143
+    for raw in (b'{"cancelled": 1}', b'{"cancelled": "yes"}', b"{}"):
+        parsed = Report.parse(raw)
+        assert parsed is not None and not parsed.cancelled

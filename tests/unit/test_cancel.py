@@ -1,0 +1,48 @@
+"""The worker's view of the control topic: who is cancelled, and waking the running job."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from tako_stream.cancel import Cancellations
+from tako_stream.codec import dumps
+from tako_stream.models import CancelRequest
+
+
+def cancel(execution_id: str) -> bytes:
+    return dumps(CancelRequest(execution_id=execution_id, requested_at=datetime.now(UTC)))
+
+
+async def test_a_running_job_is_woken_and_a_later_one_starts_cancelled() -> None:
+    c = Cancellations()
+    with c.watch("job-1") as event:
+        assert not event.is_set()
+        c.apply(b"job-1", cancel("job-1"))
+        assert event.is_set()
+    assert c.requested("job-1") is not None
+    with c.watch("job-1") as again:  # redelivered after a crash: still cancelled
+        assert again.is_set()
+    with c.watch("job-2") as other:
+        assert not other.is_set()
+
+
+def test_tombstones_garbage_and_the_bound() -> None:
+    c = Cancellations(keep=3)
+    c.apply(b"x", b"not json")
+    c.apply(b"x", b'{"action": "explode", "execution_id": "x"}')
+    assert c.requested("x") is None
+    for n in range(5):
+        c.apply(f"j{n}".encode(), cancel(f"j{n}"))
+    assert [c.requested(f"j{n}") is not None for n in range(5)] == [False, False, True, True, True]
+    c.apply(b"j4", None)
+    assert c.requested("j4") is None
+
+
+async def test_watch_forgets_the_job_when_it_ends() -> None:
+    c = Cancellations()
+    with c.watch("job-1"):
+        pass
+    c.apply(b"job-1", cancel("job-1"))  # no running job to wake: no error
+    assert c.requested("job-1") is not None
+    await asyncio.sleep(0)
