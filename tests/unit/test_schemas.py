@@ -61,6 +61,8 @@ def test_titles_name_the_models() -> None:
         "execution-request.schema.json": "ExecutionRequest",
         "execution-result.schema.json": "ExecutionResult",
         "dlq-record.schema.json": "DLQRecord",
+        "cancel-request.schema.json": "CancelRequest",
+        "job-status.schema.json": "JobStatus",
     }
 
 
