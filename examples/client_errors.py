@@ -29,13 +29,14 @@ def handle_execution_result(result: ExecutionResult) -> object:
     if result.success:
         return result.output
     error_type = result.error.type if result.error else None
+    message = result.error.message if result.error else result.status.value
     if error_type in PERMANENT:
-        raise ValueError(f"Code error: {result.error}")
+        raise ValueError(f"Code error: {message}")
     if error_type in RESOURCE:
-        raise ResourceError(f"Resource limit exceeded: {result.error}")
+        raise ResourceError(f"Resource limit exceeded: {message}")
     if error_type in RETRYABLE:
-        raise RetryableError(f"Temporary failure: {result.error}")
-    raise RuntimeError(f"Execution failed: {result.error}")
+        raise RetryableError(f"Temporary failure: {message}")
+    raise RuntimeError(f"Execution failed: {message}")
 
 
 async def execute_with_retry(

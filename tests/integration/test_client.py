@@ -126,4 +126,5 @@ async def test_seed_style_error_handling_example(one: Stack) -> None:
     assert lines["name_error"]["raised"] == "ValueError"  # permanent: not retried
     assert lines["name_error"]["attempts"] == 1
     assert lines["timeout"]["raised"] == "ResourceError" and lines["timeout"]["attempts"] == 1
+    assert lines["timeout"]["message"] == "Resource limit exceeded: Execution timeout exceeded (2s)"
     assert lines["value_error"]["raised"] == "RuntimeError"
