@@ -512,7 +512,7 @@ async def wait_answered(worker: WorkerProcess, total: int, timeout: float = 600)
 @pytest.mark.slow
 async def test_memory_stays_bounded_under_repeated_floods(bad_stack: Stack) -> None:
     """Four rounds of 3,000 bad messages (30 of them ~1.2 MB, ~55 MB in all): the worker's RSS
-    after round 4 is within 60 MiB of round 1's.  Keeping even the raw bytes of rounds 2-4
+    after round 4 is within 45 MiB of round 2's.  Keeping even the raw bytes of rounds 2-4
     would add ~165 MB; measured: 297, 301, 346, 331 MiB and 347, 340, 337, 336 MiB.
 
     The DLQ is left to grow (12,000 entries): the worker's view of it keeps encoded summaries
@@ -538,6 +538,8 @@ async def test_memory_stays_bounded_under_repeated_floods(bad_stack: Stack) -> N
             await asyncio.sleep(5)  # the worker's DLQ view reads the new entries
             rss.append(vm_rss_kib(worker.proc.pid))
             print(f"round {round_no}: {size} bad messages, worker VmRSS {rss[-1] / 1024:.1f} MiB")
-    # Round 1 warms caches and the allocator; rounds 2-4 sent ~55 MB more bad input each.
-    assert rss[-1] <= rss[0] + 60 * 1024, f"VmRSS per round (KiB): {rss}"
+    # Rounds 1 and 2 warm caches and the allocator (CI saw 248 -> 294 MiB); rounds 3 and 4 sent
+    # ~110 MB more bad input, which would all show if it were kept.  The DLQ view's summaries of
+    # 6,000 more entries account for ~6 MiB.
+    assert rss[-1] <= rss[1] + 45 * 1024, f"VmRSS per round (KiB): {rss}"
     await assert_healthy_and_runs_a_job(stack, worker)

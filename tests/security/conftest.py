@@ -3,8 +3,8 @@
 ``warm`` and ``cold`` run every job type under Docker's default runtime (runc), with and without
 the warm pool; ``gvisor`` runs them under gVisor's ``runsc`` (registered by
 ``scripts/setup-docker --with-gvisor``), through a job types file that names that runtime for
-every job type.  When runsc is not registered the ``gvisor`` runs are reported as skipped, with
-the command that installs it — never dropped silently.
+every job type.  When runsc is not registered the ``gvisor`` runs fail, naming the command that
+installs it; ``TAKO_TEST_NO_GVISOR=1`` turns them into skips, for machines that cannot run it.
 
 Every worker also carries canary environment variables, so the tests can check that nothing of
 the worker's environment reaches a job.

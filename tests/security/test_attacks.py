@@ -69,7 +69,9 @@ async def test_attacks_are_classified_and_contained(stack: Stack) -> None:
     found = await stack.run_jobs(list(requests.values()), timeout=300)
     r = {name: found[str(req["execution_id"])] for name, req in requests.items()}
 
-    assert r["fork_bomb"].status in ("timeout", "failed"), r["fork_bomb"]
+    # The pids limit stops it (``failed``/``timeout``); under gVisor each process costs more
+    # memory, and the memory limit can come first (``oom``, seen in CI).  All three are contained.
+    assert r["fork_bomb"].status in ("timeout", "failed", "oom"), r["fork_bomb"]
     assert r["fork_bomb"].error is not None
     for name in ("tmp_fill", "output_fill"):
         # the tmpfs fills up: ENOSPC (or the file-size limit) stops the write, as an OS error
