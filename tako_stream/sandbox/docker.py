@@ -22,6 +22,8 @@ from typing import Any
 import aiodocker
 import aiohttp
 from aiodocker.stream import Stream
+from aiodocker.types import SENTINEL
+from yarl import URL
 
 from tako_stream.errors import SandboxSetupError, SandboxUnavailableError
 from tako_stream.sandbox.protocol import (
@@ -184,6 +186,19 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
 
 
+def _attach(docker: aiodocker.Docker, container_id: str) -> Stream:
+    """An attach stream to stdin, stdout and stderr.  ``DockerContainer.attach`` inspects the
+    container first only to learn whether it has a TTY; ours never do, and that inspect was one
+    Engine API call in five of every job's."""
+
+    async def setup() -> tuple[URL, bytes | None, bool]:
+        query: dict[str, str | int] = {"detachKeys": "", "logs": 0, "stream": 1}
+        query.update(stdin=1, stdout=1, stderr=1)
+        return URL(f"containers/{container_id}/attach").with_query(query), None, False
+
+    return Stream(docker, setup, docker._resolve_long_running_timeout(SENTINEL))
+
+
 class DockerSandbox:
     """Runs one job per fresh container through the Engine API."""
 
@@ -216,7 +231,7 @@ class DockerSandbox:
             )
         except Exception as exc:
             raise self._map(exc, "create") from exc
-        prepared = Prepared(container, container.attach(stdin=True, stdout=True, stderr=True))
+        prepared = Prepared(container, _attach(self._docker, container.id))
         try:
             await prepared.stream._init()  # attach before start so no output can be missed
             await container.start()

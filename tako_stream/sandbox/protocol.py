@@ -37,20 +37,27 @@ def encode_job(
     result_cap: int,
     cancel_grace: float = 2.0,
 ) -> bytes:
-    payload = json.dumps(
-        {
-            "cancel_grace": cancel_grace,
-            "code": code,
-            "input": input_json.decode("utf-8"),
-            "timeout": timeout,
-            "stdout_cap": stdout_cap,
-            "stderr_cap": stderr_cap,
-            "result_cap": result_cap,
-            "uid": JOB_UID,
-            "gid": JOB_GID,
-            "python": JOB_PYTHON,
-        }
-    ).encode("utf-8", "surrogatepass")
+    """The job for the supervisor's stdin: a length, a one-line ASCII header, code and input.
+
+    Not JSON: decoding JSON would make the supervisor import ``json`` (and ``re``), a third of
+    its start-up, which every job pays.  Code keeps lone surrogates (``surrogatepass``), as
+    Python source read back from the file reports them.
+    """
+    code_bytes = code.encode("utf-8", "surrogatepass")
+    fields = {
+        "timeout": repr(float(timeout)),
+        "cancel_grace": repr(float(cancel_grace)),
+        "stdout_cap": int(stdout_cap),
+        "stderr_cap": int(stderr_cap),
+        "result_cap": int(result_cap),
+        "uid": JOB_UID,
+        "gid": JOB_GID,
+        "python": JOB_PYTHON,
+        "code": len(code_bytes),
+        "input": len(input_json),
+    }
+    header = " ".join(["tako-job", "1", *(f"{name}={value}" for name, value in fields.items())])
+    payload = header.encode("ascii") + b"\n" + code_bytes + input_json
     return struct.pack(">Q", len(payload)) + payload
 
 

@@ -26,6 +26,7 @@ from tako_stream.sandbox.protocol import (
     encode_job,
     job_summary,
 )
+from tako_stream.sandbox.supervisor import Job, to_json
 
 REPORT_JSON = {
     "exit_code": 0,
@@ -347,7 +348,7 @@ def test_decode_text_replaces_bad_bytes() -> None:
 
 
 def test_encode_job_length_prefix_and_payload() -> None:
-    job = encode_job(
+    raw = encode_job(
         code="print('héllo')\n",
         input_json=b'{"a": "\xc3\xa9"}',
         timeout=5.0,
@@ -355,34 +356,85 @@ def test_encode_job_length_prefix_and_payload() -> None:
         stderr_cap=200,
         result_cap=300,
     )
-    (length,) = struct.unpack(">Q", job[:8])
-    assert length == len(job) - 8
-    payload = json.loads(job[8:])
-    assert payload == {
-        "code": "print('héllo')\n",
-        "input": '{"a": "é"}',
-        "timeout": 5.0,
-        "stdout_cap": 100,
-        "stderr_cap": 200,
-        "result_cap": 300,
-        "uid": JOB_UID,
-        "gid": JOB_GID,
-        "python": JOB_PYTHON,
-        "cancel_grace": 2.0,
-    }
+    (length,) = struct.unpack(">Q", raw[:8])
+    assert length == len(raw) - 8
+    assert raw[8:].startswith(b"tako-job 1 ")
+    job = Job(raw[8:])  # decoded as the supervisor in the container decodes it
+    assert job.code == "print('héllo')\n".encode()
+    assert job.input == b'{"a": "\xc3\xa9"}'
+    assert (job.timeout, job.cancel_grace) == (5.0, 2.0)
+    assert (job.stdout_cap, job.stderr_cap, job.result_cap) == (100, 200, 300)
+    assert (job.uid, job.gid, job.python) == (JOB_UID, JOB_GID, JOB_PYTHON)
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.text(max_size=200), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
-def test_encode_job_round_trips(code: str, data: dict[str, int]) -> None:
-    input_json = json.dumps(data).encode()
-    job = encode_job(
-        code=code, input_json=input_json, timeout=1, stdout_cap=1, stderr_cap=1, result_cap=1
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=200),
+    st.binary(max_size=200),
+    st.floats(min_value=0.001, max_value=300, allow_nan=False),
+    st.floats(min_value=0, max_value=60, allow_nan=False),
+)
+def test_encode_job_round_trips(code: str, data: bytes, timeout: float, grace: float) -> None:
+    raw = encode_job(
+        code=code,
+        input_json=data,
+        timeout=timeout,
+        stdout_cap=1,
+        stderr_cap=2,
+        result_cap=3,
+        cancel_grace=grace,
     )
-    assert struct.unpack(">Q", job[:8])[0] == len(job) - 8
-    payload = json.loads(job[8:])
-    assert payload["code"] == code
-    assert json.loads(payload["input"]) == data
+    assert struct.unpack(">Q", raw[:8])[0] == len(raw) - 8
+    job = Job(raw[8:])
+    assert job.code == code.encode("utf-8", "surrogatepass")  # lone surrogates kept
+    assert job.input == data
+    assert (job.timeout, job.cancel_grace) == (timeout, grace)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"tako-job 2 code=0 input=0\n",
+        b"tako-job 1 code=1 input=0\n",  # the body is shorter than announced
+        b"tako-job 1 code=0 input=0\nextra",
+        b"tako-job 1 code=0 input=0\n",  # fields missing
+    ],
+)
+def test_supervisor_refuses_a_malformed_job(payload: bytes) -> None:
+    with pytest.raises((ValueError, KeyError)):
+        Job(payload)
+
+
+# --- the supervisor's report writer ------------------------------------------------------------
+
+_report_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_report_values)
+def test_supervisor_json_matches_json_module(value: object) -> None:
+    """The supervisor writes its report without the json module; the host reads it with it."""
+    text = to_json(value)
+    assert json.loads(text.encode("utf-8", "surrogatepass")) == value
+
+
+def test_supervisor_json_escapes_and_non_finite_floats() -> None:
+    assert to_json('a"b\\c\n\x00é') == '"a\\"b\\\\c\\u000a\\u0000é"'
+    assert to_json([float("nan"), float("inf"), 1.5]) == "[null,null,1.5]"
+    written = to_json({"exit_code": 1, "stderr_tail": "x\ty", "exception": []})
+    report = Report.parse(written.encode())
+    assert report is not None and report.exit_code == 1 and report.stderr_tail == "x\ty"
 
 
 def test_report_cancelled_flag() -> None:
