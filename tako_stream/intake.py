@@ -40,6 +40,7 @@ from tako_stream.models import (
     SourcePosition,
 )
 from tako_stream.offsets import OffsetTracker
+from tako_stream.records import install as tolerate_bad_header_keys
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Intake(Service):
         await ensure_topics(s)
         self._producer = AIOKafkaProducer(**producer_options(s))
         await self._producer.start()
+        tolerate_bad_header_keys()  # a header key that is not UTF-8 must not stop the stream
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             group_id=s.consumer_group,

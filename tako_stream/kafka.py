@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from tako_stream.records import install as tolerate_bad_header_keys
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None)
 
 def reader(settings: Settings, **options: Any) -> AIOKafkaConsumer:
     """A consumer with no group, for reading topics whole (partitions assigned by the caller)."""
+    tolerate_bad_header_keys()  # a header key that is not UTF-8 must not stop the stream
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,

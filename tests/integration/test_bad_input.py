@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -454,6 +456,57 @@ async def test_bad_headers_and_a_disagreeing_key_do_not_stop_a_valid_job(bad_sta
     result = found[body_id]
     assert result.success and result.output == {"ran": True}, result
     assert str(uuid.UUID(result.correlation_id)) == result.correlation_id
+
+
+#: A producer whose header key is not UTF-8: aiokafka's pure-Python batch builder writes the bytes
+#: a ``str`` subclass's ``encode`` returns.  Kafka's protocol says keys are UTF-8, brokers do not
+#: check, and aiokafka's consumer used to raise on every fetch of such a partition.
+_BAD_KEY_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class RawKey(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfebad"
+
+async def main(bootstrap, topic, *bodies):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    for n, body in enumerate(bodies):
+        headers = [(RawKey("k"), b"v"), ("x-correlation-id", b"bad-key-corr")] if n == 1 else []
+        await producer.send_and_wait(topic, body.encode(), partition=0, headers=headers)
+    await producer.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_header_key_that_is_not_utf8_is_no_poison_pill(bad_stack: Stack) -> None:
+    """The job before it, the job itself (its bad key ignored, its correlation id kept) and the
+    one after it on the same partition are all run; the worker keeps going."""
+    stack = bad_stack
+    ids = [f"bad-key-{n}-{uuid.uuid4()}" for n in range(3)]
+    bodies = [
+        json.dumps({"execution_id": i, "code": f"print('job {n}')"}) for n, i in enumerate(ids)
+    ]
+    async with ResultReader(stack.settings) as reader:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _BAD_KEY_PRODUCER,
+            stack.bootstrap,
+            stack.settings.requests_topic,
+            *bodies,
+            env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        )
+        assert await proc.wait() == 0
+        found = await reader.wait_for(set(ids), 120)
+    assert set(found) == set(ids), bad_stack.workers[0].log_tail()
+    for n, execution_id in enumerate(ids):
+        result = found[execution_id]
+        assert result.success and result.stdout == f"job {n}\n", result
+    assert found[ids[1]].correlation_id == "bad-key-corr"
+    await assert_healthy_and_runs_a_job(stack, stack.workers[0])
 
 
 def vm_rss_kib(pid: int) -> int:
