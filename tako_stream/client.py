@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.partitioner import DefaultPartitioner
 
 from tako_stream.codec import dumps, loads, new_id
-from tako_stream.kafka import FETCH_WAIT_MS, MAX_MESSAGE_BYTES, producer_options, reader
+from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, reader
 from tako_stream.models import (
     CORRELATION_HEADER,
     CancelRequest,
@@ -357,7 +357,9 @@ def _parse_result(raw: bytes | None) -> ExecutionResult | None:
 async def _assigned_reader(settings: Settings, *, from_beginning: bool) -> AIOKafkaConsumer:
     """A started group-less consumer assigned every partition of the results topic."""
     consumer = reader(
-        settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_wait_ms=FETCH_WAIT_MS
+        settings,
+        fetch_max_bytes=2 * MAX_MESSAGE_BYTES,
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
     )
     await consumer.start()
     topic = settings.results_topic

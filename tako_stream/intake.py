@@ -28,7 +28,7 @@ from tako_stream.codec import correlation_id, decode_request, dumps, new_id
 from tako_stream.dlq import DEAD_LETTER_TYPES, build_record
 from tako_stream.errors import ErrorType, InvalidRequestError, Status
 from tako_stream.execute import Executor, now
-from tako_stream.kafka import FETCH_WAIT_MS, ensure_topics, producer_options
+from tako_stream.kafka import ensure_topics, producer_options
 from tako_stream.logs import job_context
 from tako_stream.models import (
     CORRELATION_HEADER,
@@ -116,9 +116,9 @@ class Intake(Service):
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
             max_partition_fetch_bytes=8 * 1024 * 1024,
-            # Short fetch waits: a request must not sit on the broker for the default 500 ms
-            # (some brokers hold an idle fetch for the whole wait even once data arrives).
-            fetch_max_wait_ms=FETCH_WAIT_MS,
+            # Short fetch waits by default: a request must not sit on the broker for the default
+            # 500 ms (the embedded broker holds a fetch for the whole wait even once data arrives).
+            fetch_max_wait_ms=s.kafka_fetch_wait_ms,
             fetch_max_bytes=16 * 1024 * 1024,
         )
         self._consumer.subscribe([s.requests_topic], listener=_Rebalance(self))

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 #: Requests carry up to 100k chars of code and 1 MiB of input; results up to 1 MiB of output
 #: and two 64 KiB streams: above Kafka's 1 MB default, so topics and clients allow 8 MiB.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-#: Longest a fetch waits on the broker for data, where latency matters (requests, results).
-FETCH_WAIT_MS = 20
 DAY_MS = 24 * 3600 * 1000
 
 

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     #: Idempotent producers (no duplicates on producer retries); off by default because the
     #: embedded broker does not implement InitProducerId. Turn on for Apache Kafka / Redpanda.
     kafka_idempotence: bool = False
+    #: Longest a fetch of requests or results waits on the broker when there is nothing to read.
+    #: Kafka and Redpanda answer a waiting fetch as soon as a record arrives, so 500 costs them no
+    #: latency and idles at a fraction of the CPU; the embedded broker answers only when the wait
+    #: is over, so its default is short.
+    kafka_fetch_wait_ms: int = Field(default=20, ge=1, le=30_000)
 
     #: Containers one worker runs at once (the async pool's limit).
     pool_size: int = Field(default=4, ge=1, le=256)

@@ -18,7 +18,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tako_stream import broker as embedded
 from tako_stream.codec import dumps, loads
-from tako_stream.kafka import FETCH_WAIT_MS, MAX_MESSAGE_BYTES, producer_options, reader
+from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, reader
 from tako_stream.models import CORRELATION_HEADER, ExecutionResult
 from tako_stream.settings import Settings
 from tests.integration.stack import Stack, free_port
@@ -139,7 +139,9 @@ class Answers:
 
     async def __aenter__(self) -> Answers:
         consumer = reader(
-            self.settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_wait_ms=FETCH_WAIT_MS
+            self.settings,
+            fetch_max_bytes=2 * MAX_MESSAGE_BYTES,
+            fetch_max_wait_ms=self.settings.kafka_fetch_wait_ms,
         )
         await consumer.start()
         self._consumer = consumer

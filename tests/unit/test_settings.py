@@ -28,6 +28,7 @@ def test_defaults() -> None:
     )
     assert s.pool_size == 4
     assert s.kafka_idempotence is False
+    assert s.kafka_fetch_wait_ms == 20
     assert s.job_types_file is None
     assert s.stdout_limit == s.stderr_limit == 64 * 1024
     assert s.output_limit == 1024 * 1024
@@ -45,6 +46,7 @@ def test_env_vars_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         "TAKO_TOPIC_REPLICATION": "3",
         "TAKO_CONSUMER_GROUP": "grp",
         "TAKO_KAFKA_IDEMPOTENCE": "true",
+        "TAKO_KAFKA_FETCH_WAIT_MS": "500",
         "TAKO_POOL_SIZE": "12",
         "TAKO_JOB_TYPES_FILE": str(tmp_path / "types.toml"),
         "TAKO_STDOUT_LIMIT": "2048",
@@ -67,6 +69,7 @@ def test_env_vars_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert (s.topic_partitions, s.topic_replication) == (16, 3)
     assert s.consumer_group == "grp"
     assert s.kafka_idempotence is True
+    assert s.kafka_fetch_wait_ms == 500
     assert s.pool_size == 12
     assert s.job_types_file == tmp_path / "types.toml"
     assert (s.stdout_limit, s.stderr_limit, s.output_limit) == (2048, 4096, 8192)
@@ -113,6 +116,8 @@ def test_unrelated_and_unknown_vars_are_ignored(monkeypatch: pytest.MonkeyPatch)
         ("TAKO_COMMIT_INTERVAL", "0"),
         ("TAKO_LOG_FORMAT", "xml"),
         ("TAKO_KAFKA_IDEMPOTENCE", "maybe"),
+        ("TAKO_KAFKA_FETCH_WAIT_MS", "0"),
+        ("TAKO_KAFKA_FETCH_WAIT_MS", "60000"),
     ],
 )
 def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
