@@ -116,6 +116,12 @@ def _error(request: web.Request, status: int, detail: Any) -> web.Response:
     return _json({"detail": detail, "correlation_id": request["correlation_id"]}, status)
 
 
+def _wait_query(request: web.Request) -> tuple[bool, float]:
+    """``?wait=true&timeout=N`` (30 s by default); ValueError when the timeout is no number."""
+    wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
+    return wait, max(0.0, float(request.query.get("timeout", "30")))
+
+
 class Gateway:
     """The routes, over one Kafka client shared by every HTTP request."""
 
@@ -375,9 +381,8 @@ class Gateway:
         """Cancel a queued or running job (202); 409 once it finished.  With ``wait=true``,
         answers with the job's result when it arrives (``timeout`` seconds at most)."""
         execution_id = request.match_info["id"]
-        wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
         try:
-            timeout = float(request.query.get("timeout", "30"))
+            wait, timeout = _wait_query(request)
         except ValueError:
             return _error(request, 422, "timeout must be a number of seconds")
         state, result = await self._find(execution_id)
@@ -392,7 +397,7 @@ class Gateway:
         log.info("cancel requested for %s (%s)", execution_id, state)
         if wait:
             with contextlib.suppress(TimeoutError):
-                result = await self.client.result(execution_id, timeout=max(0.0, timeout))
+                result = await self.client.result(execution_id, timeout=timeout)
             if result is not None:
                 return _json(job_record(result))
         return _json({"job_id": execution_id, "status": "cancelling", "was": state}, 202)
@@ -400,9 +405,8 @@ class Gateway:
     async def job_result(self, request: web.Request) -> web.StreamResponse:
         """The record once finished; with ``wait=true``, waits up to ``timeout`` seconds."""
         execution_id = request.match_info["id"]
-        wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
         try:
-            timeout = float(request.query.get("timeout", "30"))
+            wait, timeout = _wait_query(request)
         except ValueError:
             return _error(request, 422, "timeout must be a number of seconds")
         state, result = await self._find(execution_id)
@@ -410,7 +414,7 @@ class Gateway:
             return _error(request, 404, f"no job {execution_id}")
         if result is None and wait:
             with contextlib.suppress(TimeoutError):
-                result = await self.client.result(execution_id, timeout=max(0.0, timeout))
+                result = await self.client.result(execution_id, timeout=timeout)
         if result is None:
             return _json({"job_id": execution_id, "status": self._status(execution_id)}, 202)
         return _json(job_record(result))
