@@ -111,10 +111,13 @@ class Runtime(Service):
                 log.warning("removed %d container(s) left by dead workers", reaped)
         except SandboxUnavailableError as exc:
             log.error("%s; jobs will fail until it is back", exc)
+        shapes = [  # each job type's default container, and how many to keep ready
+            (default_limits(t), s.warm_pool_size if t.warm_pool_size is None else t.warm_pool_size)
+            for t in self.job_types.values()
+        ]
         self.warm = WarmPool(
             self.sandbox,
-            [default_limits(job_type) for job_type in self.job_types.values()],
-            size=s.warm_pool_size,
+            shapes,
             max_idle=s.warm_max_idle,
             busy=lambda: pool.in_flight,
         )

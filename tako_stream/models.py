@@ -241,6 +241,12 @@ class JobType(BaseModel):
     max_timeout: float = Field(default=MAX_TIMEOUT, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
     pids_limit: int = Field(default=128, ge=8)
     runtime: str | None = Field(default=None, description="OCI runtime, e.g. 'runsc'.")
+    warm_pool_size: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="Containers started ahead of time for this type; unset: TAKO_WARM_POOL_SIZE.",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_ceilings(self) -> JobType:

@@ -41,25 +41,33 @@ class WarmPool:
     def __init__(
         self,
         sandbox: DockerSandbox,
-        shapes: Iterable[Limits],
+        shapes: Iterable[tuple[Limits, int]],
         *,
-        size: int,
         max_idle: float,
         busy: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``shapes``: each container shape with how many of it to keep ready (job types that
+        share a shape share its containers: the largest count wins)."""
         self._sandbox = sandbox
         self._busy = busy
-        self._size = size
         self._max_idle = max_idle
-        self._ready: dict[Limits, list[Prepared]] = {warm_key(s): [] for s in shapes}
+        self._size: dict[Limits, int] = {}
+        for shape, size in shapes:
+            key = warm_key(shape)
+            self._size[key] = max(size, self._size.get(key, 0))
+        self._ready: dict[Limits, list[Prepared]] = {key: [] for key in self._size}
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
 
     def sizes(self) -> dict[str, int]:
-        return {shape.image: len(ready) for shape, ready in self._ready.items()}
+        """Ready containers by image (job types that share an image are summed)."""
+        by_image: dict[str, int] = {}
+        for shape, ready in self._ready.items():
+            by_image[shape.image] = by_image.get(shape.image, 0) + len(ready)
+        return by_image
 
     def start(self) -> None:
-        if self._size > 0 and self._filler is None:
+        if any(self._size.values()) and self._filler is None:
             self._filler = asyncio.ensure_future(self._fill())
             self._wanted.set()
 
@@ -87,7 +95,7 @@ class WarmPool:
             self._wanted.clear()
             await self._expire()
             for shape, ready in self._ready.items():
-                while len(ready) < self._size:
+                while len(ready) < self._size[shape]:
                     await self._idle(ready)
                     try:
                         ready.append(await self._sandbox.prepare(shape))
