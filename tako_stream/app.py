@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -406,5 +407,16 @@ def run_worker(settings: Settings) -> int:
         redirect_stdouts=False,
         loglevel=settings.log_level,
     )
+    _tune_gc()
     worker.execute_from_commandline()
     return 0
+
+
+def _tune_gc() -> None:
+    """Collect cycles less often: each request allocates many short-lived objects (records,
+    models, futures) that reference counting frees, yet they trip CPython's default gen-0
+    threshold (700) every few requests, and the collections cost a worker ~6 % of its time on
+    the Kafka path (py-spy).  The objects made while starting up are frozen out of collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
