@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
 
-from tako_stream import broker as embedded  # noqa: E402
 from tako_stream.client import Producer, ResultReader  # noqa: E402
-from tako_stream.kafka import producer_options  # noqa: E402
-from tako_stream.models import ExecutionResult  # noqa: E402
+from tako_stream.core.models import ExecutionResult  # noqa: E402
+from tako_stream.kafka import broker as embedded  # noqa: E402
+from tako_stream.kafka.topics import producer_options  # noqa: E402
 from tests.integration.stack import Stack, WorkerProcess, free_port  # noqa: E402
 
 TRIVIAL = "print('hello')"

@@ -5,8 +5,8 @@
 """
 
 from tako_stream.client import CancelRefused, Client, SyncClient
-from tako_stream.errors import RETRYABLE, ErrorType, Status
-from tako_stream.models import ExecutionRequest, ExecutionResult
+from tako_stream.core.errors import RETRYABLE, ErrorType, Status
+from tako_stream.core.models import ExecutionRequest, ExecutionResult
 from tako_stream.settings import Settings
 
 __version__ = "0.1.0"

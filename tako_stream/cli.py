@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from tako_stream import __version__, broker, dlq
+from tako_stream import __version__, dlq
 from tako_stream.client import CancelRefused, Client, Producer, ResultReader
-from tako_stream.codec import new_id
-from tako_stream.models import DLQRecord
+from tako_stream.core.models import DLQRecord
+from tako_stream.kafka import broker
+from tako_stream.kafka.codec import new_id
 from tako_stream.settings import Settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NO_RESULT, EXIT_KAFKA = 0, 1, 2, 3, 4
@@ -219,13 +220,13 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from tako_stream.app import run_worker
+    from tako_stream.worker.app import run_worker
 
     return run_worker(settings)
 
 
 def _gateway(settings: Settings, args: argparse.Namespace) -> int:
-    from tako_stream import gateway
+    from tako_stream.gateway import app as gateway
 
     gateway.run(settings)
     return EXIT_OK

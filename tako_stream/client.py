@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from tako_stream.codec import dumps, loads, new_id
-from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, reader
-from tako_stream.models import (
+from tako_stream.core.models import (
     CORRELATION_HEADER,
     CancelRequest,
     ExecutionRequest,
     ExecutionResult,
 )
+from tako_stream.kafka.codec import dumps, loads, new_id
+from tako_stream.kafka.topics import MAX_MESSAGE_BYTES, producer_options, reader
 from tako_stream.settings import Settings
 
 T = TypeVar("T")

@@ -17,10 +17,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from tako_stream.codec import dumps, header
-from tako_stream.errors import ErrorType
-from tako_stream.kafka import producer_options, reader, tail
-from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.core.errors import ErrorType
+from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.kafka.codec import dumps, header
+from tako_stream.kafka.topics import producer_options, reader, tail
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)

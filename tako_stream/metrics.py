@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tako_stream.breaker import State
-from tako_stream.models import ExecutionResult
+from tako_stream.core.models import ExecutionResult
+from tako_stream.worker.breaker.state import State
 
 __all__ = ["BREAKER_VALUES", "CONTENT_TYPE", "Metric", "Metrics", "gauge"]
 

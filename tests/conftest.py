@@ -15,7 +15,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from tako_stream import broker as embedded
+from tako_stream.kafka import broker as embedded
 from tests.integration.stack import Stack, free_port
 
 

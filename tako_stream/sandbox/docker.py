@@ -25,7 +25,7 @@ from aiodocker.stream import Stream
 from aiodocker.types import SENTINEL
 from yarl import URL
 
-from tako_stream.errors import SandboxSetupError, SandboxUnavailableError
+from tako_stream.core.errors import SandboxSetupError, SandboxUnavailableError
 from tako_stream.sandbox.protocol import (
     CANCEL,
     JOB_GID,

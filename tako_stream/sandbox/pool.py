@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from tako_stream.errors import SandboxError
+from tako_stream.core.errors import SandboxError
 from tako_stream.sandbox.docker import DockerSandbox, Limits, Prepared, SandboxRun
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tako_stream import broker as embedded
-from tako_stream.codec import dumps, loads
-from tako_stream.kafka import MAX_MESSAGE_BYTES, producer_options, reader
-from tako_stream.models import CORRELATION_HEADER, ExecutionResult
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult
+from tako_stream.kafka import broker as embedded
+from tako_stream.kafka.codec import dumps, loads
+from tako_stream.kafka.topics import MAX_MESSAGE_BYTES, producer_options, reader
 from tako_stream.settings import Settings
 from tests.integration.stack import Stack, free_port
 

@@ -25,8 +25,8 @@ import aiodocker
 import pytest
 
 from tako_stream import dlq
+from tako_stream.core.errors import ErrorType
 from tako_stream.dlq import DEAD_LETTER_TYPES
-from tako_stream.errors import ErrorType
 from tako_stream.sandbox.docker import LABEL_WORKER
 from tests.faults.privatedocker import PrivateDocker
 from tests.faults.streamtools import Answers, job, private_broker, submit

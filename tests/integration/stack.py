@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from tako_stream.client import Producer, ResultReader
-from tako_stream.models import ExecutionResult
+from tako_stream.core.models import ExecutionResult
 from tako_stream.settings import Settings
 
 

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from tako_stream.client import CancelRefused, Client, Producer
-from tako_stream.codec import dumps
-from tako_stream.models import CancelRequest, ExecutionResult
+from tako_stream.core.models import CancelRequest, ExecutionResult
+from tako_stream.kafka.codec import dumps
 from tests.integration.stack import Stack, free_port
 from tests.integration.test_gateway import Gateway, start_gateway
 

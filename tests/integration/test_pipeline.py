@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from tako_stream.client import Producer, ResultReader
-from tako_stream.models import CORRELATION_HEADER, DLQRecord
+from tako_stream.core.models import CORRELATION_HEADER, DLQRecord
 from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.integration

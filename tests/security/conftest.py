@@ -44,7 +44,7 @@ async def runtimes(docker: aiodocker.Docker) -> set[str]:
 
 def job_types_with_runtime(path: Path, runtime: str) -> Path:
     """The packaged job types, every one of them run by ``runtime``."""
-    text = resources.files("tako_stream").joinpath("job_types.toml").read_text()
+    text = resources.files("tako_stream.core").joinpath("job_types.toml").read_text()
     types = tomllib.loads(text)
     lines: list[str] = []
     for name, fields in types.items():

@@ -30,7 +30,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from tako_stream.models import DLQRecord, ExecutionResult
+from tako_stream.core.models import DLQRecord, ExecutionResult
 from tests.integration.stack import Stack
 from tests.security.conftest import CANARY_VAR
 

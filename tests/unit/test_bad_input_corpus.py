@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tako_stream.codec import decode_request
-from tako_stream.errors import InvalidRequestError
-from tako_stream.execute import resolve_limits
-from tako_stream.jobtypes import JobTypes
+from tako_stream.core.errors import InvalidRequestError
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.kafka.codec import decode_request
+from tako_stream.worker.execute import resolve_limits
 from tests.integration.test_bad_input import Case, corpus, flood
 
 CORPUS = corpus("unit")

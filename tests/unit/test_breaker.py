@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tako_stream.breaker import (
+from tako_stream.worker.breaker.state import (
     Breaker,
     BreakerConfig,
     BreakerEvent,

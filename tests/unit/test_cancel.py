@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from tako_stream.cancel import Cancellations
-from tako_stream.codec import dumps
-from tako_stream.models import CancelRequest
+from tako_stream.core.models import CancelRequest
+from tako_stream.kafka.codec import dumps
+from tako_stream.worker.cancel import Cancellations
 
 
 def cancel(execution_id: str) -> bytes:

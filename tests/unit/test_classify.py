@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 
-from tako_stream.errors import ErrorType, InvalidRequestError, Status
-from tako_stream.execute import Verdict, classify, resolve_limits
-from tako_stream.jobtypes import JobTypes
-from tako_stream.models import ExecutionRequest, JobType
+from tako_stream.core.errors import ErrorType, InvalidRequestError, Status
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.models import ExecutionRequest, JobType
 from tako_stream.sandbox.docker import Limits, SandboxRun
 from tako_stream.sandbox.protocol import Collected, Report
+from tako_stream.worker.execute import Verdict, classify, resolve_limits
 
 MiB = 1024 * 1024
 LIMITS = Limits(image="img", memory=256 * MiB, cpus=1.0, pids_limit=128, timeout=5)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tako_stream.codec import correlation_id, decode_request, dumps, header, loads, new_id
-from tako_stream.errors import ErrorType, InvalidRequestError
-from tako_stream.models import ExecutionRequest
+from tako_stream.core.errors import ErrorType, InvalidRequestError
+from tako_stream.core.models import ExecutionRequest
+from tako_stream.kafka.codec import correlation_id, decode_request, dumps, header, loads, new_id
 
 
 def body(**fields: Any) -> bytes:

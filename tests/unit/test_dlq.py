@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tako_stream import dlq
-from tako_stream.errors import ErrorType
-from tako_stream.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.core.errors import ErrorType
+from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
 
 T0 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = datetime(2024, 1, 2, 3, 4, 9, tzinfo=UTC)

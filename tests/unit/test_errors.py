@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tako_stream import errors
-from tako_stream.errors import (
+from tako_stream.core import errors
+from tako_stream.core.errors import (
     EXCEPTION_TABLE,
     RETRYABLE,
     SIGNAL_EXIT_CODES,

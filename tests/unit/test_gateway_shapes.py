@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from tako_stream.breaker import changelog_topic
-from tako_stream.errors import ErrorType, Status
-from tako_stream.gateway import openapi_document, payload_digest, sync_response
-from tako_stream.models import ErrorInfo, ExecutionResult
+from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.models import ErrorInfo, ExecutionResult
+from tako_stream.gateway.app import openapi_document, payload_digest, sync_response
 from tako_stream.settings import Settings
+from tako_stream.worker.breaker.state import changelog_topic
 
 
 def test_breaker_changelog_name_is_the_one_faust_uses() -> None:
-    from tako_stream.app import build
+    from tako_stream.worker.app import build
 
     settings = Settings(consumer_group="gname", worker_id="w-unit")
     app, _ = build(settings)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tako_stream.offsets import OffsetTracker
+from tako_stream.worker.offsets import OffsetTracker
 
 
 def test_unknown_partition_has_no_position() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
 
-from tako_stream.records import TolerantMemoryRecords
+from tako_stream.kafka.records import TolerantMemoryRecords
 
 GZIP = 1
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tako_stream import schemas
-from tako_stream.models import MESSAGE_MODELS, ExecutionRequest
+from tako_stream.core import schemas
+from tako_stream.core.models import MESSAGE_MODELS, ExecutionRequest
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -34,7 +34,7 @@ def test_checked_in_schema_is_up_to_date(name: str) -> None:
     path = SCHEMA_DIR / name
     assert path.is_file(), f"{path} is missing: run scripts/gen-schemas"
     assert path.read_text(encoding="utf-8") == schemas.generate()[name], (
-        f"{path} is out of date with tako_stream/models.py: run scripts/gen-schemas"
+        f"{path} is out of date with tako_stream/core/models.py: run scripts/gen-schemas"
     )
 
 

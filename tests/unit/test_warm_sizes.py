@@ -7,7 +7,7 @@ from typing import cast
 import pytest
 from pydantic import ValidationError
 
-from tako_stream.models import JobType
+from tako_stream.core.models import JobType
 from tako_stream.sandbox.docker import DockerSandbox, Limits
 from tako_stream.sandbox.pool import WarmPool
 

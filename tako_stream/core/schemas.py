@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from tako_stream.models import MESSAGE_MODELS
+from tako_stream.core.models import MESSAGE_MODELS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://tako-stream.dev/schemas/"

@@ -14,9 +14,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from tako_stream.breaker import Breaker, Outcome, Ticket
-from tako_stream.codec import dumps
-from tako_stream.errors import (
+from tako_stream.core.errors import (
     ErrorType,
     InvalidRequestError,
     SandboxError,
@@ -28,8 +26,8 @@ from tako_stream.errors import (
     exception_message,
     parse_traceback,
 )
-from tako_stream.jobtypes import JobTypes
-from tako_stream.models import (
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.models import (
     ErrorInfo,
     ExecutionRequest,
     ExecutionResult,
@@ -37,11 +35,13 @@ from tako_stream.models import (
     Timing,
     parse_size,
 )
-from tako_stream.retry import RetryPolicy
+from tako_stream.kafka.codec import dumps
 from tako_stream.sandbox.docker import Limits, SandboxRun
 from tako_stream.sandbox.pool import CancelledBeforeStart, SandboxPool
 from tako_stream.sandbox.protocol import decode_text, encode_job
 from tako_stream.settings import Settings
+from tako_stream.worker.breaker.state import Breaker, Outcome, Ticket
+from tako_stream.worker.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from tako_stream.errors import ErrorType, Status
+from tako_stream.core.errors import ErrorType, Status
 
 #: Header carrying the correlation id on requests, results and DLQ records.
 CORRELATION_HEADER = "x-correlation-id"

@@ -39,7 +39,16 @@ from mode import Service
 from pydantic import ValidationError
 
 from tako_stream import dlq, logs
-from tako_stream.breaker import (
+from tako_stream.core.errors import SandboxUnavailableError
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.dlq import DLQStore
+from tako_stream.kafka.codec import dumps, loads
+from tako_stream.kafka.topics import ensure_topics, tail
+from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
+from tako_stream.sandbox.docker import DockerSandbox
+from tako_stream.sandbox.pool import SandboxPool, WarmPool
+from tako_stream.settings import Settings
+from tako_stream.worker.breaker.state import (
     Breaker,
     BreakerConfig,
     BreakerEvent,
@@ -49,18 +58,9 @@ from tako_stream.breaker import (
     endpoint_key,
     fold,
 )
-from tako_stream.cancel import Cancellations
-from tako_stream.codec import dumps, loads
-from tako_stream.dlq import DLQStore
-from tako_stream.errors import SandboxUnavailableError
-from tako_stream.execute import Executor, default_limits
-from tako_stream.intake import Intake
-from tako_stream.jobtypes import JobTypes
-from tako_stream.kafka import ensure_topics, tail
-from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
-from tako_stream.sandbox.docker import DockerSandbox
-from tako_stream.sandbox.pool import SandboxPool, WarmPool
-from tako_stream.settings import Settings
+from tako_stream.worker.cancel import Cancellations
+from tako_stream.worker.execute import Executor, default_limits
+from tako_stream.worker.intake import Intake
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tako_stream import __version__, dlq
-from tako_stream.breaker import BreakerConfig, BreakerState, State, changelog_topic
 from tako_stream.client import CancelRefused, Client, latest_record
-from tako_stream.codec import new_id
-from tako_stream.errors import InvalidRequestError
-from tako_stream.execute import resolve_limits
-from tako_stream.jobtypes import JobTypes
-from tako_stream.kafka import ensure_topics, tail
+from tako_stream.core.errors import InvalidRequestError
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
+from tako_stream.kafka.codec import new_id
+from tako_stream.kafka.topics import ensure_topics, tail
 from tako_stream.logs import configure, job_context
 from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
-from tako_stream.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
 from tako_stream.settings import Settings
+from tako_stream.worker.breaker.state import BreakerConfig, BreakerState, State, changelog_topic
+from tako_stream.worker.execute import resolve_limits
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1, its schemas generated from the same pydantic models as the messages."""
     from pydantic.json_schema import models_json_schema
 
-    from tako_stream.models import DLQRecord, JobType
+    from tako_stream.core.models import DLQRecord, JobType
 
     _, defs = models_json_schema(
         [

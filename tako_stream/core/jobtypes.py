@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 
-from tako_stream.models import JobType
+from tako_stream.core.models import JobType
 
 
 class JobTypes(Mapping[str, JobType]):
@@ -21,7 +21,7 @@ class JobTypes(Mapping[str, JobType]):
     @classmethod
     def load(cls, path: Path | None = None) -> JobTypes:
         if path is None:
-            text = resources.files("tako_stream").joinpath("job_types.toml").read_text()
+            text = resources.files("tako_stream.core").joinpath("job_types.toml").read_text()
         else:
             text = path.read_text()
         raw = tomllib.loads(text)

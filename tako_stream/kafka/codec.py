@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from tako_stream.errors import InvalidRequestError
-from tako_stream.models import CORRELATION_HEADER, ExecutionRequest
+from tako_stream.core.errors import InvalidRequestError
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest
 
 Headers = Sequence[tuple[str, bytes]]
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tako_stream.models import CancelRequest
+from tako_stream.core.models import CancelRequest
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from tako_stream.records import install as tolerate_bad_header_keys
+from tako_stream.kafka.records import install as tolerate_bad_header_keys
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)

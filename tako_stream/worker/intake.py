@@ -23,14 +23,8 @@ from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeEr
 from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
-from tako_stream.cancel import Cancellations
-from tako_stream.codec import correlation_id, decode_request, dumps, new_id
-from tako_stream.dlq import DEAD_LETTER_TYPES, build_record
-from tako_stream.errors import ErrorType, InvalidRequestError, Status
-from tako_stream.execute import Executor, now
-from tako_stream.kafka import ensure_topics, producer_options
-from tako_stream.logs import job_context
-from tako_stream.models import (
+from tako_stream.core.errors import ErrorType, InvalidRequestError, Status
+from tako_stream.core.models import (
     CORRELATION_HEADER,
     DLQRecord,
     ErrorInfo,
@@ -39,9 +33,15 @@ from tako_stream.models import (
     JobStatus,
     SourcePosition,
 )
-from tako_stream.offsets import OffsetTracker
-from tako_stream.records import install as tolerate_bad_header_keys
+from tako_stream.dlq import DEAD_LETTER_TYPES, build_record
+from tako_stream.kafka.codec import correlation_id, decode_request, dumps, new_id
+from tako_stream.kafka.records import install as tolerate_bad_header_keys
+from tako_stream.kafka.topics import ensure_topics, producer_options
+from tako_stream.logs import job_context
 from tako_stream.settings import Settings
+from tako_stream.worker.cancel import Cancellations
+from tako_stream.worker.execute import Executor, now
+from tako_stream.worker.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 
