@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 from tako_stream.client import Producer, ResultReader  # noqa: E402
 from tako_stream.core.models import ExecutionResult  # noqa: E402
 from tako_stream.kafka import broker as embedded  # noqa: E402
-from tako_stream.kafka.topics import producer_options  # noqa: E402
+from tako_stream.kafka.clients import producer_options  # noqa: E402
 from tests.integration.stack import Stack, WorkerProcess, free_port  # noqa: E402
 
 TRIVIAL = "print('hello')"

@@ -4,8 +4,8 @@
 ``Status`` and ``ErrorType`` are what comes back.
 """
 
-from tako_stream.client import CancelRefused, Client, SyncClient
-from tako_stream.core.errors import RETRYABLE, ErrorType, Status
+from tako_stream.client import Client, SyncClient
+from tako_stream.core.errors import RETRYABLE, CancelRefused, ErrorType, Status, TakoError
 from tako_stream.core.models import ExecutionRequest, ExecutionResult
 from tako_stream.settings import Settings
 
@@ -21,4 +21,5 @@ __all__ = [
     "Settings",
     "Status",
     "SyncClient",
+    "TakoError",
 ]

@@ -21,7 +21,8 @@ import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from tako_stream import __version__, dlq
-from tako_stream.client import CancelRefused, Client, Producer, ResultReader
+from tako_stream.client import Client, Producer, ResultReader
+from tako_stream.core.errors import CancelRefused
 from tako_stream.core.models import DLQRecord
 from tako_stream.kafka import broker
 from tako_stream.kafka.codec import new_id
@@ -174,7 +175,7 @@ async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _dlq_delete(settings: Settings, args: argparse.Namespace) -> int:
     store = await dlq.read_store(settings)
-    missing = [i for i in args.ids if i not in store.entries]
+    missing = [i for i in args.ids if i not in store]
     if missing:
         print(f"tako-stream: no DLQ entry {', '.join(missing)}", file=sys.stderr)
         return EXIT_JOB_FAILED

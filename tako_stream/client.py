@@ -15,17 +15,19 @@ from collections.abc import AsyncIterator, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka import AIOKafkaProducer
 
+from tako_stream.core.errors import CancelRefused
 from tako_stream.core.models import (
     CORRELATION_HEADER,
     CancelRequest,
     ExecutionRequest,
     ExecutionResult,
 )
+from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps, loads, new_id
-from tako_stream.kafka.topics import MAX_MESSAGE_BYTES, producer_options, reader
+from tako_stream.kafka.reader import TopicReader, latest
+from tako_stream.kafka.view import KeyedView
 from tako_stream.settings import Settings
 
 T = TypeVar("T")
@@ -35,29 +37,22 @@ class ResultReader:
     """Reads the results topic from its end (or beginning) on every partition, without a group."""
 
     def __init__(self, settings: Settings, *, from_beginning: bool = False) -> None:
-        self._settings = settings
         self._from_beginning = from_beginning
-        self._consumer: AIOKafkaConsumer | None = None
+        self._reader = results_reader(settings)
 
     async def __aenter__(self) -> ResultReader:
-        self._consumer = await _assigned_reader(self._settings, from_beginning=self._from_beginning)
+        await self._reader.start()
+        await (self._reader.from_beginning() if self._from_beginning else self._reader.from_end())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._reader.stop()
 
     async def __aiter__(self) -> AsyncIterator[tuple[ExecutionResult | None, bytes]]:
-        assert self._consumer is not None
         while True:
-            batches = await self._consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    raw = record.value or b""
-                    try:
-                        yield ExecutionResult.model_validate(loads(raw)), raw
-                    except ValueError:
-                        yield None, raw
+            for record in await self._reader.fetch(timeout=0.5):
+                raw = record.value or b""
+                yield _parse_result(raw), raw
 
     async def wait_for(self, execution_ids: set[str], seconds: float) -> dict[str, ExecutionResult]:
         """The first result of each id, until all arrived or the timeout passed."""
@@ -129,15 +124,6 @@ class Producer:
         )
 
 
-class CancelRefused(Exception):
-    """A finished job cannot be cancelled; ``result`` is how it ended."""
-
-    def __init__(self, execution_id: str, result: ExecutionResult) -> None:
-        super().__init__(f"job {execution_id} already finished ({result.status.value})")
-        self.execution_id = execution_id
-        self.result = result
-
-
 class Client:
     """Submit jobs and get their results, for Python services (async; see ``SyncClient``).
 
@@ -153,12 +139,13 @@ class Client:
         self.settings = settings or Settings()
         self._history = history
         self._producer = Producer(self.settings)
-        self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._results = results_reader(self.settings)
+        self._follower: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[ExecutionResult]]] = {}
         self._subscribers: set[asyncio.Queue[ExecutionResult]] = set()
-        self._recent: dict[str, ExecutionResult] = {}  # insertion-ordered, capped at ``keep``
-        self._keep = keep
+        self._recent: KeyedView[ExecutionResult] = KeyedView(
+            _result, keep=keep, name="results", key_of=lambda result: result.execution_id
+        )
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -170,19 +157,21 @@ class Client:
     async def start(self) -> None:
         await self._producer.__aenter__()
         try:
-            self._consumer = await _assigned_reader(self.settings, from_beginning=self._history)
+            await self._results.start()
+            reader = self._results
+            await (reader.from_beginning() if self._history else reader.from_end())
         except BaseException:
+            await self._results.stop()
             await self._producer.__aexit__()
             raise
-        self._reader = asyncio.create_task(self._follow(self._consumer), name="tako-client-reader")
+        self._follower = asyncio.create_task(self._follow(), name="tako-client-reader")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._consumer is not None:
-            await self._consumer.stop()
+                await self._follower
+        await self._results.stop()
         await self._producer.__aexit__()
 
     async def submit(
@@ -216,8 +205,9 @@ class Client:
 
         Raises ``TimeoutError`` when it has not arrived in time.
         """
-        if execution_id in self._recent:
-            return self._recent[execution_id]
+        known = self._recent.get(execution_id)
+        if known is not None:
+            return known
         future: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(execution_id, []).append(future)
         try:
@@ -260,6 +250,12 @@ class Client:
         finished = self._recent.get(execution_id) or await self._lookup(execution_id)
         if finished is not None:
             raise CancelRefused(execution_id, finished)
+        await self.request_cancel(execution_id, reason=reason, correlation_id=correlation_id)
+
+    async def request_cancel(
+        self, execution_id: str, *, reason: str | None = None, correlation_id: str | None = None
+    ) -> None:
+        """Put a cancel on the control topic, whatever the job's state."""
         corr = correlation_id or new_id()
         message = CancelRequest(
             execution_id=execution_id,
@@ -284,20 +280,29 @@ class Client:
         finally:
             self._subscribers.discard(queue)
 
-    async def _follow(self, consumer: AIOKafkaConsumer) -> None:
+    async def send_raw(
+        self,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        topic: str | None = None,
+    ) -> None:
+        """Produce bytes as they are (to the requests topic unless ``topic`` is given)."""
+        await self._producer.send_raw(value, key=key, headers=headers, topic=topic)
+
+    def known(self, execution_id: str) -> ExecutionResult | None:
+        """The result of a job if this client has read it (and not forgotten it yet)."""
+        return self._recent.get(execution_id)
+
+    async def _follow(self) -> None:
         while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    result = _parse_result(record.value)
-                    if result is not None:
-                        self._deliver(result)
+            for record in await self._results.fetch(timeout=0.5):
+                result = self._recent.apply(record.key, record.value)
+                if result is not None:
+                    self._deliver(result)
 
     def _deliver(self, result: ExecutionResult) -> None:
-        self._recent.pop(result.execution_id, None)
-        self._recent[result.execution_id] = result
-        while len(self._recent) > self._keep:
-            del self._recent[next(iter(self._recent))]
         for future in self._waiters.get(result.execution_id, []):
             if not future.done():
                 future.set_result(result)
@@ -306,45 +311,17 @@ class Client:
 
     async def _lookup(self, execution_id: str) -> ExecutionResult | None:
         """Its latest result already on the topic, read from its key's partition."""
-        record = await latest_record(self.settings, self.settings.results_topic, execution_id)
+        record = await latest(self.settings, self.settings.results_topic, execution_id)
         return _parse_result(record.value) if record is not None else None
 
     def seen(self) -> list[ExecutionResult]:
         """The results this client has read, oldest first (at most ``keep``)."""
-        return list(self._recent.values())
+        return self._recent.values()
 
-
-async def latest_record(
-    settings: Settings, topic: str, key: str
-) -> ConsumerRecord[Any, Any] | None:
-    """The last record with ``key`` on ``topic`` now, reading only the partition the default
-    partitioner puts that key in (how every tako-stream producer keys its messages)."""
-    consumer = reader(settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES)
-    await consumer.start()
-    try:
-        partitions = sorted(consumer.partitions_for_topic(topic) or ())
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = sorted(consumer.partitions_for_topic(topic) or ())
-        if not partitions:
-            return None
-        wanted = key.encode()
-        tp = TopicPartition(topic, DefaultPartitioner()(wanted, partitions, partitions))
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        found: ConsumerRecord[Any, Any] | None = None
-        idle = 0
-        while idle < 4 and await consumer.position(tp) < end:  # idle: a compacted tail
-            batches = await consumer.getmany(tp, timeout_ms=500)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for record in records:
-                    if record.key == wanted and record.offset < end:
-                        found = record
-        return found
-    finally:
-        await consumer.stop()
+    @property
+    def known_count(self) -> int:
+        """How many results this client holds."""
+        return len(self._recent)
 
 
 def _parse_result(raw: bytes | None) -> ExecutionResult | None:
@@ -354,34 +331,18 @@ def _parse_result(raw: bytes | None) -> ExecutionResult | None:
         return None
 
 
-async def _assigned_reader(settings: Settings, *, from_beginning: bool) -> AIOKafkaConsumer:
-    """A started group-less consumer assigned every partition of the results topic."""
-    consumer = reader(
+def _result(raw: bytes) -> ExecutionResult:
+    return ExecutionResult.model_validate(loads(raw))
+
+
+def results_reader(settings: Settings) -> TopicReader:
+    """Every partition of the results topic, which may take a moment to appear once created."""
+    return TopicReader(
         settings,
-        fetch_max_bytes=2 * MAX_MESSAGE_BYTES,
+        settings.results_topic,
+        wait_for_topic=5.0,
         fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
     )
-    await consumer.start()
-    topic = settings.results_topic
-    partitions: set[int] | None = None
-    for _ in range(50):  # a fresh topic's metadata may take a moment to appear
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            break
-        await consumer._client.force_metadata_update()
-        await asyncio.sleep(0.1)
-    if not partitions:
-        await consumer.stop()
-        raise LookupError(f"topic {topic!r} does not exist (is a worker running?)")
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    if from_beginning:
-        await consumer.seek_to_beginning(*tps)
-    else:
-        await consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve positions now, so results produced from here on are seen
-            await consumer.position(tp)
-    return consumer
 
 
 class SyncClient:

@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from tako_stream.core.errors import ErrorType
-from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult, SourcePosition
+from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps, header
-from tako_stream.kafka.topics import producer_options, reader, tail
+from tako_stream.kafka.message import Incoming
+from tako_stream.kafka.reader import read_to_end, tail
+from tako_stream.kafka.view import KeyedView
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,27 +82,29 @@ def dlq_id(source: SourcePosition) -> str:
     return f"{source.topic}:{source.partition}:{source.offset}"
 
 
-def build_record(
-    *,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes]] | None,
-    source: SourcePosition,
-    execution_id: str,
-    correlation_id: str,
-    error: ErrorInfo,
-    attempts: int,
-    first_failure_at: datetime,
-    last_failure_at: datetime,
-    worker_id: str,
-) -> tuple[DLQRecord, bytes, list[tuple[str, bytes]]]:
-    """The record, its encoded value, and the headers mirroring its main fields.
+@dataclass(frozen=True)
+class DeadLetter:
+    """A DLQ record ready to send: the record, its encoded value, and headers mirroring it."""
+
+    record: DLQRecord
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def dead_letter(
+    message: Incoming, result: ExecutionResult, *, first_failure_at: datetime
+) -> DeadLetter:
+    """The DLQ record of a consumed request and the failed result it got.
 
     The original is kept byte for byte when it fits; a larger one (only invalid requests can
     be) keeps its first :data:`MAX_ORIGINAL_BYTES`, so the record, in base64, always fits the
     topic's message limit: otherwise the broker would refuse it and the partition would stall.
     """
-    header_bytes = sum(len(k) + len(v or b"") for k, v in headers or ())
+    if result.error is None:
+        raise ValueError("a dead letter needs a failed result")
+    key, value, headers = message.key, message.value, message.headers
+    error, source = result.error, message.source
+    header_bytes = sum(len(k) + len(v or b"") for k, v in headers)
     size = len(value or b"") + header_bytes + len(key or b"")
     truncated = (
         len(value or b"") > MAX_ORIGINAL_BYTES
@@ -108,35 +113,35 @@ def build_record(
     )
     record = DLQRecord(
         dlq_id=dlq_id(source),
-        execution_id=execution_id,
-        correlation_id=correlation_id,
+        execution_id=result.execution_id,
+        correlation_id=result.correlation_id,
         error=error,
-        attempts=attempts,
+        attempts=result.attempts,
         first_failure_at=first_failure_at,
-        last_failure_at=last_failure_at,
-        worker_id=worker_id,
+        last_failure_at=result.finished_at,
+        worker_id=result.worker_id,
         source=source,
         replay_count=replay_count(headers),
         original_key=_b64(key[:MAX_ORIGINAL_KEY]) if key is not None else None,
         original_value=_b64(value[:MAX_ORIGINAL_BYTES]) if value is not None else None,
-        original_headers=[] if truncated else [(k, _b64(v or b"")) for k, v in headers or ()],
+        original_headers=[] if truncated else [(k, _b64(v or b"")) for k, v in headers],
         original_size=size,
         original_truncated=truncated,
     )
     mirrored = [
-        (CORRELATION_HEADER, correlation_id.encode()),
+        (CORRELATION_HEADER, result.correlation_id.encode()),
         (H_DLQ_ID, record.dlq_id.encode()),
-        (H_EXECUTION_ID, execution_id.encode()),
+        (H_EXECUTION_ID, result.execution_id.encode()),
         (H_ERROR_TYPE, error.type.value.encode()),
         (H_ERROR_MESSAGE, error.message[:1000].encode("utf-8", "replace")),
         (H_ORIGINAL_TOPIC, source.topic.encode()),
         (H_ORIGINAL_PARTITION, str(source.partition).encode()),
         (H_ORIGINAL_OFFSET, str(source.offset).encode()),
-        (H_ATTEMPTS, str(attempts).encode()),
-        (H_WORKER, worker_id.encode()),
+        (H_ATTEMPTS, str(result.attempts).encode()),
+        (H_WORKER, result.worker_id.encode()),
         (REPLAY_COUNT_HEADER, str(record.replay_count).encode()),
     ]
-    return record, dumps(record), mirrored
+    return DeadLetter(record, dumps(record), mirrored)
 
 
 # --- Reading, deleting and replaying ------------------------------------------------------------
@@ -148,50 +153,26 @@ def build_record(
 # count one higher, until the replay limit refuses it.
 
 
-class _Entries(Mapping[str, DLQRecord]):
-    """Records by DLQ id; summaries are held encoded and decoded when read."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, DLQRecord | bytes] = {}
-
-    def __getitem__(self, key: str) -> DLQRecord:
-        item = self.data[key]
-        return item if isinstance(item, DLQRecord) else DLQRecord.model_validate_json(item)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
+#: What a view keeps per entry: its error type (for counts and filters) and the record, or,
+#: for the long-lived views, its summary encoded (see ``DLQStore.keep_originals``).
+_Entry = tuple[ErrorType, "DLQRecord | bytes"]
 
 
-@dataclass
 class DLQStore:
     """The current DLQ: records folded in topic order, tombstones removing them."""
 
-    #: False for the long-lived views of workers and gateways: they keep each entry as a summary
-    #: without the original bytes, encoded (under 1 KB), so their memory grows by that per entry
-    #: rather than by the size of every bad message; the CLI reads the topic whole to replay.
-    keep_originals: bool = True
-    entries: _Entries = field(default_factory=_Entries)
-    _types: dict[str, ErrorType] = field(default_factory=dict)
+    def __init__(self, *, keep_originals: bool = True) -> None:
+        """``keep_originals=False`` is for the long-lived views of workers and gateways: they
+        keep each entry as a summary without the original bytes, encoded (under 1 KB), so their
+        memory grows by that per entry rather than by the size of every bad message; the CLI
+        reads the topic whole to replay."""
+        self.keep_originals = keep_originals
+        self._view: KeyedView[_Entry] = KeyedView(self._parse, name="DLQ")
 
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
-        if value is None:
-            if key is not None:
-                dlq_id_ = key.decode("utf-8", "replace")
-                self.entries.data.pop(dlq_id_, None)
-                self._types.pop(dlq_id_, None)
-            return
-        try:
-            record = DLQRecord.model_validate_json(value)
-        except ValueError:
-            log.warning("skipping an unreadable DLQ record (key %r)", key)
-            return
-        self._types[record.dlq_id] = record.error.type
+    def _parse(self, value: bytes) -> _Entry:
+        record = DLQRecord.model_validate_json(value)
         if self.keep_originals:
-            self.entries.data[record.dlq_id] = record
-            return
+            return record.error.type, record
         summary = record.model_copy(
             update={
                 "original_key": None,
@@ -201,14 +182,30 @@ class DLQStore:
             }
         )
         # a copy: orjson's output keeps its larger working buffer (8 KB here) allocated
-        self.entries.data[record.dlq_id] = bytes(memoryview(dumps(summary)))
+        return record.error.type, bytes(memoryview(dumps(summary)))
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        self._view.apply(key, value)
+
+    def get(self, dlq_id_: str) -> DLQRecord | None:
+        entry = self._view.get(dlq_id_)
+        if entry is None:
+            return None
+        item = entry[1]
+        return item if isinstance(item, DLQRecord) else DLQRecord.model_validate_json(item)
+
+    def __contains__(self, dlq_id_: object) -> bool:
+        return dlq_id_ in self._view
+
+    def __len__(self) -> int:
+        return len(self._view)
 
     def stats(self) -> dict[str, Any]:
         """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
         by_type: dict[str, int] = {}
-        for type_ in self._types.values():
+        for type_, _ in self._view.values():
             by_type[type_.value] = by_type.get(type_.value, 0) + 1
-        return {"total": len(self.entries), "by_error_type": dict(sorted(by_type.items()))}
+        return {"total": len(self._view), "by_error_type": dict(sorted(by_type.items()))}
 
     def select(
         self,
@@ -220,12 +217,15 @@ class DLQStore:
     ) -> list[DLQRecord]:
         wanted = set(ids) if ids else None
         chosen = []
-        for dlq_id_ in self.entries:
+        for dlq_id_ in self._view:
             if wanted is not None and dlq_id_ not in wanted:
                 continue
-            if error_type and self._types[dlq_id_].value != error_type:
+            entry = self._view.get(dlq_id_)
+            if entry is None or (error_type and entry[0].value != error_type):
                 continue
-            record = self.entries[dlq_id_]
+            record = self.get(dlq_id_)
+            if record is None:
+                continue
             if since and record.last_failure_at < since:
                 continue
             if until and record.last_failure_at > until:
@@ -237,30 +237,7 @@ class DLQStore:
 async def read_store(settings: Settings) -> DLQStore:
     """Read the whole DLQ topic, up to its current end, into a store (no consumer group)."""
     store = DLQStore()
-    consumer = reader(settings)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(settings.dlq_topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # no public API to refresh metadata
-            partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
-        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
-        if not tps:
-            return store
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000)
-            for records in batches.values():
-                for record in records:
-                    store.apply(record.key, record.value)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
+    await read_to_end(settings, settings.dlq_topic, store.apply)
     return store
 
 

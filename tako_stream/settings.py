@@ -1,4 +1,5 @@
-"""One typed settings object, read from ``TAKO_*`` environment variables.
+"""One typed settings object, read from ``TAKO_*`` environment variables, and the small value
+objects built from it once and passed down (as httpx's ``Timeout`` and ``Limits``).
 
 Every knob of the service lives here so that the README can document them in one table and
 so that tests build a ``Settings(...)`` instead of patching the environment.  The Docker
@@ -8,12 +9,66 @@ endpoint is deliberately *not* here: it comes from ``DOCKER_HOST``, as for Docke
 from __future__ import annotations
 
 import os
+import random
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics one deployment uses (``TAKO_*_TOPIC``)."""
+
+    requests: str
+    results: str
+    dlq: str
+    control: str
+    status: str
+
+
+@dataclass(frozen=True)
+class OutputCaps:
+    """Bytes of a job's output kept: each stream, and ``/output/result.json``."""
+
+    stdout: int = 64 * 1024
+    stderr: int = 64 * 1024
+    result: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts at a job whose sandbox failed transiently, and the backoff between them.
+
+    Only ``SandboxUnavailableError`` is retried (the daemon unreachable or erring); the user's
+    code failing, timeouts and sandbox set-up refusals are final on the first attempt.
+    """
+
+    max_attempts: int = 2
+    base_delay: float = 1.0
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based).
+
+        "Equal jitter": half the exponential step is kept, half is random, so workers that
+        failed together do not retry together, yet never retry at once.
+        """
+        step = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return step / 2 + rand() * step / 2
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """When the shared Docker circuit breaker opens, waits, and closes again."""
+
+    failure_threshold: int = 5
+    reset_timeout: float = 30.0
+    success_threshold: int = 2
 
 
 def _default_worker_id() -> str:
@@ -72,7 +127,7 @@ class Settings(BaseSettings):
     breaker_success_threshold: int = Field(default=2, ge=1)
     #: Seconds between Docker pings, so a dead daemon is noticed with no traffic.
     breaker_ping_interval: float = Field(default=2.0, gt=0)
-    #: Single-partition topic of breaker events, folded by one agent into a GlobalTable.
+    #: Single-partition topic of breaker events, folded by one agent into a faust table.
     breaker_topic: str = "tako.breaker-events"
 
     #: Times a dead-lettered request may be replayed before replay refuses it (no loops).
@@ -97,3 +152,31 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(
+            requests=self.requests_topic,
+            results=self.results_topic,
+            dlq=self.dlq_topic,
+            control=self.control_topic,
+            status=self.status_topic,
+        )
+
+    @property
+    def output_caps(self) -> OutputCaps:
+        return OutputCaps(
+            stdout=self.stdout_limit, stderr=self.stderr_limit, result=self.output_limit
+        )
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(max_attempts=self.retry_max_attempts, base_delay=self.retry_base_delay)
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        return BreakerConfig(
+            failure_threshold=self.breaker_failure_threshold,
+            reset_timeout=self.breaker_reset_timeout,
+            success_threshold=self.breaker_success_threshold,
+        )

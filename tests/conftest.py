@@ -19,6 +19,18 @@ from tako_stream.kafka import broker as embedded
 from tests.integration.stack import Stack, free_port
 
 
+TIERS = ("unit", "integration", "faults", "security", "compose")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, the folder it lives in (``-m unit`` selects one tier)."""
+    root = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(root).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(parts[0])
+
+
 @pytest.fixture(scope="session")
 def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``TAKO_TEST_BOOTSTRAP`` when set (an existing cluster), else a fresh embedded broker."""

@@ -1,13 +1,34 @@
-"""Job types: the environments requests can ask for, read from one TOML file."""
+"""Job types: the environments requests can ask for (read from one TOML file), and the limits
+of the container a request gets from its job type."""
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from tako_stream.core.models import JobType
+from tako_stream.core.errors import InvalidRequestError
+from tako_stream.core.models import ExecutionRequest, JobType, parse_size
+
+_MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one container may use; resolved from the job type and the request."""
+
+    image: str
+    memory: int
+    cpus: float
+    pids_limit: int
+    timeout: float
+    runtime: str | None = None
+    tmp_size: int = 64 * _MiB
+    output_size: int = 16 * _MiB
+    file_size: int = 64 * _MiB
+    open_files: int = 256
 
 
 class JobTypes(Mapping[str, JobType]):
@@ -35,3 +56,43 @@ class JobTypes(Mapping[str, JobType]):
 
     def __len__(self) -> int:
         return len(self._types)
+
+    def limits(self, request: ExecutionRequest) -> Limits:
+        """The container's limits, or ``InvalidRequestError`` naming what the job type forbids."""
+        job_type = self.get(request.job_type)
+        if job_type is None:
+            known = ", ".join(sorted(self))
+            raise InvalidRequestError(
+                [f"job_type: unknown job type {request.job_type!r} (known: {known})"],
+                request.execution_id,
+            )
+        problems = []
+        timeout = request.timeout if request.timeout is not None else job_type.timeout
+        if timeout > job_type.max_timeout:
+            problems.append(
+                f"timeout: {timeout:g}s exceeds the maximum of job type "
+                f"{job_type.name!r} ({job_type.max_timeout:g}s)"
+            )
+        memory = parse_size(job_type.memory)
+        if request.memory_limit is not None:
+            memory = parse_size(request.memory_limit)
+            if memory > parse_size(job_type.max_memory):
+                problems.append(
+                    f"memory_limit: {request.memory_limit} exceeds the maximum of job type "
+                    f"{job_type.name!r} ({job_type.max_memory})"
+                )
+        if problems:
+            raise InvalidRequestError(problems, request.execution_id)
+        return replace(default_limits(job_type), memory=memory, timeout=timeout)
+
+
+def default_limits(job_type: JobType) -> Limits:
+    """A job type's container when a request asks for nothing special (the warm pool's shape)."""
+    return Limits(
+        image=job_type.image,
+        memory=parse_size(job_type.memory),
+        cpus=job_type.cpus,
+        pids_limit=job_type.pids_limit,
+        timeout=job_type.timeout,
+        runtime=job_type.runtime,
+    )

@@ -7,7 +7,7 @@ as long as the record is retained: no record after it is ever delivered.  The Ja
 decodes such keys with replacement characters and goes on; so do we.
 
 ``install()`` swaps the ``MemoryRecords`` aiokafka's fetcher builds for one that parses each
-batch with aiokafka's fast parser as before and, only when that fails on a header key, parses
+batch with aiokafka's fast parser and, only when that fails on a header key, parses
 the same bytes again with the pure-Python parser, header keys decoded with U+FFFD for bad bytes.
 """
 
@@ -108,7 +108,7 @@ class TolerantMemoryRecords:
             return LegacyRecordBatch(raw, magic)  # v0/v1 records have no headers
         batch = DefaultRecordBatch(raw)
         if batch.is_control_batch or not batch.validate_crc():
-            return batch  # the fetcher skips the one and refuses the other, as before
+            return batch  # aiokafka's fetcher skips the one and refuses the other
         try:
             return _ParsedBatch(batch, list(batch))
         except UnicodeDecodeError:

@@ -1,41 +1,26 @@
-"""Plain-Kafka plumbing shared by the worker and the CLI: client options and topic creation.
+"""The service's topics: how they are created, and what partitions one has.
 
-Only standard Kafka APIs are used, so Apache Kafka, Redpanda and the embedded broker all work.
+Only standard Kafka admin APIs are used, so Apache Kafka, Redpanda and the embedded broker all
+work; topics that exist already (made by an operator, say) are left as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
-from tako_stream.kafka.records import install as tolerate_bad_header_keys
+from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Requests carry up to 100k chars of code and 1 MiB of input; results up to 1 MiB of output
-#: and two 64 KiB streams: above Kafka's 1 MB default, so topics and clients allow 8 MiB.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DAY_MS = 24 * 3600 * 1000
-
-
-def producer_options(settings: Settings) -> dict[str, Any]:
-    """An acks=all producer: an answer counts as sent once every in-sync replica has it."""
-    return {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
-        "client_id": f"tako-{settings.worker_id}",
-        "acks": "all",
-        "enable_idempotence": settings.kafka_idempotence,
-        "linger_ms": 2,
-        "max_request_size": MAX_MESSAGE_BYTES,
-        "compression_type": None,
-    }
+_UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION error code
 
 
 def topic_specs(settings: Settings) -> list[NewTopic]:
@@ -77,12 +62,16 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     ]
 
 
-async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None) -> None:
-    """Create the service's topics when missing; existing topics are left as they are."""
-    admin = AIOKafkaAdminClient(
+def _admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         client_id=f"tako-admin-{settings.worker_id}",
     )
+
+
+async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None) -> None:
+    """Create the service's topics when missing; existing topics are left as they are."""
+    admin = _admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -97,67 +86,21 @@ async def ensure_topics(settings: Settings, extra: list[NewTopic] | None = None)
         await admin.close()
 
 
-def reader(settings: Settings, **options: Any) -> AIOKafkaConsumer:
-    """A consumer with no group, for reading topics whole (partitions assigned by the caller)."""
-    tolerate_bad_header_keys()  # a header key that is not UTF-8 must not stop the stream
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-        **options,
-    )
-
-
-async def tail(
-    settings: Settings,
-    topic: str,
-    apply: Callable[[bytes | None, bytes | None], None],
-    caught_up: asyncio.Event | None = None,
-) -> None:
-    """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``.
-
-    No consumer group: every caller sees every partition, which is what a local view of a
-    shared, keyed topic (the DLQ, a table's changelog) needs.  A broker fault restarts the read
-    from the beginning (the views are folds, so replaying records is harmless), never ends it.
-    ``caught_up`` is set once what the topic held at the start has been applied.
-    """
-    while True:
-        try:
-            await _tail_once(settings, topic, apply, caught_up)
-        except KafkaError as exc:
-            log.warning("reading %s failed (%s); starting over", topic, exc)
-            await asyncio.sleep(1)
-
-
-async def _tail_once(
-    settings: Settings,
-    topic: str,
-    apply: Callable[[bytes | None, bytes | None], None],
-    caught_up: asyncio.Event | None,
-) -> None:
-    consumer = reader(settings)
-    await consumer.start()
+async def partitions(settings: Settings, topic: str, *, wait: float = 0.0) -> list[TopicPartition]:
+    """The topic's partitions as the broker's metadata has them now; empty when the topic does
+    not exist, after waiting up to ``wait`` seconds for it to appear (a topic just created may
+    take a moment to show in the metadata of every broker)."""
+    admin = _admin(settings)
+    await admin.start()
     try:
-        partitions: set[int] = set()
-        while not partitions:
-            await consumer._client.force_metadata_update()  # no public API to refresh metadata
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await asyncio.sleep(1)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps) if caught_up is not None else {}
+        deadline = time.monotonic() + wait
         while True:
-            batches = await consumer.getmany(timeout_ms=1000)
-            for records in batches.values():
-                for record in records:
-                    apply(record.key, record.value)
-            if (
-                caught_up is not None
-                and not caught_up.is_set()
-                and all([await consumer.position(tp) >= end[tp] for tp in tps])
-            ):
-                caught_up.set()
+            found: list[int] = []
+            for described in await admin.describe_topics([topic]):
+                if described["topic"] == topic and described["error_code"] != _UNKNOWN_TOPIC:
+                    found = [p["partition"] for p in described["partitions"]]
+            if found or time.monotonic() >= deadline:
+                return [TopicPartition(topic, p) for p in sorted(found)]
+            await asyncio.sleep(0.2)
     finally:
-        await consumer.stop()
+        await admin.close()

@@ -1,9 +1,9 @@
 """The aiodocker boundary: one fresh, locked-down container per job, always removed.
 
-Docker's errors are mapped here to ours: the daemon being unreachable is
-``SandboxUnavailableError`` (transient: counted by the breaker, retried), a container that cannot
-be created or started with the required settings is ``SandboxSetupError`` (fail closed: never
-retried with weaker settings).
+Docker's errors are mapped to ours in one place, ``engine_errors``: the daemon being
+unreachable is ``SandboxUnavailableError`` (transient: counted by the breaker, retried), a
+container that cannot be created or started with the required settings is ``SandboxSetupError``
+(fail closed: never retried with weaker settings).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +25,18 @@ from aiodocker.stream import Stream
 from aiodocker.types import SENTINEL
 from yarl import URL
 
-from tako_stream.core.errors import SandboxSetupError, SandboxUnavailableError
+from tako_stream.core.errors import SandboxSetupError, SandboxUnavailableError, TakoError
+from tako_stream.core.jobtypes import Limits
+from tako_stream.sandbox.base import Prepared, SandboxRun
 from tako_stream.sandbox.protocol import (
     CANCEL,
     JOB_GID,
     JOB_PYTHON,
     JOB_UID,
-    Collected,
     FrameReader,
     supervisor_source,
 )
+from tako_stream.settings import OutputCaps
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ LABEL_EXECUTION = "io.tako-stream.execution-id"
 LABEL_HOST = "io.tako-stream.host"
 LABEL_PID = "io.tako-stream.pid"
 
-_MiB = 1024 * 1024
 _HOST = socket.gethostname()
 
 
@@ -59,38 +60,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one container may use; resolved from the job type and the request."""
-
-    image: str
-    memory: int
-    cpus: float
-    pids_limit: int
-    timeout: float
-    runtime: str | None = None
-    tmp_size: int = 64 * _MiB
-    output_size: int = 16 * _MiB
-    file_size: int = 64 * _MiB
-    open_files: int = 256
-
-
 @dataclass
-class SandboxRun:
-    """What happened in the container, before classification."""
-
-    collected: Collected
-    oom_killed: bool
-    container_exit: int | None
-    outer_timeout: bool
-    seconds: float
-    warm: bool = False
-    #: A cancel was sent to the supervisor while the job ran.
-    cancel_sent: bool = False
-
-
-@dataclass
-class Prepared:
+class DockerPrepared:
     """A started container whose supervisor waits on stdin for its one job."""
 
     container: aiodocker.containers.DockerContainer
@@ -179,11 +150,25 @@ def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any
     }
 
 
-def _unavailable(exc: BaseException) -> bool:
-    """True when the daemon failed (unreachable: aiodocker's 900, or a 5xx), not refused (4xx)."""
-    if isinstance(exc, aiodocker.DockerError):
-        return exc.status >= 500
-    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
+@contextlib.contextmanager
+def engine_errors(step: str) -> Iterator[None]:
+    """Map what the Engine API raises during ``step`` to our errors: the daemon unreachable or
+    failing (a connection error, a timeout, aiodocker's 900, a 5xx) is transient; a refusal
+    (4xx) or anything else is a set-up failure, never retried with weaker settings."""
+    try:
+        yield
+    except TakoError:
+        raise
+    except aiodocker.DockerError as exc:
+        if exc.status >= 500:
+            raise SandboxUnavailableError(
+                f"Docker daemon unreachable during {step}: {exc}"
+            ) from exc
+        raise SandboxSetupError(f"Container {step} failed: {exc.message}") from exc
+    except (aiohttp.ClientError, OSError) as exc:  # OSError covers TimeoutError
+        raise SandboxUnavailableError(f"Docker daemon unreachable during {step}: {exc}") from exc
+    except Exception as exc:
+        raise SandboxSetupError(f"Container {step} failed: {exc!r}") from exc
 
 
 def _attach(docker: aiodocker.Docker, container_id: str) -> Stream:
@@ -211,11 +196,12 @@ class DockerSandbox:
     async def ping(self) -> None:
         """Raise ``SandboxUnavailableError`` unless the daemon answers."""
         try:
-            await asyncio.wait_for(self._docker.system.info(), 5)
-        except Exception as exc:
-            raise SandboxUnavailableError(f"Docker daemon unreachable: {exc}") from exc
+            with engine_errors("ping"):
+                await asyncio.wait_for(self._docker.system.info(), 5)
+        except SandboxSetupError as exc:  # a refused ping still means the daemon is not usable
+            raise SandboxUnavailableError(str(exc)) from exc
 
-    async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> Prepared:
+    async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> DockerPrepared:
         """Create, attach and start a container; its supervisor then waits for one job."""
         labels = {
             LABEL: "1",
@@ -225,20 +211,17 @@ class DockerSandbox:
             LABEL_PID: str(os.getpid()),
         }
         name = f"tako-{uuid.uuid4().hex[:12]}"
-        try:
+        with engine_errors("create"):
             container = await self._docker.containers.create(
                 container_config(limits, labels), name=name
             )
-        except Exception as exc:
-            raise self._map(exc, "create") from exc
-        prepared = Prepared(container, _attach(self._docker, container.id))
+        prepared = DockerPrepared(container, _attach(self._docker, container.id))
         try:
-            await prepared.stream._init()  # attach before start so no output can be missed
-            await container.start()
-        except BaseException as exc:
+            with engine_errors("start"):
+                await prepared.stream._init()  # attach before start so no output can be missed
+                await container.start()
+        except BaseException:
             await self.discard(prepared)
-            if isinstance(exc, Exception):
-                raise self._map(exc, "start") from exc
             raise
         return prepared
 
@@ -248,9 +231,7 @@ class DockerSandbox:
         limits: Limits,
         *,
         execution_id: str,
-        stdout_cap: int,
-        stderr_cap: int,
-        result_cap: int,
+        caps: OutputCaps,
         prepared: Prepared | None = None,
         cancel: asyncio.Event | None = None,
     ) -> SandboxRun:
@@ -261,34 +242,38 @@ class DockerSandbox:
         if prepared is not None and not prepared.alive():
             await self.discard(prepared)
             raise SandboxUnavailableError("a warm container lost its connection to Docker")
-        if prepared is None:
-            prepared = await self.prepare(limits, execution_id=execution_id)
+        container = (
+            _own(prepared)
+            if prepared is not None
+            else await self.prepare(limits, execution_id=execution_id)
+        )
         try:
             run = await self._execute(
-                prepared,
+                container,
                 job,
                 limits,
-                FrameReader(stdout_cap=stdout_cap, stderr_cap=stderr_cap, result_cap=result_cap),
+                FrameReader(stdout_cap=caps.stdout, stderr_cap=caps.stderr, result_cap=caps.result),
                 cancel,
             )
             run.warm = warm
             run.seconds = time.monotonic() - began
             return run
         finally:
-            await self.discard(prepared)
+            await self.discard(container)
 
     async def discard(self, prepared: Prepared) -> None:
         """Close, and remove in the background: the job's answer need not wait for Docker to
         delete its container (~50-100 ms).  The removal is its own task, so a cancelled job
         (shutdown, revoke) still leaves nothing behind, and ``drain`` waits for all of them."""
-        await prepared.stream.close()
-        removal = asyncio.ensure_future(self._remove(prepared.container))
+        container = _own(prepared)
+        await container.stream.close()
+        removal = asyncio.ensure_future(self._remove(container.container))
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
 
     async def _execute(
         self,
-        prepared: Prepared,
+        prepared: DockerPrepared,
         job: bytes,
         limits: Limits,
         reader: FrameReader,
@@ -309,10 +294,8 @@ class DockerSandbox:
 
         watcher: asyncio.Future[None] | None = None
         try:
-            try:
+            with engine_errors("start"):
                 await stream.write_in(job)
-            except Exception as exc:
-                raise self._map(exc, "start") from exc
             if cancel is not None:  # only now: a cancel byte must follow the whole job
                 watcher = asyncio.ensure_future(forward_cancel(cancel))
             try:
@@ -393,10 +376,8 @@ class DockerSandbox:
         or was made on this host by a process that is gone.  Live workers' containers are left
         alone: their owners remove them.
         """
-        try:
+        with engine_errors("list"):
             found = await self._docker.containers.list(all=True, filters={"label": [LABEL]})
-        except Exception as exc:
-            raise self._map(exc, "list") from exc
         strays = [c for c in found if self._is_stray(c["Labels"] or {})]
         for container in strays:
             await self._remove(container)
@@ -413,10 +394,9 @@ class DockerSandbox:
             return False
         return pid != os.getpid() and not _alive(pid)
 
-    @staticmethod
-    def _map(exc: BaseException, step: str) -> Exception:
-        if _unavailable(exc):
-            return SandboxUnavailableError(f"Docker daemon unreachable during {step}: {exc}")
-        if isinstance(exc, aiodocker.DockerError):
-            return SandboxSetupError(f"Container {step} failed: {exc.message}")
-        return SandboxSetupError(f"Container {step} failed: {exc!r}")
+
+def _own(prepared: Prepared) -> DockerPrepared:
+    """A prepared sandbox is only ever handed back to the sandbox that made it."""
+    if not isinstance(prepared, DockerPrepared):
+        raise TypeError(f"not a Docker container: {prepared!r}")
+    return prepared

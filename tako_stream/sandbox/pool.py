@@ -20,14 +20,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from tako_stream.core.errors import SandboxError
-from tako_stream.sandbox.docker import DockerSandbox, Limits, Prepared, SandboxRun
+from tako_stream.core.errors import CancelledBeforeStart, SandboxError
+from tako_stream.core.jobtypes import Limits
+from tako_stream.sandbox.base import Prepared, Sandbox, SandboxRun
+from tako_stream.settings import OutputCaps
 
 log = logging.getLogger(__name__)
-
-
-class CancelledBeforeStart(Exception):
-    """The job was cancelled while it waited for a container slot: it never ran."""
 
 
 def warm_key(limits: Limits) -> Limits:
@@ -40,7 +38,7 @@ class WarmPool:
 
     def __init__(
         self,
-        sandbox: DockerSandbox,
+        sandbox: Sandbox,
         shapes: Iterable[tuple[Limits, int]],
         *,
         max_idle: float,
@@ -134,7 +132,7 @@ class WarmPool:
 class SandboxPool:
     """Runs jobs through a sandbox, at most ``size`` at a time, warm when it can."""
 
-    def __init__(self, sandbox: DockerSandbox, size: int, warm: WarmPool | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, size: int, warm: WarmPool | None = None) -> None:
         self.sandbox = sandbox
         self.size = size
         self.warm = warm
@@ -147,9 +145,7 @@ class SandboxPool:
         limits: Limits,
         *,
         execution_id: str,
-        stdout_cap: int,
-        stderr_cap: int,
-        result_cap: int,
+        caps: OutputCaps,
         cancel: asyncio.Event | None = None,
         on_start: Callable[[], None] | None = None,
     ) -> SandboxRun:
@@ -168,9 +164,7 @@ class SandboxPool:
                             job,
                             limits,
                             execution_id=execution_id,
-                            stdout_cap=stdout_cap,
-                            stderr_cap=stderr_cap,
-                            result_cap=result_cap,
+                            caps=caps,
                             prepared=prepared,
                             cancel=cancel,
                         )

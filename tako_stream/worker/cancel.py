@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tako_stream.core.models import CancelRequest
+from tako_stream.kafka.view import KeyedView
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +25,21 @@ class Cancellations:
     """Cancel requests seen so far (the most recent ``keep``), and the jobs running here."""
 
     def __init__(self, keep: int = 100_000) -> None:
-        self._keep = keep
-        self._requested: OrderedDict[str, CancelRequest] = OrderedDict()
+        self._requested: KeyedView[CancelRequest] = KeyedView(
+            CancelRequest.model_validate_json,
+            keep=keep,
+            name="control topic",
+            key_of=lambda request: request.execution_id,
+        )
         self._running: dict[str, asyncio.Event] = {}
         #: Set once the control topic has been read up to where it ended at start-up.
         self.caught_up = asyncio.Event()
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """Fold one control-topic record in (``kafka.tail`` calls this)."""
-        if value is None:
-            if key is not None:
-                self._requested.pop(key.decode("utf-8", "replace"), None)
+        """Fold one control-topic record in (``kafka.reader.tail`` calls this)."""
+        request = self._requested.apply(key, value)
+        if request is None:
             return
-        try:
-            request = CancelRequest.model_validate_json(value)
-        except ValueError:
-            log.warning("skipping an unreadable control record (key %r)", key)
-            return
-        self._requested[request.execution_id] = request
-        self._requested.move_to_end(request.execution_id)
-        while len(self._requested) > self._keep:
-            self._requested.popitem(last=False)
         event = self._running.get(request.execution_id)
         if event is not None:
             log.info("cancel requested for running job %s", request.execution_id)

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaProducer
 
 from tako_stream.client import Producer, ResultReader
 from tako_stream.core.models import ExecutionResult
+from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps
-from tako_stream.kafka.topics import producer_options
 from tako_stream.sandbox.docker import LABEL, LABEL_WORKER
 from tako_stream.settings import Settings
 

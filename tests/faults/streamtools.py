@@ -16,10 +16,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from tako_stream.client import results_reader
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult
 from tako_stream.kafka import broker as embedded
+from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps, loads
-from tako_stream.kafka.topics import MAX_MESSAGE_BYTES, producer_options, reader
+from tako_stream.kafka.reader import TopicReader
 from tako_stream.settings import Settings
 from tests.integration.stack import Stack, free_port
 
@@ -133,32 +135,14 @@ class Answers:
     stack: Stack | None = None
     results: dict[str, list[ExecutionResult]] = field(default_factory=dict)
     bad_keys: list[tuple[bytes | None, str]] = field(default_factory=list)
-    _consumer: AIOKafkaConsumer | None = None
+    _reader: TopicReader | None = None
     _task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> Answers:
-        consumer = reader(
-            self.settings,
-            fetch_max_bytes=2 * MAX_MESSAGE_BYTES,
-            fetch_max_wait_ms=self.settings.kafka_fetch_wait_ms,
-        )
-        await consumer.start()
-        self._consumer = consumer
-        topic = self.settings.results_topic
-        partitions: set[int] | None = None
-        for _ in range(100):
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions:
-                break
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.1)
-        assert partitions, f"no topic {topic}"
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        self._reader = results_reader(self.settings)
+        await self._reader.start()
+        await self._reader.from_end()
         self._task = asyncio.ensure_future(self._collect())
         return self
 
@@ -166,20 +150,19 @@ class Answers:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._reader is not None:
+            await self._reader.stop()
 
     async def _collect(self) -> None:
-        assert self._consumer is not None
+        assert self._reader is not None
         while True:
-            batches = await self._consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    result = ExecutionResult.model_validate(loads(record.value or b""))
-                    if record.key != result.execution_id.encode():
-                        self.bad_keys.append((record.key, result.execution_id))
-                    self.results.setdefault(result.execution_id, []).append(result)
-            if batches:
+            records = await self._reader.fetch(timeout=0.5)
+            for record in records:
+                result = ExecutionResult.model_validate(loads(record.value or b""))
+                if record.key != result.execution_id.encode():
+                    self.bad_keys.append((record.key, result.execution_id))
+                self.results.setdefault(result.execution_id, []).append(result)
+            if records:
                 self._changed.set()
 
     def answered(self, ids: set[str]) -> set[str]:

@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tako_stream import dlq as dlq_module
 from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
-from tako_stream.kafka.topics import MAX_MESSAGE_BYTES
+from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tests.integration.stack import Stack, WorkerProcess
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """The bad-input corpus (tests/integration/test_bad_input.py) checked against the decoder alone.
 
 The integration test sends each message through a real broker and worker; here the same bytes
-go through ``decode_request`` (and ``resolve_limits``, which refuses what the job type forbids),
+go through ``decode_request`` (and ``JobTypes.limits``, which refuses what the job type forbids),
 so a wrong expectation or a decoder regression shows in milliseconds.
 """
 
@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from tako_stream.core.errors import InvalidRequestError
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.kafka.codec import decode_request
-from tako_stream.worker.execute import resolve_limits
 from tests.integration.test_bad_input import Case, corpus, flood
 
 CORPUS = corpus("unit")
@@ -25,7 +24,7 @@ JOB_TYPES = JobTypes.load()
 def rejection(case: Case) -> InvalidRequestError:
     try:
         request = decode_request(case.value, case.key)
-        resolve_limits(request, JOB_TYPES)
+        JOB_TYPES.limits(request)
     except InvalidRequestError as exc:
         return exc
     raise AssertionError(f"{case.name}: accepted")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from tako_stream.settings import BreakerConfig
+from tako_stream.worker.breaker.handle import Breaker
 from tako_stream.worker.breaker.state import (
-    Breaker,
-    BreakerConfig,
     BreakerEvent,
     BreakerState,
     Outcome,
@@ -95,8 +95,9 @@ class FakeTable:
         self.published: list[BreakerEvent] = []
         self.now = T0
 
-    def read(self, key: str) -> Any:
-        return self.data.get(key)
+    def read(self, key: str) -> BreakerState | None:
+        raw = self.data.get(key)
+        return BreakerState.model_validate(raw) if raw else None
 
     async def publish(self, event: BreakerEvent) -> None:
         self.published.append(event)
@@ -123,15 +124,14 @@ def handle(table: FakeTable) -> Breaker:
 
 async def test_handle_admits_one_trial_at_a_time_when_half_open(table: FakeTable) -> None:
     breaker = handle(table)
-    ticket = breaker.acquire()
-    assert ticket is not None and not ticket.trial
+    assert breaker.acquire() is not None
     for _ in range(5):
         await breaker.record(Outcome.FAILURE, source="job", detail="down")
     assert breaker.view().state is State.OPEN
     assert breaker.acquire() is None
     table.now = T0 + timedelta(seconds=31)
     trial = breaker.acquire()
-    assert trial is not None and trial.trial
+    assert trial is not None
     assert breaker.acquire() is None  # one trial per worker at a time
     trial.release()
     assert breaker.acquire() is not None

@@ -1,4 +1,4 @@
-"""execute.classify and execute.resolve_limits on hand-built values: no Docker involved."""
+"""verdict.classify and JobTypes.limits on hand-built values: no Docker involved."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import textwrap
 import pytest
 
 from tako_stream.core.errors import ErrorType, InvalidRequestError, Status
-from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.jobtypes import JobTypes, Limits
 from tako_stream.core.models import ExecutionRequest, JobType
-from tako_stream.sandbox.docker import Limits, SandboxRun
+from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.protocol import Collected, Report
-from tako_stream.worker.execute import Verdict, classify, resolve_limits
+from tako_stream.worker.verdict import Verdict, classify
 
 MiB = 1024 * 1024
 LIMITS = Limits(image="img", memory=256 * MiB, cpus=1.0, pids_limit=128, timeout=5)
@@ -250,7 +250,7 @@ def test_no_report_message_keeps_only_the_diagnostics_tail() -> None:
     assert len(verdict.error.message) < 600
 
 
-# --- resolve_limits -----------------------------------------------------------------------------
+# --- JobTypes.limits ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def test_packaged_job_types(job_types: JobTypes) -> None:
 
 
 def test_defaults_from_the_job_type(job_types: JobTypes) -> None:
-    limits = resolve_limits(request(), job_types)
+    limits = job_types.limits(request())
     default = job_types["default"]
     assert limits == Limits(
         image=default.image,
@@ -281,23 +281,23 @@ def test_defaults_from_the_job_type(job_types: JobTypes) -> None:
 
 
 def test_other_job_type_defaults(job_types: JobTypes) -> None:
-    limits = resolve_limits(request(job_type="data-processing"), job_types)
+    limits = job_types.limits(request(job_type="data-processing"))
     assert limits.image == job_types["data-processing"].image
     assert limits.memory == 512 * MiB
     assert limits.timeout == 60
 
 
 def test_request_overrides_within_the_ceilings(job_types: JobTypes) -> None:
-    limits = resolve_limits(request(timeout=12.5, memory_limit="512m"), job_types)
+    limits = job_types.limits(request(timeout=12.5, memory_limit="512m"))
     assert limits.timeout == 12.5
     assert limits.memory == 512 * MiB
-    big = resolve_limits(request(job_type="data-processing", memory_limit="2g"), job_types)
+    big = job_types.limits(request(job_type="data-processing", memory_limit="2g"))
     assert big.memory == 2 * 1024 * MiB
 
 
 def test_unknown_job_type(job_types: JobTypes) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        resolve_limits(request(job_type="gpu"), job_types)
+        job_types.limits(request(job_type="gpu"))
     exc = info.value
     assert exc.execution_id == "e-1"
     assert len(exc.errors) == 1
@@ -309,16 +309,16 @@ def test_unknown_job_type(job_types: JobTypes) -> None:
 
 def test_memory_above_max(job_types: JobTypes) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        resolve_limits(request(memory_limit="1g"), job_types)
+        job_types.limits(request(memory_limit="1g"))
     assert [e.split(":")[0] for e in info.value.errors] == ["memory_limit"]
     assert "512m" in info.value.errors[0]
 
 
 def test_timeout_above_max() -> None:
     types = JobTypes({"default": JobType(name="default", image="img", timeout=10, max_timeout=60)})
-    assert resolve_limits(request(timeout=60), types).timeout == 60
+    assert types.limits(request(timeout=60)).timeout == 60
     with pytest.raises(InvalidRequestError) as info:
-        resolve_limits(request(timeout=61), types)
+        types.limits(request(timeout=61))
     assert [e.split(":")[0] for e in info.value.errors] == ["timeout"]
     assert "60s" in info.value.errors[0]
 
@@ -332,13 +332,13 @@ def test_both_problems_are_reported() -> None:
         }
     )
     with pytest.raises(InvalidRequestError) as info:
-        resolve_limits(request(timeout=100, memory_limit="128m"), types)
+        types.limits(request(timeout=100, memory_limit="128m"))
     assert [e.split(":")[0] for e in info.value.errors] == ["timeout", "memory_limit"]
 
 
 def test_runtime_is_passed_on() -> None:
     types = JobTypes({"default": JobType(name="default", image="img", runtime="runsc")})
-    assert resolve_limits(request(), types).runtime == "runsc"
+    assert types.limits(request()).runtime == "runsc"
 
 
 def test_job_type_defaults_must_fit_its_ceilings() -> None:

@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tako_stream import dlq
-from tako_stream.core.errors import ErrorType
-from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ErrorInfo, SourcePosition
+from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    DLQRecord,
+    ErrorInfo,
+    ExecutionResult,
+    SourcePosition,
+)
+from tako_stream.kafka.message import Incoming
 
 T0 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = datetime(2024, 1, 2, 3, 4, 9, tzinfo=UTC)
@@ -27,19 +34,27 @@ def build(
     source: SourcePosition = SOURCE,
     error: ErrorInfo = ERROR,
 ) -> tuple[DLQRecord, bytes, list[tuple[str, bytes]]]:
-    return dlq.build_record(
+    message = Incoming(
+        topic=source.topic,
+        partition=source.partition,
+        offset=source.offset,
         key=key,
         value=value,
-        headers=headers,
-        source=source,
+        headers=tuple(headers or ()),
+        timestamp_ms=source.timestamp_ms,
+    )
+    result = ExecutionResult(
         execution_id="job-1",
         correlation_id="corr-9",
+        status=Status.REJECTED,
+        success=False,
         error=error,
         attempts=2,
-        first_failure_at=T0,
-        last_failure_at=T1,
         worker_id="worker-a",
+        finished_at=T1,
     )
+    dead = dlq.dead_letter(message, result, first_failure_at=T0)
+    return dead.record, dead.value, dead.headers
 
 
 def unb64(text: str) -> bytes:
@@ -208,10 +223,10 @@ def test_summaries_leave_the_original_out_and_are_not_replayed() -> None:
     full, summary = dlq.DLQStore(), dlq.DLQStore(keep_originals=False)
     for store in (full, summary):
         store.apply(record.dlq_id.encode(), encoded)
-    kept = summary.entries[record.dlq_id]
+    kept = summary.get(record.dlq_id)
     assert kept.original_omitted and kept.original_value is None and kept.original_headers == []
     assert kept.original_size == record.original_size and kept.error == record.error
-    assert full.entries[record.dlq_id] == record
+    assert full.get(record.dlq_id) == record
     assert dlq.refusal(record, max_replays=3) is None
     assert dlq.refusal(kept, max_replays=3) is not None
     assert dlq.refusal(record.model_copy(update={"replay_count": 3}), max_replays=3) is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tako_stream.worker.retry import RetryPolicy
+from tako_stream.settings import RetryPolicy
 
 
 def test_equal_jitter_bounds() -> None:

@@ -1,4 +1,4 @@
-"""The circuit breaker around Docker: its state machine, as a pure fold over events.
+"""The circuit breaker's state machine, as a pure fold over events.
 
 States follow Tako VM: ``closed`` (normal) → ``open`` after ``failure_threshold`` consecutive
 Docker failures (jobs answered at once with ``service_unavailable``) → ``half_open`` once
@@ -6,25 +6,20 @@ Docker failures (jobs answered at once with ``service_unavailable``) → ``half_
 successes, or back to ``open`` on any failure.
 
 Why a fold over events: the state is shared by every worker of a host, and several workers
-updating one record concurrently would lose updates.  So workers only *publish* outcomes (job
-runs and periodic pings) to a single-partition events topic; exactly one faust agent (the owner
-of that partition) applies ``fold`` in order and writes the result to a GlobalTable that every
-worker reads.  ``half_open`` is not stored when it is reached by time alone: readers derive it
-from ``opened_at`` with ``effective``, so no timer has to fire for it.
+updating one record concurrently would lose updates.  So workers only publish outcomes, and one
+writer applies ``fold`` to them in order (see ``shared``).  ``half_open`` is not stored when it
+is reached by time alone: readers derive it from ``opened_at`` with ``effective``, so no timer
+has to fire for it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel
 
-log = logging.getLogger(__name__)
+from tako_stream.settings import BreakerConfig
 
 
 class State(StrEnum):
@@ -36,13 +31,6 @@ class State(StrEnum):
 class Outcome(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
-
-
-@dataclass(frozen=True)
-class BreakerConfig:
-    failure_threshold: int = 5
-    reset_timeout: float = 30.0
-    success_threshold: int = 2
 
 
 class BreakerEvent(BaseModel):
@@ -57,7 +45,7 @@ class BreakerEvent(BaseModel):
 
 
 class BreakerState(BaseModel):
-    """The shared record for one Docker endpoint (the GlobalTable's value)."""
+    """The shared record for one Docker endpoint (the shared table's value)."""
 
     endpoint: str
     state: State = State.CLOSED
@@ -111,89 +99,9 @@ def fold(state: BreakerState | None, event: BreakerEvent, config: BreakerConfig)
     return current.model_copy(update=update)
 
 
-def changelog_topic(consumer_group: str) -> str:
-    """The shared breaker table's changelog, named as faust names it (app id, table name)."""
-    return f"{consumer_group}-app-{consumer_group}-breaker-changelog"
-
-
 def endpoint_key(docker_host: str | None, hostname: str) -> str:
     """One breaker per Docker engine: a local socket is per host, a TCP endpoint is global."""
     host = docker_host or "unix:///var/run/docker.sock"
     if host.startswith(("unix://", "npipe://")) or "://" not in host:
         return f"{hostname}|{host}"
     return host
-
-
-class Ticket:
-    """Leave to use Docker for one job; a half-open breaker hands out one at a time per worker."""
-
-    def __init__(self, breaker: Breaker | None, trial: bool) -> None:
-        self._breaker = breaker
-        self.trial = trial
-
-    def release(self) -> None:
-        if self._breaker is not None and self.trial:
-            self._breaker._trial_busy = False
-            self._breaker = None
-
-
-class Breaker:
-    """A worker's handle on the shared breaker: reads the GlobalTable, publishes outcomes."""
-
-    def __init__(
-        self,
-        *,
-        endpoint: str,
-        config: BreakerConfig,
-        worker_id: str,
-        read: Callable[[str], Any],
-        publish: Callable[[BreakerEvent], Awaitable[None]],
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-    ) -> None:
-        self.endpoint = endpoint
-        self.config = config
-        self._worker_id = worker_id
-        self._read = read
-        self._publish = publish
-        self._clock = clock
-        self._trial_busy = False
-
-    def view(self) -> BreakerState:
-        """The shared state as this worker sees it now."""
-        raw = self._read(self.endpoint)
-        state = BreakerState(endpoint=self.endpoint)
-        if raw:
-            try:
-                state = BreakerState.model_validate(raw)
-            except ValueError:
-                log.warning("unreadable breaker state for %s: %r", self.endpoint, raw)
-        return state.effective(self._clock(), self.config)
-
-    def acquire(self) -> Ticket | None:
-        """A ticket to run a container, or None while the breaker is open."""
-        state = self.view().state
-        if state is State.CLOSED:
-            return Ticket(None, trial=False)
-        if state is State.HALF_OPEN and not self._trial_busy:
-            self._trial_busy = True
-            return Ticket(self, trial=True)
-        return None
-
-    async def record(self, outcome: Outcome, *, source: str, detail: str | None = None) -> None:
-        """Publish an outcome; plain successes while all is well are not worth an event."""
-        if outcome is Outcome.SUCCESS:
-            current = self.view()
-            if current.state is State.CLOSED and current.failure_count == 0:
-                return
-        event = BreakerEvent(
-            endpoint=self.endpoint,
-            outcome=outcome,
-            at=self._clock(),
-            worker_id=self._worker_id,
-            source=source,
-            detail=detail[:500] if detail else None,
-        )
-        try:
-            await self._publish(event)
-        except Exception:  # the breaker must never take a job down with it
-            log.exception("could not publish a breaker event")

@@ -1,0 +1,441 @@
+"""The gateway's routes: Tako VM's REST API over Kafka, declared once in ``ROUTES``.
+
+``ROUTES`` is what the aiohttp application registers and what the OpenAPI document is generated
+from, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from tako_stream import __version__, dlq
+from tako_stream.core.errors import CancelRefused, InvalidRequestError
+from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    DLQRecord,
+    ExecutionRequest,
+    ExecutionResult,
+    JobType,
+)
+from tako_stream.gateway.shapes import (
+    AsyncExecuteBody,
+    ErrorBody,
+    JobAccepted,
+    SyncResponse,
+    job_record,
+    payload_digest,
+    sync_response,
+)
+from tako_stream.gateway.views import ClusterView
+from tako_stream.kafka.codec import new_id
+from tako_stream.kafka.reader import latest
+from tako_stream.settings import Settings
+from tako_stream.worker.breaker.state import State
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_HEADER = "x-tako-payload-sha256"
+#: Idempotency keys map to execution ids in this namespace, so every gateway agrees on them.
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A response's description and body model (None: any JSON object).
+Response = tuple[str, type[BaseModel] | None]
+ERROR: Response = ("Error: {detail, correlation_id}", ErrorBody)
+ANY: Response = ("A JSON object", None)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: where it is, which ``Routes`` method serves it, and what it answers."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    responses: dict[int, Response]
+    body: type[BaseModel] | None = None
+    #: Query parameters: name and JSON type.
+    query: tuple[tuple[str, str], ...] = ()
+    documented: bool = True
+
+
+_WAIT = (("wait", "boolean"), ("timeout", "number"))
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/execute",
+        "execute",
+        "Run code and wait for its result",
+        {200: ("Finished (successfully or not)", SyncResponse), 422: ERROR, 504: ERROR},
+        body=ExecutionRequest,
+    ),
+    Route(
+        "POST",
+        "/execute/async",
+        "execute_async",
+        "Queue code; idempotent with idempotency_key",
+        {
+            202: ("Queued", JobAccepted),
+            200: ("Known idempotency key", JobAccepted),
+            409: ERROR,
+            422: ERROR,
+        },
+        body=AsyncExecuteBody,
+    ),
+    Route(
+        "GET",
+        "/jobs/{id}",
+        "job",
+        "A job's status, with its result once finished",
+        {200: ("The job", None), 404: ERROR},
+    ),
+    Route(
+        "GET",
+        "/jobs/{id}/result",
+        "job_result",
+        "A job's result; wait=true&timeout=N waits for it",
+        {200: ("Finished", ExecutionResult), 202: ("Not finished yet", None), 404: ERROR},
+        query=_WAIT,
+    ),
+    Route(
+        "POST",
+        "/jobs/{id}/cancel",
+        "cancel",
+        "Cancel a queued or running job; wait=true&timeout=N waits for it",
+        {
+            202: ("Cancel requested", None),
+            200: ("Ended (with wait=true)", ExecutionResult),
+            404: ERROR,
+            409: ("Already finished: {detail, correlation_id}", ErrorBody),
+        },
+        query=_WAIT,
+    ),
+    Route(
+        "GET",
+        "/executions",
+        "executions",
+        "Finished executions, newest first",
+        {200: ("A page", None), 422: ERROR},
+        query=(
+            ("limit", "integer"),
+            ("offset", "integer"),
+            ("status", "string"),
+            ("job_type", "string"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/executions/{id}",
+        "execution",
+        "One finished execution",
+        {200: ("It", ExecutionResult), 404: ERROR},
+    ),
+    Route("GET", "/job-types", "list_job_types", "Job types", {200: ANY}),
+    Route(
+        "GET",
+        "/job-types/{name}",
+        "get_job_type",
+        "One job type",
+        {200: ("It", JobType), 404: ERROR},
+    ),
+    Route("GET", "/health", "health", "Gateway health", {200: ANY}),
+    Route("GET", "/dlq", "dlq_list", "DLQ entries", {200: ANY}),
+    Route("GET", "/dlq/stats", "dlq_stats", "DLQ totals by error type", {200: ANY}),
+    Route("GET", "/dlq/{id}", "dlq_get", "One DLQ entry", {200: ("It", DLQRecord), 404: ERROR}),
+    Route(
+        "DELETE",
+        "/dlq/{id}",
+        "dlq_delete",
+        "Delete a DLQ entry (a tombstone on the DLQ topic)",
+        {200: ANY, 404: ERROR},
+    ),
+    Route("GET", "/openapi.json", "openapi", "This document", {200: ANY}, documented=False),
+    Route("GET", "/metrics", "serve_metrics", "Prometheus metrics", {200: ANY}, documented=False),
+)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(request: web.Request, status: int, detail: Any) -> web.Response:
+    return json_response({"detail": detail, "correlation_id": request["correlation_id"]}, status)
+
+
+def _wait_query(request: web.Request) -> tuple[bool, float]:
+    """``?wait=true&timeout=N`` (30 s by default); ValueError when the timeout is no number."""
+    wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
+    return wait, max(0.0, float(request.query.get("timeout", "30")))
+
+
+class Routes:
+    """The handlers, over one view of the cluster shared by every HTTP request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_types: JobTypes,
+        view: ClusterView,
+        openapi: Callable[[], dict[str, Any]],
+        metrics: Callable[[], web.Response],
+    ) -> None:
+        self.settings = settings
+        self.job_types = job_types
+        self.view = view
+        self.client = view.client
+        self._openapi = openapi
+        self._metrics = metrics
+
+    # -- submitting ------------------------------------------------------------------------
+    async def _body(
+        self, request: web.Request, model: type[ExecutionRequest]
+    ) -> tuple[ExecutionRequest, dict[str, Any]] | web.Response:
+        """The validated body, or a 422 response naming every problem (FastAPI's shape)."""
+        try:
+            raw = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return error_response(request, 422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}"}])
+        if not isinstance(raw, dict):
+            return error_response(request, 422, [{"loc": ["body"], "msg": "must be a JSON object"}])
+        try:
+            body = model.model_validate(raw)
+            self.job_types.limits(body)
+        except ValidationError as exc:
+            problems = [
+                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            return error_response(request, 422, problems)
+        except InvalidRequestError as exc:
+            problems = [{"loc": ["body", e.split(":")[0]], "msg": e} for e in exc.errors]
+            return error_response(request, 422, problems)
+        return body, raw
+
+    async def _produce(
+        self, request: web.Request, body: ExecutionRequest, extra_headers: list[tuple[str, bytes]]
+    ) -> str:
+        fields = body.model_dump(mode="json", exclude_none=True)
+        fields.pop("idempotency_key", None)
+        fields.setdefault("execution_id", new_id())
+        headers = [(CORRELATION_HEADER, request["correlation_id"].encode()), *extra_headers]
+        await self.client.send_raw(
+            orjson.dumps(fields), key=fields["execution_id"].encode(), headers=headers
+        )
+        return str(fields["execution_id"])
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
+        parsed = await self._body(request, ExecutionRequest)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, _ = parsed
+        execution_id = await self._produce(request, body, [])
+        limits = self.job_types.limits(body)
+        wait = limits.timeout + self.settings.timeout_grace + self.settings.gateway_wait_margin
+        try:
+            result = await self.client.result(execution_id, timeout=wait)
+        except TimeoutError:
+            return error_response(request, 504, f"no result for {execution_id} within {wait:g}s")
+        return json_response(sync_response(result))
+
+    async def execute_async(self, request: web.Request) -> web.StreamResponse:
+        parsed = await self._body(request, AsyncExecuteBody)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, raw = parsed
+        if not isinstance(body, AsyncExecuteBody):
+            raise TypeError("execute_async validates an AsyncExecuteBody")
+        headers: list[tuple[str, bytes]] = []
+        if body.idempotency_key is not None:
+            digest = payload_digest(raw)
+            execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
+            if body.execution_id not in (None, execution_id):
+                return error_response(
+                    request, 422, "execution_id cannot be given with idempotency_key"
+                )
+            earlier = await latest(self.settings, self.settings.requests_topic, execution_id)
+            if earlier is not None:
+                seen = dict(earlier.headers or ()).get(PAYLOAD_HEADER, b"").decode()
+                if seen != digest:
+                    return error_response(
+                        request, 409, "idempotency_key was used before with another payload"
+                    )
+                status = self.view.status(execution_id)
+                return json_response(JobAccepted(job_id=execution_id, status=status))
+            body = body.model_copy(update={"execution_id": execution_id})
+            headers.append((PAYLOAD_HEADER, digest.encode()))
+        execution_id = await self._produce(request, body, headers)
+        return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+
+    # -- reading ---------------------------------------------------------------------------
+    async def job(self, request: web.Request) -> web.StreamResponse:
+        execution_id = request.match_info["id"]
+        state, result = await self.view.find(execution_id)
+        if result is not None:
+            return json_response(job_record(result))
+        if state in ("queued", "running"):
+            return json_response(self.view.pending(execution_id, state))
+        return error_response(request, 404, f"no job {execution_id}")
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """Cancel a queued or running job (202); 409 once it finished.  With ``wait=true``,
+        answers with the job's result when it arrives (``timeout`` seconds at most)."""
+        execution_id = request.match_info["id"]
+        try:
+            wait, timeout = _wait_query(request)
+        except ValueError:
+            return error_response(request, 422, "timeout must be a number of seconds")
+        state, result = await self.view.find(execution_id)
+        if state == "unknown":
+            return error_response(request, 404, f"no job {execution_id}")
+        if result is not None:
+            return error_response(request, 409, str(CancelRefused(execution_id, result)))
+        await self.client.request_cancel(execution_id, correlation_id=request["correlation_id"])
+        log.info("cancel requested for %s (%s)", execution_id, state)
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                result = await self.client.result(execution_id, timeout=timeout)
+            if result is not None:
+                return json_response(job_record(result))
+        return json_response({"job_id": execution_id, "status": "cancelling", "was": state}, 202)
+
+    async def job_result(self, request: web.Request) -> web.StreamResponse:
+        """The record once finished; with ``wait=true``, waits up to ``timeout`` seconds."""
+        execution_id = request.match_info["id"]
+        try:
+            wait, timeout = _wait_query(request)
+        except ValueError:
+            return error_response(request, 422, "timeout must be a number of seconds")
+        state, result = await self.view.find(execution_id)
+        if state == "unknown":
+            return error_response(request, 404, f"no job {execution_id}")
+        if result is None and wait:
+            with contextlib.suppress(TimeoutError):
+                result = await self.client.result(execution_id, timeout=timeout)
+        if result is None:
+            status = self.view.status(execution_id)
+            return json_response({"job_id": execution_id, "status": status}, 202)
+        return json_response(job_record(result))
+
+    async def execution(self, request: web.Request) -> web.StreamResponse:
+        execution_id = request.match_info["id"]
+        state, result = await self.view.find(execution_id)
+        if result is None:
+            return error_response(request, 404, f"no finished execution {execution_id} ({state})")
+        return json_response(result)
+
+    async def executions(self, request: web.Request) -> web.StreamResponse:
+        """Finished executions, newest first: ``limit`` (≤ 1000), ``offset``, ``status``,
+        ``job_type``."""
+        try:
+            limit = min(int(request.query.get("limit", "50")), 1000)
+            offset = int(request.query.get("offset", "0"))
+            if limit < 1 or offset < 0:
+                raise ValueError
+        except ValueError:
+            return error_response(request, 422, "limit must be 1..1000 and offset ≥ 0")
+        status = request.query.get("status")
+        job_type = request.query.get("job_type")
+        items = [
+            r
+            for r in reversed(self.client.seen())
+            if (status is None or r.status.value == status)
+            and (job_type is None or r.job_type == job_type)
+        ]
+        page = items[offset : offset + limit]
+        return json_response(
+            {
+                "total": len(items),
+                "limit": limit,
+                "offset": offset,
+                "items": [r.model_dump(mode="json") for r in page],
+            }
+        )
+
+    async def list_job_types(self, request: web.Request) -> web.StreamResponse:
+        return json_response([t.model_dump(mode="json") for t in self.job_types.values()])
+
+    async def get_job_type(self, request: web.Request) -> web.StreamResponse:
+        job_type = self.job_types.get(request.match_info["name"])
+        if job_type is None:
+            return error_response(request, 404, f"no job type {request.match_info['name']}")
+        return json_response(job_type)
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        """Tako VM's shape: the shared circuit breaker (read from its table's changelog, so
+        every gateway agrees with every worker), and whether the broker answers."""
+        broker = await self.view.broker_available()
+        state = self.view.breakers.worst()
+        healthy = broker and state.state is State.CLOSED
+        return json_response(
+            {
+                "status": "healthy" if healthy else "degraded",
+                "docker_available": state.state is not State.OPEN,
+                "circuit_breaker": {
+                    "state": state.state.value,
+                    "failure_count": state.failure_count,
+                    "success_count": state.success_count,
+                    "last_failure": state.last_failure.isoformat() if state.last_failure else None,
+                },
+                "broker_available": broker,
+                "version": __version__,
+                "executions_known": self.client.known_count,
+                "dlq": self.view.dlq.stats(),
+            },
+            200 if broker else 503,
+        )
+
+    # -- DLQ -------------------------------------------------------------------------------
+    async def dlq_stats(self, request: web.Request) -> web.StreamResponse:
+        return json_response(self.view.dlq.stats())
+
+    async def dlq_list(self, request: web.Request) -> web.StreamResponse:
+        try:
+            since = dlq.parse_time(request.query.get("since"))
+            until = dlq.parse_time(request.query.get("until"))
+        except ValueError as exc:
+            return error_response(request, 422, str(exc))
+        entries = self.view.dlq.select(
+            error_type=request.query.get("error_type"), since=since, until=until
+        )
+        return json_response(
+            {"total": len(entries), "entries": [e.model_dump(mode="json") for e in entries]}
+        )
+
+    async def dlq_get(self, request: web.Request) -> web.StreamResponse:
+        entry = self.view.dlq.get(request.match_info["id"])
+        if entry is None:
+            return error_response(request, 404, f"no DLQ entry {request.match_info['id']}")
+        return json_response(entry)
+
+    async def dlq_delete(self, request: web.Request) -> web.StreamResponse:
+        dlq_id = request.match_info["id"]
+        if dlq_id not in self.view.dlq:
+            return error_response(request, 404, f"no DLQ entry {dlq_id}")
+        await dlq.delete(self.settings, [dlq_id])
+        self.view.dlq.apply(dlq_id.encode(), None)
+        return json_response({"deleted": dlq_id})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return json_response(self._openapi())
+
+    async def serve_metrics(self, request: web.Request) -> web.StreamResponse:
+        return self._metrics()
+
+    def handler(self, route: Route) -> Handler:
+        served: Handler = getattr(self, route.handler)
+        return served

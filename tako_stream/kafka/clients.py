@@ -1,0 +1,46 @@
+"""How every Kafka client of the service is configured: one producer and one consumer factory.
+
+Only standard Kafka APIs and options are used, so Apache Kafka, Redpanda and the embedded broker
+all work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+from tako_stream.kafka.records import install as tolerate_bad_header_keys
+from tako_stream.settings import Settings
+
+#: Requests carry up to 100k chars of code and 1 MiB of input; results up to 1 MiB of output
+#: and two 64 KiB streams: above Kafka's 1 MB default, so topics and clients allow 8 MiB.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """An acks=all producer: an answer counts as sent once every in-sync replica has it."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": f"tako-{settings.worker_id}",
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotence,
+        "linger_ms": 2,
+        "max_request_size": MAX_MESSAGE_BYTES,
+        "compression_type": None,
+    }
+
+
+def consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A consumer that never commits by itself and can fetch the largest message a topic takes.
+
+    Every consumer of the service is made here, so every one of them parses record batches with
+    ``tolerate_bad_header_keys`` (a header key that is not UTF-8 must not stop a stream).
+    """
+    tolerate_bad_header_keys()
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+        **options,
+    )

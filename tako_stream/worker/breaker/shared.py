@@ -1,0 +1,133 @@
+"""The breaker's state, shared by every worker and gateway through a faust table.
+
+Workers publish outcomes to a single-partition events topic; the one worker that owns that
+partition (faust's group gives it to exactly one) folds them, in order, into a one-partition
+``Table``.  One partition on both sides keeps the agent's writes legal (a table written from an
+agent must have as many changelog partitions as the agent's source topic has partitions) and
+gives a single writer, so concurrent read-modify-writes cannot lose updates; when that worker
+dies, faust hands the partition to another, which recovers the table from its changelog and goes
+on folding.
+
+Everyone reads the state from the table's changelog, tailed into ``BreakerStates``.  A
+``GlobalTable`` would be the textbook reader, but faust treats a GlobalTable's partitions as
+active on every worker and never applies changelog records to an active partition after
+recovery, so readers other than the writer never see a transition (faust-streaming #283).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from aiokafka.admin import NewTopic
+from pydantic import ValidationError
+
+from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.view import KeyedView
+from tako_stream.settings import BreakerConfig, Settings
+from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, State, fold
+
+log = logging.getLogger(__name__)
+
+_RANK = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
+
+
+def app_id(settings: Settings) -> str:
+    """The faust app's id, which names its tables' changelog topics."""
+    return f"{settings.consumer_group}-app"
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The shared table's changelog, named as faust names it: ``{app id}-{table}-changelog``
+    (``attach`` checks that faust agrees)."""
+    return f"{app_id(settings)}-{_table_name(settings)}-changelog"
+
+
+def _table_name(settings: Settings) -> str:
+    return f"{settings.consumer_group}-breaker"
+
+
+def topics(settings: Settings) -> list[NewTopic]:
+    """The breaker's topics, created before faust starts: when two workers start together,
+    faust creating them lazily races, and its producer then crashes on a partition its metadata
+    does not know yet."""
+    return [
+        NewTopic(settings.breaker_topic, 1, settings.topic_replication),
+        NewTopic(
+            changelog_topic(settings),
+            1,
+            settings.topic_replication,
+            topic_configs={"cleanup.policy": "compact"},
+        ),
+    ]
+
+
+class BreakerStates:
+    """Every Docker engine's breaker, as the changelog says (one entry per endpoint)."""
+
+    def __init__(self, config: BreakerConfig) -> None:
+        self.config = config
+        self.view: KeyedView[BreakerState] = KeyedView(
+            BreakerState.model_validate_json, name="breaker states"
+        )
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        self.view.apply(key, value)
+
+    def get(self, endpoint: str) -> BreakerState | None:
+        return self.view.get(endpoint)
+
+    def worst(self, now: datetime | None = None) -> BreakerState:
+        """The worst breaker of the engines the workers use (closed when none failed)."""
+        at = now or datetime.now(UTC)
+        states = [s.effective(at, self.config) for s in self.view.values()]
+        worst = max(states, key=lambda s: _RANK[s.state], default=None)
+        return worst or BreakerState(endpoint="-")
+
+
+def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Awaitable[None]]:
+    """Add the events topic, the table and its folding agent to ``app``; the publisher."""
+    config = settings.breaker
+    events = app.topic(
+        settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
+    )
+    table = app.Table(
+        _table_name(settings),
+        partitions=1,
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+    )
+    named = table.changelog_topic.get_topic_name()
+    if named != changelog_topic(settings):  # the name is derived here once; faust must agree
+        raise RuntimeError(f"faust names the breaker changelog {named!r}")
+
+    @app.agent(events)
+    async def fold_breaker_events(stream: Any) -> None:
+        async for raw in stream:
+            try:
+                event = BreakerEvent.model_validate_json(raw)
+            except ValidationError:
+                log.warning("ignoring an unreadable breaker event: %r", raw[:200])
+                continue
+            key = event.endpoint.encode()
+            previous = table.get(key)
+            state = BreakerState.model_validate(previous) if previous else None
+            new = fold(state, event, config)
+            before = state.effective(event.at, config).state if state else State.CLOSED
+            if new.state != before:
+                log.warning(
+                    "circuit breaker %s: %s -> %s (%s from %s)",
+                    event.endpoint,
+                    before.value,
+                    new.state.value,
+                    event.outcome.value,
+                    event.worker_id,
+                )
+            table[key] = new.model_dump(mode="json")
+
+    async def publish(event: BreakerEvent) -> None:
+        await events.send(key=event.endpoint.encode(), value=dumps(event))
+
+    return publish

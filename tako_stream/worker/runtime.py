@@ -1,0 +1,209 @@
+"""What a worker runs besides faust: the sandbox, the pools, the executor and the intake, built
+once from the settings and stopped in reverse order; its health and gauges read from them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import aiodocker
+import faust
+from mode import Service
+
+from tako_stream import dlq
+from tako_stream.core.errors import SandboxUnavailableError
+from tako_stream.core.jobtypes import JobTypes, default_limits
+from tako_stream.dlq import DLQStore
+from tako_stream.kafka.reader import tail
+from tako_stream.kafka.topics import ensure_topics
+from tako_stream.metrics import BREAKER_VALUES, Metric, Metrics, gauge
+from tako_stream.sandbox.docker import DockerSandbox
+from tako_stream.sandbox.pool import SandboxPool, WarmPool
+from tako_stream.settings import Settings
+from tako_stream.worker.breaker.handle import Breaker, Outcome
+from tako_stream.worker.breaker.shared import BreakerStates, changelog_topic
+from tako_stream.worker.breaker.state import State
+from tako_stream.worker.cancel import Cancellations
+from tako_stream.worker.execute import Executor
+from tako_stream.worker.intake import Intake
+from tako_stream.worker.stream import KafkaSink, KafkaSource
+
+log = logging.getLogger(__name__)
+
+#: Seconds a starting worker waits to know the cancels already on the control topic: a broker
+#: slow to answer must not keep it from starting.
+CONTROL_CATCH_UP = 15.0
+
+
+class Runtime(Service):
+    """Owns the Docker client, the pools, the breaker handle and the intake."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_types: JobTypes,
+        breaker: Breaker,
+        breaker_states: BreakerStates,
+        app: faust.App,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.job_types = job_types
+        self.breaker = breaker
+        self.breaker_states = breaker_states
+        self.app = app
+        self.docker: aiodocker.Docker | None = None
+        self.sandbox: DockerSandbox | None = None
+        self.intake: Intake | None = None
+        self.warm: WarmPool | None = None
+        self.docker_available = False
+        self.dlq = DLQStore(keep_originals=False)
+        self.cancellations = Cancellations()
+        self.metrics = Metrics()
+        self.metrics.add_gauges(self._gauges)
+        #: Set once faust has joined its group and recovered the breaker table.
+        self.app_started = False
+
+    async def on_start(self) -> None:
+        s = self.settings
+        self.docker = aiodocker.Docker()
+        self.sandbox = DockerSandbox(
+            self.docker, worker_id=s.worker_id, timeout_grace=s.timeout_grace
+        )
+        try:
+            await self.sandbox.ping()
+            self.docker_available = True
+            reaped = await self.sandbox.reap()
+            if reaped:
+                log.warning("removed %d container(s) left by dead workers", reaped)
+        except SandboxUnavailableError as exc:
+            log.error("%s; jobs will fail until it is back", exc)
+        shapes = [  # each job type's default container, and how many to keep ready
+            (default_limits(t), s.warm_pool_size if t.warm_pool_size is None else t.warm_pool_size)
+            for t in self.job_types.values()
+        ]
+        self.warm = WarmPool(
+            self.sandbox, shapes, max_idle=s.warm_max_idle, busy=lambda: pool.in_flight
+        )
+        pool = SandboxPool(self.sandbox, s.pool_size, self.warm)
+        self.warm.start()
+        executor = Executor(
+            pool,
+            self.job_types,
+            worker_id=s.worker_id,
+            caps=s.output_caps,
+            retry=s.retry,
+            cancel_grace=s.cancel_grace,
+            breaker=self.breaker,
+        )
+        await ensure_topics(s)
+        # Know the cancels already on the control topic before taking jobs.
+        control = self.cancellations
+        self.add_future(tail(s, s.control_topic, control.apply, control.caught_up))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(control.caught_up.wait(), CONTROL_CATCH_UP)
+        self.intake = Intake(
+            KafkaSource(s),
+            KafkaSink(s),
+            executor,
+            topics=s.topics,
+            cancellations=control,
+            capacity=s.pool_size * 2,
+            shutdown_grace=s.shutdown_grace,
+            commit_interval=s.commit_interval,
+        )
+        self.intake.on_answered = self.metrics.observe
+        await self.intake.start()
+        self.add_future(self._ping_docker())
+        self.add_future(dlq.follow(s, self.dlq))
+        self.add_future(tail(s, changelog_topic(s), self.breaker_states.apply))
+        log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
+
+    async def on_stop(self) -> None:
+        if self.intake is not None:
+            await self.intake.stop()
+        if self.warm is not None:
+            await self.warm.drain()
+        if self.sandbox is not None:
+            await self.sandbox.drain()  # removals run in the background: wait for all of them
+        if self.docker is not None:
+            await self.docker.close()
+
+    async def _ping_docker(self) -> None:
+        """Feed the breaker without traffic: a dead daemon is noticed, a live one closes it."""
+        if self.sandbox is None:
+            return
+        while True:
+            await asyncio.sleep(self.settings.breaker_ping_interval)
+            try:
+                await self.sandbox.ping()
+            except SandboxUnavailableError as exc:
+                self.docker_available = False
+                await self.breaker.record(Outcome.FAILURE, source="ping", detail=str(exc))
+            else:
+                self.docker_available = True
+                await self.breaker.record(Outcome.SUCCESS, source="ping")
+
+    def _gauges(self) -> Iterable[Metric]:
+        state = self.breaker.view()
+        yield gauge(
+            "tako_in_flight",
+            "Jobs accepted and not yet answered.",
+            {(): self.intake.in_flight if self.intake else 0},
+            [],
+        )
+        sizes = self.warm.sizes() if self.warm else {}
+        yield gauge(
+            "tako_warm_pool_ready",
+            "Started containers waiting for a job, by image.",
+            {(image,): n for image, n in sizes.items()},
+            ["image"],
+        )
+        yield gauge(
+            "tako_breaker_state",
+            "The shared Docker circuit breaker: 0 closed, 1 half-open, 2 open.",
+            {(state.endpoint,): BREAKER_VALUES[state.state]},
+            ["endpoint"],
+        )
+        yield gauge(
+            "tako_breaker_failures",
+            "Consecutive Docker failures the breaker has counted.",
+            {(state.endpoint,): state.failure_count},
+            ["endpoint"],
+        )
+        yield gauge(
+            "tako_docker_available",
+            "1 when the Docker engine answers.",
+            {(): int(self.docker_available)},
+            [],
+        )
+        yield gauge("tako_dlq_size", "Entries in the DLQ topic now.", {(): len(self.dlq)}, [])
+
+    def health(self) -> dict[str, Any]:
+        """Tako VM's health shape, plus readiness and this worker's identity."""
+        state = self.breaker.view()
+        intake = self.intake
+        rebalancing = bool(getattr(self.app, "rebalancing", False))
+        recovering = not self.app_started
+        healthy = self.docker_available and state.state is State.CLOSED
+        return {
+            "status": "healthy" if healthy else "degraded",
+            "docker_available": self.docker_available,
+            "circuit_breaker": {
+                "state": state.state.value,
+                "failure_count": state.failure_count,
+                "success_count": state.success_count,
+                "last_failure": state.last_failure.isoformat() if state.last_failure else None,
+            },
+            "ready": bool(intake and intake.assigned) and not (rebalancing or recovering),
+            "recovering": recovering,
+            "rebalancing": rebalancing,
+            "worker_id": self.settings.worker_id,
+            "in_flight": intake.in_flight if intake else 0,
+            "warm_pool": self.warm.sizes() if self.warm else {},
+            "answered": intake.answered if intake else 0,
+        }

@@ -1,0 +1,118 @@
+"""The intake's seams over Kafka: a consumer group's partitions in, an acks=all producer out.
+
+aiokafka's errors are mapped to ours here, at the boundary, so the intake knows only
+``BrokerError`` (retry) and ``PublishRefusedError`` (never retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from aiokafka.structs import OffsetAndMetadata
+
+from tako_stream.core.errors import BrokerError, PublishRefusedError
+from tako_stream.kafka.clients import consumer, producer_options
+from tako_stream.kafka.message import Headers, Incoming
+from tako_stream.settings import Settings
+from tako_stream.worker.intake import Revoked
+
+log = logging.getLogger(__name__)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_revoked: Revoked) -> None:
+        self._on_revoked = on_revoked
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class KafkaSource:
+    """The requests topic through the worker's consumer group; commits are the intake's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self, on_revoked: Revoked) -> None:
+        s = self.settings
+        self._consumer = consumer(
+            s,
+            group_id=s.consumer_group,
+            client_id=f"tako-intake-{s.worker_id}",
+            auto_offset_reset="earliest",
+            # A worker that waits on a full pool does not poll; heartbeats go on regardless.
+            max_poll_interval_ms=int((300 + s.timeout_grace) * 2 * 1000),
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            # Short fetch waits by default: a request must not sit on the broker for the default
+            # 500 ms (the embedded broker holds a fetch for the whole wait even once data arrives).
+            fetch_max_wait_ms=s.kafka_fetch_wait_ms,
+            fetch_max_bytes=16 * 1024 * 1024,
+        )
+        self._consumer.subscribe([s.requests_topic], listener=_Rebalance(on_revoked))
+        await self._consumer.start()
+
+    async def fetch(self, timeout: float) -> list[Incoming]:
+        if self._consumer is None:
+            return []
+        try:
+            batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=100)
+        except KafkaError as exc:
+            raise BrokerError(str(exc) or type(exc).__name__) from exc
+        return [Incoming.of(record) for records in batches.values() for record in records]
+
+    def assignment(self) -> set[TopicPartition]:
+        if self._consumer is None:
+            return set()
+        return set(self._consumer.assignment())
+
+    async def commit(self, positions: dict[TopicPartition, int]) -> None:
+        if self._consumer is None:
+            return
+        try:
+            await self._consumer.commit(
+                {tp: OffsetAndMetadata(pos, "") for tp, pos in positions.items()}
+            )
+        except (CommitFailedError, KafkaError) as exc:
+            raise BrokerError(str(exc) or type(exc).__name__) from exc
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+class KafkaSink:
+    """An acks=all producer; ``send`` returns once the broker acknowledged the message."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**producer_options(self.settings))
+        await self._producer.start()
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> None:
+        if self._producer is None:
+            raise BrokerError("the producer is not started")
+        try:
+            ack = await self._producer.send(topic, value=value, key=key, headers=list(headers))
+            await ack
+        except MessageSizeTooLargeError as exc:
+            raise PublishRefusedError(str(exc) or type(exc).__name__) from exc
+        except KafkaError as exc:
+            raise BrokerError(str(exc) or type(exc).__name__) from exc
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
