@@ -18,7 +18,6 @@ import pytest
 from tako_stream.kafka import broker as embedded
 from tests.integration.stack import Stack, free_port
 
-
 TIERS = ("unit", "integration", "faults", "security", "compose")
 
 
