@@ -337,12 +337,7 @@ def _result(raw: bytes) -> ExecutionResult:
 
 def results_reader(settings: Settings) -> TopicReader:
     """Every partition of the results topic, which may take a moment to appear once created."""
-    return TopicReader(
-        settings,
-        settings.results_topic,
-        wait_for_topic=5.0,
-        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
-    )
+    return TopicReader(settings, settings.results_topic, wait_for_topic=5.0)
 
 
 class SyncClient:

@@ -194,6 +194,10 @@ class DLQStore:
         item = entry[1]
         return item if isinstance(item, DLQRecord) else DLQRecord.model_validate_json(item)
 
+    def records(self) -> list[DLQRecord]:
+        """Every entry, oldest write first."""
+        return [record for dlq_id_ in self._view if (record := self.get(dlq_id_)) is not None]
+
     def __contains__(self, dlq_id_: object) -> bool:
         return dlq_id_ in self._view
 

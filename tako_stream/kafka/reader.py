@@ -28,9 +28,9 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 #: Folds one record (key, value) into a view; a ``None`` value is a tombstone.
 Apply = Callable[[bytes | None, bytes | None], object]
 
-#: Empty fetches in a row after which a partition counts as read to its end even though its
-#: position is short of the end offset (a compacted or transactional tail has no records there).
-_IDLE_FETCHES = 4
+#: Seconds without a record after which a read counts as at its end although a position is
+#: short of the end offset: a compacted or transactional tail has no records to deliver there.
+STALL_SECONDS = 5.0
 
 
 class TopicReader:
@@ -49,7 +49,13 @@ class TopicReader:
         self.topic = topic
         self.partitions: list[TopicPartition] = list(only or [])
         self._wait = wait_for_topic
-        self._options = {"fetch_max_bytes": 2 * MAX_MESSAGE_BYTES, **options}
+        self._options = {
+            "fetch_max_bytes": 2 * MAX_MESSAGE_BYTES,
+            # The embedded broker holds a fetch for its whole wait even once records arrive:
+            # the deployment's wait, short there, keeps readers from idling on it.
+            "fetch_max_wait_ms": settings.kafka_fetch_wait_ms,
+            **options,
+        }
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> TopicReader:
@@ -108,10 +114,15 @@ class TopicReader:
     async def read_to_end(self, each: Callable[[Record], object]) -> None:
         """Hand every record up to the end offsets as of now to ``each``."""
         end = await self.end_offsets()
-        idle = 0
-        while idle < _IDLE_FETCHES and not await self.reached(end):
+        loop = asyncio.get_running_loop()
+        last_record = loop.time()
+        while not await self.reached(end):
+            if loop.time() - last_record > STALL_SECONDS:
+                log.debug("%s: nothing more to read short of its end offsets", self.topic)
+                return
             records = await self.fetch(timeout=0.5)
-            idle = 0 if records else idle + 1
+            if records:
+                last_record = loop.time()
             for record in records:
                 if record.offset < end[TopicPartition(record.topic, record.partition)]:
                     each(record)

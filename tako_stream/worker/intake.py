@@ -177,19 +177,21 @@ class Intake:
                 await asyncio.sleep(1)
                 continue
             generation = self._generation
-            for message in messages:
-                # Decoding is cheap and tells whether the record needs a container: those that
-                # do wait for capacity; rejections only need the producer, so a burst of bad
-                # messages is answered fast and never queues behind running jobs.
-                decoded = decode(message)
-                limit = self._light if isinstance(decoded, Rejection) else self._capacity
+            # Decoding is cheap and tells whether a record needs a container.  Rejections only
+            # need the producer, so the batch's rejections start first and a burst of bad
+            # messages is answered at once, never queued behind requests waiting for capacity;
+            # the requests then take capacity one by one, in order.
+            decoded = [(message, decode(message)) for message in messages]
+            decoded.sort(key=lambda pair: not isinstance(pair[1], Rejection))  # stable
+            for message, request in decoded:
+                limit = self._light if isinstance(request, Rejection) else self._capacity
                 await limit.acquire()
                 # A rebalance while we waited may have taken the partition (or reset its
                 # position): leave the record to whoever owns it now.
                 if generation != self._generation or not self._accepting:
                     limit.release()
                     continue
-                self._start(message, decoded, limit)
+                self._start(message, request, limit)
 
     def _start(
         self,

@@ -167,7 +167,7 @@ async def test_docker_daemon_restarted_under_load(
         leftovers = engine.containers(f"label={LABEL_WORKER}={worker.worker_id}")
 
     outcomes: Counter[str] = Counter()
-    dead_lettered = {e.execution_id for e in store.entries.values()}
+    dead_lettered = {e.execution_id for e in store.records()}
     for n, execution_id in enumerate(ids):
         for result in answers.results[execution_id]:
             if result.success:

@@ -103,11 +103,11 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
             store = None
             for _ in range(40):
                 store = await dlq.read_store(settings)
-                if [e.replay_count for e in store.entries.values()] == [round_]:
+                if [e.replay_count for e in store.records()] == [round_]:
                     break
                 await asyncio.sleep(0.5)
             assert store is not None
-            (entry,) = store.entries.values()
+            (entry,) = store.records()
             assert entry.execution_id == ids[2] and entry.replay_count == round_
             assert entry.correlation_id == f"c-{ids[2]}"
     code, out, err = await new_stack.cli("dlq", "replay", "--all", "--max-replays", "2")

@@ -101,7 +101,7 @@ async def test_breaker_shared_by_two_workers_and_replay_after_recovery(
         assert result.execution_time == 0
     for _ in range(40):
         store = await dlq.read_store(settings)
-        if ids <= {e.execution_id for e in store.entries.values()}:
+        if ids <= {e.execution_id for e in store.records()}:
             break
         await asyncio.sleep(0.5)
     assert store.stats()["by_error_type"] == {"service_unavailable": 6}
@@ -167,7 +167,7 @@ async def test_transient_failure_retried_and_permanent_one_dead_lettered(
     settings = new_stack.settings
     for _ in range(40):
         store = await dlq.read_store(settings)
-        entries = [e for e in store.entries.values() if e.execution_id == request["execution_id"]]
+        entries = [e for e in store.records() if e.execution_id == request["execution_id"]]
         if entries:
             break
         await asyncio.sleep(0.5)

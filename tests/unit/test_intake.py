@@ -1,0 +1,429 @@
+"""The intake over fake Kafka and a fake sandbox: one answer per record, offsets committed last."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+
+from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
+from tako_stream.worker.intake import Rejection, decode
+from tests.fakes import (
+    TOPICS,
+    blocking,
+    bounded,
+    cancel_bytes,
+    correlation,
+    incoming,
+    intake_rig,
+    raising,
+    request_bytes,
+    spin,
+    succeed,
+)
+
+RESULTS, DLQ, STATUS = TOPICS.results, TOPICS.dlq, TOPICS.status
+
+
+def test_decode_tells_requests_from_rejections() -> None:
+    ok = decode(incoming(request_bytes(execution_id="a"), key=b"k"))
+    assert isinstance(ok, ExecutionRequest) and ok.execution_id == "a"
+    keyed = decode(incoming(request_bytes(execution_id=None), key=b"from-key"))
+    assert isinstance(keyed, ExecutionRequest) and keyed.execution_id == "from-key"
+    bad = decode(incoming(b"{nope", key=b"bad-1"))
+    assert isinstance(bad, Rejection) and bad.execution_id == "bad-1"
+    assert "not valid JSON" in bad.problems[0]
+    empty = decode(incoming(None))
+    assert isinstance(empty, Rejection) and empty.execution_id is None
+
+
+async def test_every_request_gets_exactly_one_result_and_offsets_reach_the_end() -> None:
+    async with intake_rig(capacity=3, pool_size=2) as rig:
+        rig.sandbox.default = succeed(stdout=b"out", result=b'{"ok": true}')
+        ids = [f"p{p}-{n}" for p in (0, 1) for n in range(4)]
+        for eid in ids:
+            rig.source.add(request_bytes(execution_id=eid), partition=int(eid[1]), key=eid.encode())
+        await rig.sink.wait_for(RESULTS, len(ids))
+        await rig.source.wait_committed(0, 4)
+        await rig.source.wait_committed(1, 4)
+        results = rig.sink.on(RESULTS)
+        assert sorted(s.key or b"" for s in results) == sorted(eid.encode() for eid in ids)
+        for sent in results:
+            result = ExecutionResult.model_validate_json(sent.value or b"")
+            assert sent.key == result.execution_id.encode()
+            assert result.status is Status.SUCCEEDED and result.output == {"ok": True}
+            assert sent.header("x-tako-status") == b"succeeded"
+        assert rig.sink.on(DLQ) == []
+        # each job said it was running, once
+        assert sorted(s.execution_id for s in rig.sink.statuses()) == sorted(ids)
+        assert rig.intake.answered == len(ids)
+        assert rig.intake.in_flight == 0
+        assert rig.sandbox.max_running == 2
+    # commits never go backwards
+    for partition in (0, 1):
+        positions = rig.source.commits_of(partition)
+        assert positions == sorted(positions) and positions[-1] == 4
+
+
+async def test_a_slow_job_holds_the_commit_until_it_finishes() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        release = asyncio.Event()
+        rig.sandbox.script_job("slow", blocking(release))
+        rig.source.add(request_bytes(execution_id="slow"))
+        rig.source.add(request_bytes(execution_id="fast"))
+        fast = await rig.sink.wait_result("fast")
+        assert fast.status is Status.SUCCEEDED
+        await rig.source.commit_rounds(3)
+        assert [r.execution_id for r in rig.sink.results()] == ["fast"]
+        assert set(rig.source.commits_of(0)) <= {0}
+        assert rig.intake.tracker.position(rig.tp(0)) == 0
+        release.set()
+        await rig.sink.wait_result("slow")
+        await rig.source.wait_committed(0, 2)
+        assert rig.source.commits_of(0)[-1] == 2
+
+
+async def test_an_invalid_request_is_rejected_dead_lettered_and_committed() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        original = b"not json at all"
+        rig.source.add(original, key=b"bad-1", headers=correlation("corr-bad"))
+        (result_msg,) = await rig.sink.wait_for(RESULTS, 1)
+        (dlq_msg,) = await rig.sink.wait_for(DLQ, 1)
+        await rig.source.wait_committed(0, 1)
+        result = ExecutionResult.model_validate_json(result_msg.value or b"")
+        assert result.status is Status.REJECTED
+        assert result.error is not None and result.error.type is ErrorType.INVALID_REQUEST
+        assert result.execution_id == "bad-1" and result_msg.key == b"bad-1"
+        assert result.correlation_id == "corr-bad"
+        (record,) = rig.sink.dead_letters()
+        assert record.original_value is not None
+        assert base64.b64decode(record.original_value) == original
+        assert record.original_key is not None
+        assert base64.b64decode(record.original_key) == b"bad-1"
+        assert record.error.type is ErrorType.INVALID_REQUEST
+        assert record.source.offset == 0 and record.source.topic == TOPICS.requests
+        assert dlq_msg.key == record.dlq_id.encode()
+        assert rig.sandbox.runs == []
+        assert rig.sink.on(STATUS) == []
+
+
+async def test_rejections_are_answered_while_every_slot_is_held() -> None:
+    async with intake_rig(capacity=2, pool_size=2) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        rig.source.add(request_bytes(execution_id="a"), partition=0)
+        rig.source.add(request_bytes(execution_id="b"), partition=0)
+        await rig.sandbox.wait_running(2)
+        rig.source.add(b"[1, 2", partition=1, key=b"bad")
+        rig.source.add(request_bytes(execution_id="x", code=""), partition=1)
+        await rig.sink.wait_for(RESULTS, 2)
+        await rig.source.wait_committed(1, 2)
+        assert sorted(r.execution_id for r in rig.sink.results()) == ["bad", "x"]
+        assert {r.status for r in rig.sink.results()} == {Status.REJECTED}
+        assert len(rig.sink.dead_letters()) == 2
+        assert set(rig.source.commits_of(0)) <= {0}
+        release.set()
+        await rig.source.wait_committed(0, 2)
+
+
+async def test_a_rejection_does_not_queue_behind_a_request_waiting_for_capacity() -> None:
+    """The intake's promise: rejections "never queue behind running jobs".  Here every slot is
+    held and a valid request, fetched before the bad one, waits for a slot."""
+    async with intake_rig(capacity=2, pool_size=2) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        rig.source.add(request_bytes(execution_id="a"), partition=0)
+        rig.source.add(request_bytes(execution_id="b"), partition=0)
+        await rig.sandbox.wait_running(2)
+        rig.source.add(request_bytes(execution_id="waits"), partition=0)
+        rig.source.add(b"not json", partition=1, key=b"bad")
+        await rig.source.changed.until(lambda: len(rig.source.delivered) == 4, "the bad record")
+        await rig.source.commit_rounds(5)
+        answered = [r.execution_id for r in rig.sink.results()]
+        release.set()
+        assert answered == ["bad"], "the rejection waited for a slot like the request before it"
+
+
+async def test_at_most_capacity_jobs_are_in_flight() -> None:
+    async with intake_rig(partitions=(0,), capacity=2, pool_size=4) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        for n in range(5):
+            rig.source.add(request_bytes(execution_id=f"j{n}"))
+        await rig.sandbox.wait_running(2)
+        await rig.source.commit_rounds(3)
+        assert rig.intake.in_flight == 2
+        assert [c.execution_id for c in rig.sandbox.runs] == ["j0", "j1"]
+        assert rig.sandbox.running == 2
+        release.set()
+        await rig.sink.wait_for(RESULTS, 5)
+        await rig.source.wait_committed(0, 5)
+        assert rig.sandbox.max_running == 2
+
+
+async def test_a_result_whose_send_fails_twice_is_published_once_and_committed() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sink.fail(RESULTS, times=2)
+        rig.source.add(request_bytes(execution_id="r"))
+        await rig.source.wait_committed(0, 1)
+        assert len(rig.sink.tries(RESULTS)) == 3
+        (sent,) = rig.sink.on(RESULTS)
+        assert sent.key == b"r"
+        assert rig.sink.result("r").status is Status.SUCCEEDED
+
+
+async def test_a_failing_dlq_send_does_not_resend_the_result() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sink.fail(DLQ, times=1)
+        rig.source.add(b"garbage")
+        await rig.source.wait_committed(0, 1)
+        assert len(rig.sink.tries(RESULTS)) == 1 and len(rig.sink.on(RESULTS)) == 1
+        assert len(rig.sink.tries(DLQ)) == 2 and len(rig.sink.on(DLQ)) == 1
+
+
+async def test_a_refused_publish_is_not_retried() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sink.refuse(RESULTS)
+        rig.source.add(request_bytes(execution_id="big"))
+        await rig.source.wait_committed(0, 1)
+        await rig.source.commit_rounds(3)
+        assert len(rig.sink.tries(RESULTS)) == 1
+        assert rig.sink.on(RESULTS) == []
+        assert rig.intake.answered == 1
+
+
+async def test_reply_to_gets_the_result_too() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(request_bytes(execution_id="rt", reply_to="my.replies"))
+        rig.source.add(request_bytes(execution_id="same", reply_to=RESULTS))
+        await rig.source.wait_committed(0, 2)
+        (main,) = [s for s in rig.sink.on(RESULTS) if s.key == b"rt"]
+        (copy,) = rig.sink.on("my.replies")
+        assert (copy.key, copy.value, copy.headers) == (main.key, main.value, main.headers)
+        # reply_to naming the results topic is not sent twice
+        assert len([s for s in rig.sink.on(RESULTS) if s.key == b"same"]) == 1
+
+
+async def test_a_job_cancelled_before_it_runs_never_reaches_the_sandbox() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.cancellations.apply(b"doomed", cancel_bytes("doomed"))
+        rig.source.add(request_bytes(execution_id="doomed"))
+        result = await rig.sink.wait_result("doomed")
+        await rig.source.wait_committed(0, 1)
+        assert result.status is Status.CANCELLED
+        assert result.error is not None and result.error.type is ErrorType.CANCELLED
+        assert "before it ran" in result.error.message
+        assert rig.sandbox.runs == []
+        assert rig.sink.on(DLQ) == [] and rig.sink.on(STATUS) == []
+
+
+async def test_a_cancel_while_the_job_runs_stops_it() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sandbox.script_job("long", blocking(asyncio.Event()))
+        rig.source.add(request_bytes(execution_id="long"))
+        call = await rig.sandbox.wait_started("long")
+        assert call.cancel is not None and not call.cancel.is_set()
+        rig.cancellations.apply(b"long", cancel_bytes("long"))
+        assert call.cancel.is_set()
+        result = await rig.sink.wait_result("long")
+        assert result.status is Status.CANCELLED and result.exit_code == 143
+        assert result.error is not None and result.error.type is ErrorType.CANCELLED
+        assert call.outcome == "cancelled"
+        await rig.source.wait_committed(0, 1)
+        assert rig.sink.on(DLQ) == []
+
+
+async def test_revoking_a_partition_waits_for_its_job_and_commits() -> None:
+    async with intake_rig(partitions=(0, 1)) as rig:
+        release = asyncio.Event()
+        rig.sandbox.script_job("on-0", blocking(release))
+        rig.source.add(request_bytes(execution_id="on-0"), partition=0)
+        rig.source.add(request_bytes(execution_id="on-1"), partition=1)
+        await rig.sandbox.wait_started("on-0")
+        await rig.source.wait_committed(1, 1)
+        revoking = asyncio.ensure_future(rig.source.revoke([0]))
+        await rig.source.commit_rounds(3)
+        assert not revoking.done()
+        assert [r.execution_id for r in rig.sink.results()] == ["on-1"]
+        release.set()
+        await bounded(revoking, "the revoke")
+        assert rig.sink.result("on-0").status is Status.SUCCEEDED
+        assert rig.source.committed[rig.tp(0)] == 1
+        assert rig.intake.tracker.position(rig.tp(0)) is None
+        assert rig.tp(0) not in rig.source.assignment()
+        assert rig.intake.tracker.position(rig.tp(1)) == 1
+        # the other partition goes on as before
+        rig.source.add(request_bytes(execution_id="after"), partition=1)
+        await rig.source.wait_committed(1, 2)
+
+
+async def test_a_record_waiting_for_capacity_on_a_revoked_partition_is_left_alone() -> None:
+    async with intake_rig(partitions=(0, 1), capacity=1) as rig:
+        release = asyncio.Event()
+        rig.sandbox.script_job("first", blocking(release))
+        rig.source.add(request_bytes(execution_id="first"), partition=0)
+        await rig.sandbox.wait_started("first")
+        rig.source.add(request_bytes(execution_id="second"), partition=0)
+        await rig.source.changed.until(lambda: len(rig.source.delivered) == 2, "the 2nd fetch")
+        revoking = asyncio.ensure_future(rig.source.revoke([0]))
+        await spin()
+        release.set()
+        await bounded(revoking, "the revoke")
+        assert rig.source.committed[rig.tp(0)] == 1  # the new owner starts at "second"
+        await rig.source.commit_rounds(3)
+        assert rig.sandbox.runs_of("second") == []
+        assert [r.execution_id for r in rig.sink.results()] == ["first"]
+        # the capacity it waited for is free again
+        rig.source.add(request_bytes(execution_id="on-1"), partition=1)
+        await rig.sink.wait_result("on-1")
+
+
+async def test_a_job_that_outlives_the_grace_is_handed_back_uncommitted() -> None:
+    async with intake_rig(partitions=(0, 1), shutdown_grace=0.05) as rig:
+        rig.sandbox.script_job("stuck", blocking(asyncio.Event(), honour_cancel=False))
+        rig.source.add(request_bytes(execution_id="stuck"), partition=0)
+        call = await rig.sandbox.wait_started("stuck")
+        await bounded(rig.source.revoke([0]), "the revoke")
+        assert call.outcome == "interrupted"
+        assert rig.sink.results() == []
+        assert set(rig.source.commits_of(0)) <= {0}
+        assert rig.intake.tracker.position(rig.tp(0)) is None
+        assert rig.intake.in_flight == 0 and rig.executor.pool.in_flight == 0
+        # its capacity came back: the next job runs
+        rig.source.add(request_bytes(execution_id="next"), partition=1)
+        await rig.sink.wait_result("next")
+
+
+async def test_an_exception_in_the_executor_is_an_internal_error_and_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+
+        async def explode(*args: Any, **kwargs: Any) -> ExecutionResult:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(rig.executor, "execute", explode)
+        rig.source.add(request_bytes(execution_id="bug"), headers=correlation("corr-bug"))
+        result = await rig.sink.wait_result("bug")
+        await rig.sink.wait_for(DLQ, 1)
+        (record,) = rig.sink.dead_letters()
+        await rig.source.wait_committed(0, 1)
+        assert result.status is Status.FAILED
+        assert result.error is not None and result.error.type is ErrorType.INTERNAL_ERROR
+        assert "boom" in result.error.message
+        assert result.correlation_id == "corr-bug"
+        assert record.execution_id == "bug" and record.error.type is ErrorType.INTERNAL_ERROR
+
+
+async def test_an_unavailable_sandbox_is_answered_and_dead_lettered() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sandbox.decide = lambda call: raising(SandboxUnavailableError("docker away"))
+        rig.source.add(request_bytes(execution_id="u"))
+        result = await rig.sink.wait_result("u")
+        await rig.sink.wait_for(DLQ, 1)
+        await rig.source.wait_committed(0, 1)
+        assert result.status is Status.REJECTED and result.attempts == 2
+        assert result.error is not None
+        assert result.error.type is ErrorType.SERVICE_UNAVAILABLE
+        (record,) = rig.sink.dead_letters()
+        assert record.attempts == 2
+
+
+async def test_stop_waits_for_running_jobs_then_commits_and_closes() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        release = asyncio.Event()
+        rig.sandbox.script_job("last", blocking(release))
+        rig.source.add(request_bytes(execution_id="last"))
+        await rig.sandbox.wait_started("last")
+        stopping = asyncio.ensure_future(rig.intake.stop())
+        await spin(50)
+        assert not stopping.done()
+        assert not rig.source.stopped and not rig.sink.stopped
+        release.set()
+        await bounded(stopping, "stop")
+        assert rig.sink.result("last").status is Status.SUCCEEDED
+        assert rig.source.committed[rig.tp(0)] == 1
+        assert rig.source.stopped and rig.sink.stopped
+        assert rig.sandbox.drains == 1
+        # nothing more is taken once stopped
+        rig.source.add(request_bytes(execution_id="late"))
+        await spin(50)
+        assert rig.sandbox.runs_of("late") == []
+
+
+async def test_stop_hands_back_a_job_that_outlives_the_grace() -> None:
+    async with intake_rig(partitions=(0,), shutdown_grace=0.05) as rig:
+        rig.sandbox.script_job("stuck", blocking(asyncio.Event(), honour_cancel=False))
+        rig.source.add(request_bytes(execution_id="stuck"))
+        call = await rig.sandbox.wait_started("stuck")
+        await bounded(rig.intake.stop(), "stop")
+        assert call.outcome == "interrupted"
+        assert rig.sink.results() == []
+        assert set(rig.source.commits_of(0)) <= {0}
+        assert rig.source.stopped and rig.sink.stopped
+
+
+async def test_on_answered_is_told_of_each_answer() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        answers: list[tuple[str, Status, float | None]] = []
+        rig.intake.on_answered = lambda result, since: answers.append(
+            (result.execution_id, result.status, since)
+        )
+        produced_ms = 1_700_000_000_000
+        rig.source.add(request_bytes(execution_id="t1"), timestamp_ms=produced_ms)
+        rig.source.add(b"nope", key=b"t2")
+        await rig.source.wait_committed(0, 2)
+        assert sorted((eid, status) for eid, status, _ in answers) == [
+            ("t1", Status.SUCCEEDED),
+            ("t2", Status.REJECTED),
+        ]
+        since = {eid: s for eid, _, s in answers}
+        assert since["t2"] is None
+        assert since["t1"] is not None and since["t1"] > 0
+        queued = rig.sink.result("t1").timing.queued
+        assert queued is not None and queued > 0
+
+
+async def test_the_correlation_id_header_is_carried_to_the_result() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(request_bytes(execution_id="c1"), headers=[("X-Correlation-ID", b"abc-123")])
+        rig.source.add(request_bytes(execution_id="c2"))
+        await rig.source.wait_committed(0, 2)
+        first, second = rig.sink.result("c1"), rig.sink.result("c2")
+        assert first.correlation_id == "abc-123"
+        (sent,) = [s for s in rig.sink.on(RESULTS) if s.key == b"c1"]
+        assert sent.header(CORRELATION_HEADER) == b"abc-123"
+        (status,) = [s for s in rig.sink.statuses() if s.execution_id == "c1"]
+        assert status.correlation_id == "abc-123"
+        # without the header, a fresh one is made up
+        assert second.correlation_id and second.correlation_id != "abc-123"
+
+
+async def test_a_failed_commit_is_retried() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.commit_errors = 1
+        rig.source.add(request_bytes(execution_id="a"))
+        await rig.source.wait_committed(0, 1)
+        assert rig.source.failed_commits == [{rig.tp(0): 1}]
+
+
+async def test_a_failed_fetch_does_not_stop_the_stream() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.fetch_errors = 1
+        rig.source.add(request_bytes(execution_id="after-error"))
+        await rig.sink.wait_result("after-error")
+        assert rig.source.fetch_errors == 0
+
+
+async def test_a_blocked_status_topic_never_delays_the_result() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        gate = rig.sink.block(STATUS)
+        rig.source.add(request_bytes(execution_id="s"))
+        await rig.source.wait_committed(0, 1)
+        assert rig.sink.result("s").status is Status.SUCCEEDED
+        assert rig.sink.on(STATUS) == []
+        gate.set()
+        await rig.sink.wait_for(STATUS, 1)

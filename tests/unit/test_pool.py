@@ -1,0 +1,293 @@
+"""SandboxPool and WarmPool over a fake sandbox: slots, warm containers, refills, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from tako_stream.core.errors import (
+    CancelledBeforeStart,
+    SandboxSetupError,
+    SandboxUnavailableError,
+)
+from tako_stream.core.jobtypes import Limits
+from tako_stream.sandbox.base import SandboxRun
+from tako_stream.sandbox.pool import SandboxPool, WarmPool
+from tako_stream.settings import OutputCaps
+from tests.fakes import (
+    FakePrepared,
+    FakeSandbox,
+    blocking,
+    bounded,
+    eventually,
+    limits_of,
+    make_warm,
+    raising,
+    spin,
+)
+
+CAPS = OutputCaps()
+DEFAULT = limits_of("default")
+DATA = limits_of("data-processing")
+
+
+def run(
+    pool: SandboxPool,
+    execution_id: str,
+    limits: Limits = DEFAULT,
+    cancel: asyncio.Event | None = None,
+) -> asyncio.Task[SandboxRun]:
+    return asyncio.ensure_future(
+        pool.run(b"job", limits, execution_id=execution_id, caps=CAPS, cancel=cancel)
+    )
+
+
+class Warm:
+    """A pool with a warm pool over one fake sandbox, drained at the end of the test."""
+
+    def __init__(self, shapes: list[tuple[Limits, int]], size: int = 2) -> None:
+        self.sandbox = FakeSandbox()
+        self.pool: SandboxPool | None = None
+        self.warm: WarmPool = make_warm(self.sandbox, shapes, pool=lambda: self.pool)
+        self.pool = SandboxPool(self.sandbox, size, self.warm)
+
+    @property
+    def p(self) -> SandboxPool:
+        assert self.pool is not None
+        return self.pool
+
+    def ready(self, image: str) -> int:
+        return self.warm.sizes().get(image, 0)
+
+
+@pytest.fixture
+async def warm_default() -> AsyncIterator[Warm]:
+    """One warm container of the default shape, filled before the test starts."""
+    w = Warm([(DEFAULT, 1)])
+    w.warm.start()
+    try:
+        await eventually(lambda: w.ready(DEFAULT.image) == 1, "the warm pool to fill")
+        yield w
+    finally:
+        w.sandbox.release_all()
+        await bounded(w.warm.drain(), "the warm pool to drain")
+
+
+async def test_never_more_than_size_jobs_at_once() -> None:
+    sandbox = FakeSandbox()
+    release = asyncio.Event()
+    sandbox.default = blocking(release)
+    pool = SandboxPool(sandbox, 2)
+    tasks = [run(pool, f"job-{n}") for n in range(5)]
+    await sandbox.wait_running(2)
+    await spin()
+    assert (sandbox.running, len(sandbox.runs), pool.in_flight) == (2, 2, 2)
+    release.set()
+    done = await bounded(asyncio.gather(*tasks), "the jobs to finish")
+    assert [r.collected.report and r.collected.report.exit_code for r in done] == [0] * 5
+    assert sorted(c.execution_id for c in sandbox.runs) == [f"job-{n}" for n in range(5)]
+    assert sandbox.max_running == 2
+    assert pool.in_flight == 0
+
+
+async def test_a_job_with_the_warm_shape_takes_a_warm_container(warm_default: Warm) -> None:
+    w = warm_default
+    (prepared,) = w.sandbox.prepared
+    # the timeout travels with the job: a different one still fits the warm container
+    result = await bounded(
+        w.p.run(b"job", replace(DEFAULT, timeout=5), execution_id="a", caps=CAPS), "run"
+    )
+    (call,) = w.sandbox.runs
+    assert call.prepared is prepared
+    assert result.warm is True
+
+
+async def test_a_job_with_other_limits_runs_cold(warm_default: Warm) -> None:
+    w = warm_default
+    bigger = replace(DEFAULT, memory=DEFAULT.memory * 2)
+    result = await bounded(w.p.run(b"job", bigger, execution_id="a", caps=CAPS), "run")
+    (call,) = w.sandbox.runs
+    assert call.prepared is None and call.limits == bigger
+    assert result.warm is False
+    assert w.ready(DEFAULT.image) == 1  # still waiting for a job of its shape
+    assert len(w.sandbox.prepare_calls) == 1
+
+
+async def test_the_warm_pool_refills_after_a_take(warm_default: Warm) -> None:
+    w = warm_default
+    (first,) = w.sandbox.prepared
+    await bounded(w.p.run(b"job", DEFAULT, execution_id="a", caps=CAPS), "run")
+    assert w.sandbox.runs[0].prepared is first
+    await eventually(lambda: w.ready(DEFAULT.image) == 1, "a refill")
+    assert len(w.sandbox.prepared) == 2
+    assert w.sandbox.prepare_calls[1][0] == replace(DEFAULT, timeout=0)  # made for the shape
+    await bounded(w.p.run(b"job", DEFAULT, execution_id="b", caps=CAPS), "run")
+    assert w.sandbox.runs[1].prepared is w.sandbox.prepared[1]
+
+
+async def test_a_dead_warm_container_makes_the_job_run_cold(warm_default: Warm) -> None:
+    w = warm_default
+    (prepared,) = w.sandbox.prepared
+    assert isinstance(prepared, FakePrepared)
+    prepared.kill()
+    result = await bounded(w.p.run(b"job", DEFAULT, execution_id="a", caps=CAPS), "run")
+    assert [c.prepared for c in w.sandbox.runs] == [prepared, None]
+    assert [c.outcome for c in w.sandbox.runs] == ["raised", "returned"]
+    assert prepared in w.sandbox.discarded
+    assert result.warm is False and result.collected.report is not None
+    assert result.collected.report.exit_code == 0
+
+
+@pytest.mark.parametrize("error", [SandboxUnavailableError("gone"), SandboxSetupError("no")])
+async def test_a_warm_run_that_fails_is_retried_cold(warm_default: Warm, error: Exception) -> None:
+    w = warm_default
+    (prepared,) = w.sandbox.prepared
+    w.sandbox.then(raising(error))
+    result = await bounded(w.p.run(b"job", DEFAULT, execution_id="a", caps=CAPS), "run")
+    assert [c.prepared for c in w.sandbox.runs] == [prepared, None]
+    assert [c.outcome for c in w.sandbox.runs] == ["raised", "returned"]
+    assert result.warm is False
+
+
+async def test_a_cold_run_that_fails_is_not_retried_by_the_pool() -> None:
+    sandbox = FakeSandbox()
+    sandbox.then(raising(SandboxUnavailableError("daemon away")))
+    pool = SandboxPool(sandbox, 1)
+    with pytest.raises(SandboxUnavailableError, match="daemon away"):
+        await bounded(pool.run(b"job", DEFAULT, execution_id="a", caps=CAPS), "run")
+    assert len(sandbox.runs) == 1
+    assert pool.in_flight == 0
+    # and the slot came back
+    await bounded(pool.run(b"job", DEFAULT, execution_id="b", caps=CAPS), "run")
+    assert len(sandbox.runs) == 2
+
+
+async def test_drain_discards_every_waiting_container() -> None:
+    w = Warm([(DEFAULT, 2), (DATA, 1)])
+    w.warm.start()
+    try:
+        await eventually(
+            lambda: w.warm.sizes() == {DEFAULT.image: 2, DATA.image: 1}, "the warm pool to fill"
+        )
+    finally:
+        await bounded(w.warm.drain(), "the warm pool to drain")
+    assert len(w.sandbox.prepared) == 3
+    assert sorted(p.name for p in w.sandbox.discarded) == sorted(p.name for p in w.sandbox.prepared)
+    assert w.warm.sizes() == {DEFAULT.image: 0, DATA.image: 0}
+    # no refill after a drain, and a job now runs cold
+    await bounded(w.p.run(b"job", DEFAULT, execution_id="a", caps=CAPS), "run")
+    await spin()
+    assert len(w.sandbox.prepare_calls) == 3
+    assert w.sandbox.runs[0].prepared is None
+
+
+async def test_shapes_shared_by_job_types_keep_the_largest_count() -> None:
+    w = Warm([(DEFAULT, 1), (replace(DEFAULT, timeout=99), 3)])
+    w.warm.start()
+    try:
+        await eventually(lambda: w.ready(DEFAULT.image) == 3, "the warm pool to fill")
+        await spin()
+        assert len(w.sandbox.prepare_calls) == 3
+    finally:
+        await bounded(w.warm.drain(), "the warm pool to drain")
+
+
+async def test_a_cancel_while_waiting_for_a_slot_raises_and_keeps_the_count_right() -> None:
+    sandbox = FakeSandbox()
+    pool = SandboxPool(sandbox, 1)
+    release = asyncio.Event()
+    sandbox.script_job("holder", blocking(release))
+    holder = run(pool, "holder")
+    await sandbox.wait_started("holder")
+    cancel = asyncio.Event()
+    waiting = run(pool, "waiting", cancel=cancel)
+    await spin()
+    assert not waiting.done()
+    cancel.set()
+    with pytest.raises(CancelledBeforeStart):
+        await bounded(waiting, "the cancelled job")
+    assert sandbox.runs_of("waiting") == []
+    release.set()
+    await bounded(holder, "the holder")
+    # the slot count is still 1: a later job runs, and two at once do not
+    second = asyncio.Event()
+    sandbox.script_job("c", blocking(second))
+    sandbox.script_job("d", blocking(second))
+    later = [run(pool, "c"), run(pool, "d")]
+    await sandbox.wait_started("c")
+    await spin()
+    assert sandbox.running == 1 and sandbox.runs_of("d") == []
+    second.set()
+    await bounded(asyncio.gather(*later), "the later jobs")
+    assert sandbox.max_running == 1 and pool.in_flight == 0
+
+
+async def test_a_cancel_already_set_never_takes_a_slot() -> None:
+    sandbox = FakeSandbox()
+    pool = SandboxPool(sandbox, 1)
+    cancel = asyncio.Event()
+    cancel.set()
+    with pytest.raises(CancelledBeforeStart):
+        await bounded(pool.run(b"job", DEFAULT, execution_id="a", caps=CAPS, cancel=cancel), "run")
+    assert sandbox.runs == []
+    await bounded(pool.run(b"job", DEFAULT, execution_id="b", caps=CAPS), "run")
+    assert [c.execution_id for c in sandbox.runs] == ["b"]
+
+
+async def test_a_cancel_and_a_free_slot_at_once_leave_the_count_right() -> None:
+    sandbox = FakeSandbox()
+    pool = SandboxPool(sandbox, 1)
+    release = asyncio.Event()
+    cancel = asyncio.Event()
+    sandbox.script_job("holder", blocking(release))
+
+    async def hold_then_cancel() -> None:
+        await pool.run(b"job", DEFAULT, execution_id="holder", caps=CAPS)
+        cancel.set()  # in the very step that freed the slot for the waiting job
+
+    holder = asyncio.ensure_future(hold_then_cancel())
+    await sandbox.wait_started("holder")
+    waiting = run(pool, "waiting", cancel=cancel)
+    await spin()
+    release.set()
+    await bounded(holder, "the holder")
+    with pytest.raises(CancelledBeforeStart):
+        await bounded(waiting, "the cancelled job")
+    assert sandbox.runs_of("waiting") == []
+    gate = asyncio.Event()
+    sandbox.script_job("c", blocking(gate))
+    sandbox.script_job("d", blocking(gate))
+    later = [run(pool, "c"), run(pool, "d")]
+    await sandbox.wait_running(1)
+    await spin()
+    assert sandbox.running == 1 and len(sandbox.runs) == 2
+    gate.set()
+    await bounded(asyncio.gather(*later), "the later jobs")
+    assert sandbox.max_running == 1
+
+
+async def test_on_start_is_called_once_the_job_has_its_slot() -> None:
+    sandbox = FakeSandbox()
+    pool = SandboxPool(sandbox, 1)
+    release = asyncio.Event()
+    sandbox.script_job("holder", blocking(release))
+    holder = run(pool, "holder")
+    await sandbox.wait_started("holder")
+    started: list[int] = []
+    second = asyncio.ensure_future(
+        pool.run(
+            b"job",
+            DEFAULT,
+            execution_id="b",
+            caps=CAPS,
+            on_start=lambda: started.append(len(sandbox.runs)),
+        )
+    )
+    await spin()
+    assert started == []
+    release.set()
+    await bounded(asyncio.gather(holder, second), "the jobs")
+    assert started == [1]  # before its own run began
