@@ -228,7 +228,7 @@ SECRET_HOLDER = """
 """
 
 SEARCHER = """
-    import json, os, time
+    import itertools, json, os, time
     # The needles come reversed through the input, so neither /code/main.py nor
     # /input/data.json holds them as they are searched for.
     data = json.load(open('/input/data.json'))
@@ -255,10 +255,19 @@ SEARCHER = """
             except OSError:
                 pass
     look('os.environ', repr(dict(os.environ)).encode(), EVERYWHERE + ENV_ONLY)
-    for top, dirs, files in os.walk('/'):
-        if top in ('/proc', '/sys', '/dev') or time.monotonic() > deadline:
+    # The mounts jobs write to first, whole, so what the test checks there does not depend on
+    # how far the walk of the rest gets before its deadline on a slow machine.
+    first = ('/input', '/code', '/tmp', '/output')
+    walks = itertools.chain(*(os.walk(root) for root in first), os.walk('/'))
+    seen = set()
+    for top, dirs, files in walks:
+        mine = top.startswith(first)
+        if top in seen or top in ('/proc', '/sys', '/dev') or (
+            not mine and time.monotonic() > deadline
+        ):
             dirs[:] = []
             continue
+        seen.add(top)
         for name in files:
             path = os.path.join(top, name)
             try:
