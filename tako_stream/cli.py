@@ -179,7 +179,7 @@ async def _dlq_delete(settings: Settings, args: argparse.Namespace) -> int:
     if missing:
         print(f"tako-stream: no DLQ entry {', '.join(missing)}", file=sys.stderr)
         return EXIT_JOB_FAILED
-    await dlq.delete(settings, args.ids)
+    await dlq.delete(settings, store.select(ids=args.ids))
     for dlq_id in args.ids:
         print(f"deleted {dlq_id}")
     return EXIT_OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,23 @@ class Topics:
     dlq: str
     control: str
     status: str
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Which topics a request's ``reply_to`` may name, and how long a copy there may take."""
+
+    pattern: re.Pattern[str]
+    forbidden: frozenset[str]
+    timeout: float
+
+    def problem(self, topic: str) -> str | None:
+        """Why ``topic`` may not be a ``reply_to`` (existence aside), or None."""
+        if topic in self.forbidden:
+            return f"reply_to: {topic!r} is one of the service's own topics"
+        if self.pattern.fullmatch(topic) is None:
+            return f"reply_to: {topic!r} is not an allowed topic (TAKO_REPLY_TO_PATTERN)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,11 @@ class Settings(BaseSettings):
     #: latency and idles at a fraction of the CPU; the embedded broker answers only when the wait
     #: is over, so its default is short.
     kafka_fetch_wait_ms: int = Field(default=20, ge=1, le=30_000)
+    #: Largest message the service produces (and topics it creates accept).  Requests carry up
+    #: to 100k chars of code and 1 MiB of input, results up to 1 MiB of output and two 64 KiB
+    #: streams: above Kafka's 1 MB default, hence 8 MiB.  Lower it to a cluster's own limit: an
+    #: answer larger than it is then replaced by one saying so, never lost.
+    kafka_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=16 * 1024)
 
     #: Containers one worker runs at once (the async pool's limit).
     pool_size: int = Field(default=4, ge=1, le=256)
@@ -133,6 +156,16 @@ class Settings(BaseSettings):
     #: Times a dead-lettered request may be replayed before replay refuses it (no loops).
     dlq_max_replays: int = Field(default=3, ge=0)
 
+    #: Topics a request's ``reply_to`` may name (a regular expression the whole name must
+    #: match); the topic must also exist.  The service's own topics other than the results
+    #: topic are never allowed.
+    reply_to_pattern: str = ".+"
+    #: Seconds a copy of a result to ``reply_to`` may take before the result says it failed.
+    reply_to_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: Bytes of invalid requests held at once while their answers are published: a flood of
+    #: large bad messages costs at most this much memory.
+    rejection_budget: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+
     worker_id: str = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=6066, ge=0, le=65535)
@@ -161,6 +194,35 @@ class Settings(BaseSettings):
             dlq=self.dlq_topic,
             control=self.control_topic,
             status=self.status_topic,
+        )
+
+    @property
+    def breaker_app_id(self) -> str:
+        """The faust app's id, which names its tables' changelog topics."""
+        return f"{self.consumer_group}-app"
+
+    @property
+    def breaker_table(self) -> str:
+        return f"{self.consumer_group}-breaker"
+
+    @property
+    def breaker_changelog_topic(self) -> str:
+        """The shared breaker table's changelog, named as faust names it:
+        ``{app id}-{table}-changelog`` (the worker checks that faust agrees)."""
+        return f"{self.breaker_app_id}-{self.breaker_table}-changelog"
+
+    @property
+    def reply_to(self) -> ReplyTo:
+        forbidden = {
+            self.requests_topic,
+            self.dlq_topic,
+            self.control_topic,
+            self.status_topic,
+            self.breaker_topic,
+            self.breaker_changelog_topic,
+        }
+        return ReplyTo(
+            re.compile(self.reply_to_pattern), frozenset(forbidden), self.reply_to_timeout
         )
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -41,12 +42,12 @@ from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.sandbox.base import Prepared, SandboxRun
 from tako_stream.sandbox.pool import SandboxPool, WarmPool
 from tako_stream.sandbox.protocol import Collected, Report
-from tako_stream.settings import BreakerConfig, OutputCaps, RetryPolicy, Topics
+from tako_stream.settings import BreakerConfig, OutputCaps, ReplyTo, RetryPolicy, Topics
 from tako_stream.worker.breaker.handle import Breaker
 from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, fold
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
-from tako_stream.worker.intake import Intake, Revoked
+from tako_stream.worker.intake import Assigned, Intake, Revoked
 
 T = TypeVar("T")
 
@@ -59,6 +60,12 @@ TOPICS = Topics(
     dlq="tako.dlq",
     control="tako.control",
     status="tako.status",
+)
+#: Any topic but the service's own may be a reply_to, as by default.
+REPLY_TO = ReplyTo(
+    re.compile(".+"),
+    frozenset({TOPICS.requests, TOPICS.dlq, TOPICS.control, TOPICS.status}),
+    1.0,
 )
 #: The packaged job types (``default`` and ``data-processing``).
 JOB_TYPES = JobTypes.load()
@@ -465,10 +472,18 @@ class FakeSource:
         self.revoked.append(tps)
         self.changed.fire()
 
+    def redeliver(self, partition: int, offsets: Iterable[int]) -> None:
+        """Deliver records again, as Kafka does to a partition's next owner after a crash
+        before their offsets were committed."""
+        tp, wanted = self.tp(partition), set(offsets)
+        self._pending.extend(r for r in self.delivered if r.tp == tp and r.offset in wanted)
+        self._arrived.set()
+
     # the protocol
-    async def start(self, on_revoked: Revoked) -> None:
+    async def start(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
         self.on_revoked = on_revoked
         self.started = True
+        await on_assigned(set(self._assigned))
 
     async def fetch(self, timeout: float) -> list[Incoming]:
         self.fetches += 1
@@ -529,7 +544,7 @@ class FakeSink:
         self.sent: list[Sent] = []
         self.attempts: list[Sent] = []
         self._failures: dict[str, deque[BrokerError]] = {}
-        self._refused: set[str] = set()
+        self._refused: dict[str, int] = {}
         self._gates: dict[str | None, asyncio.Event] = {}
         self.started = False
         self.stopped = False
@@ -540,9 +555,10 @@ class FakeSink:
         queue = self._failures.setdefault(topic, deque())
         queue.extend(error(f"fake: {topic} failed") for _ in range(times))
 
-    def refuse(self, topic: str) -> None:
-        """Every send to ``topic`` is refused for good (``PublishRefusedError``)."""
-        self._refused.add(topic)
+    def refuse(self, topic: str, larger_than: int = -1) -> None:
+        """Every send to ``topic`` (of more than ``larger_than`` bytes) is refused for good
+        (``PublishRefusedError``), as a topic's ``max.message.bytes`` does."""
+        self._refused[topic] = larger_than
 
     def block(self, topic: str | None = None) -> asyncio.Event:
         """Sends (to ``topic``, or all) wait until the returned event is set."""
@@ -603,7 +619,7 @@ class FakeSink:
         gate = self._gates.get(topic) or self._gates.get(None)
         if gate is not None:
             await bounded(gate.wait(), f"the test to unblock sends to {topic}")
-        if topic in self._refused:
+        if topic in self._refused and len(value or b"") > self._refused[topic]:
             raise PublishRefusedError(f"fake: {topic} refuses it")
         failures = self._failures.get(topic)
         if failures:
@@ -732,19 +748,52 @@ def make_intake(
     *,
     cancellations: Cancellations | None = None,
     capacity: int = 2,
+    rejection_budget: int = 64 * 1024 * 1024,
     shutdown_grace: float = 2.0,
     commit_interval: float = 0.01,
+    existing_topics: Iterable[str] = (),
+    reply_to_timeout: float = 1.0,
+    answers: FakeAnswers | None = None,
 ) -> Intake:
+    """An intake over the fakes; ``existing_topics`` are the topics besides the service's own
+    that exist (what ``reply_to`` may name)."""
+    existing = {*vars(TOPICS).values(), *existing_topics}
+
+    async def topic_exists(topic: str) -> bool:
+        return topic in existing
+
     return Intake(
         source,
         sink,
         executor,
         topics=TOPICS,
+        reply_to=ReplyTo(REPLY_TO.pattern, REPLY_TO.forbidden, reply_to_timeout),
+        topic_exists=topic_exists,
+        answers=answers or FakeAnswers(),
         cancellations=cancellations,
         capacity=capacity,
+        rejection_budget=rejection_budget,
         shutdown_grace=shutdown_grace,
         commit_interval=commit_interval,
     )
+
+
+class FakeAnswers:
+    """The answered index as a dict: what this worker (or a test) says was answered."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, str] = {}
+        self.waits = 0
+
+    def answered(self, execution_id: str, position: str) -> bool:
+        return self.positions.get(execution_id) == position
+
+    def record(self, execution_id: str, position: str) -> None:
+        self.positions[execution_id] = position
+
+    async def wait_until_current(self, timeout: float) -> bool:
+        self.waits += 1
+        return True
 
 
 @dataclass
@@ -770,8 +819,10 @@ async def intake_rig(
     capacity: int = 2,
     shutdown_grace: float = 2.0,
     retry: RetryPolicy | None = None,
+    **intake_options: Any,
 ) -> AsyncIterator[Rig]:
-    """Start an intake over fresh fakes; on exit unblock everything and stop it (bounded)."""
+    """Start an intake over fresh fakes; on exit unblock everything and stop it (bounded).
+    ``intake_options`` go to ``make_intake``."""
     sandbox, source, sink = FakeSandbox(), FakeSource(partitions=partitions), FakeSink()
     executor = make_executor(sandbox, size=pool_size, retry=retry)
     cancellations = Cancellations()
@@ -782,6 +833,7 @@ async def intake_rig(
         cancellations=cancellations,
         capacity=capacity,
         shutdown_grace=shutdown_grace,
+        **intake_options,
     )
     await intake.start()
     try:

@@ -28,6 +28,10 @@ CORRELATION_HEADER = "x-correlation-id"
 MAX_CODE_CHARS = 100_000
 MAX_INPUT_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 64 * 1024
+#: Deepest nesting of a JSON value a request or a job's output may carry.  orjson encodes at
+#: most 254 nested containers, and a value travels one or two levels down inside a result or a
+#: DLQ record: checked where values enter, so no answer fails to encode later.
+MAX_JSON_DEPTH = 128
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
 
 _SIZE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?\s*", re.IGNORECASE | re.ASCII)
@@ -124,14 +128,32 @@ class ExecutionRequest(BaseModel):
         return value
 
 
+def json_depth(value: Any) -> int:
+    """How deeply containers nest in a JSON value (a scalar is 0, ``{}`` is 1); iterative, so a
+    hostile value cannot exhaust the stack."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def _serialised_size(value: Any, name: str) -> int:
-    """Bytes as JSON; what JSON cannot carry back out (too deep a nesting) is refused here."""
+    """Bytes as JSON; what an answer could not carry back out is refused here."""
     import orjson
 
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{name} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return len(orjson.dumps(value))
-    except (TypeError, orjson.JSONEncodeError):
-        raise ValueError(f"{name} cannot be serialised (nested too deeply?)") from None
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise ValueError(f"{name} cannot be serialised ({exc})") from None
 
 
 class ErrorInfo(BaseModel):
@@ -173,6 +195,9 @@ class ExecutionResult(BaseModel):
     finished_at: datetime
     metadata: dict[str, Any] | None = None
     timing: Timing = Field(default_factory=Timing)
+    reply_to_error: str | None = Field(
+        default=None, description="Why the copy to the request's reply_to topic failed, if it did."
+    )
 
 
 class SourcePosition(BaseModel):

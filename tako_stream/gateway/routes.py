@@ -223,6 +223,9 @@ class Routes:
         except InvalidRequestError as exc:
             problems = [{"loc": ["body", e.split(":")[0]], "msg": e} for e in exc.errors]
             return error_response(request, 422, problems)
+        problem = await self.view.reply_to_problem(body.reply_to)
+        if problem is not None:
+            return error_response(request, 422, [{"loc": ["body", "reply_to"], "msg": problem}])
         return body, raw
 
     async def _produce(
@@ -409,25 +412,22 @@ class Routes:
             until = dlq.parse_time(request.query.get("until"))
         except ValueError as exc:
             return error_response(request, 422, str(exc))
-        entries = self.view.dlq.select(
-            error_type=request.query.get("error_type"), since=since, until=until
-        )
+        store = await dlq.read_store(self.settings, keep_originals=False)
+        entries = store.select(error_type=request.query.get("error_type"), since=since, until=until)
         return json_response(
             {"total": len(entries), "entries": [e.model_dump(mode="json") for e in entries]}
         )
 
     async def dlq_get(self, request: web.Request) -> web.StreamResponse:
-        entry = self.view.dlq.get(request.match_info["id"])
+        entry = await dlq.lookup(self.settings, self.view.dlq, request.match_info["id"])
         if entry is None:
             return error_response(request, 404, f"no DLQ entry {request.match_info['id']}")
         return json_response(entry)
 
     async def dlq_delete(self, request: web.Request) -> web.StreamResponse:
         dlq_id = request.match_info["id"]
-        if dlq_id not in self.view.dlq:
+        if not await dlq.remove(self.settings, self.view.dlq, dlq_id):
             return error_response(request, 404, f"no DLQ entry {dlq_id}")
-        await dlq.delete(self.settings, [dlq_id])
-        self.view.dlq.apply(dlq_id.encode(), None)
         return json_response({"deleted": dlq_id})
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:

@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 from tako_stream import dlq
 from tako_stream.client import Client
+from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult, JobStatus
 from tako_stream.kafka.reader import latest, tail
-from tako_stream.kafka.topics import ensure_topics, partitions
+from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.kafka.view import KeyedView
 from tako_stream.settings import Settings
-from tako_stream.worker.breaker.shared import BreakerStates, changelog_topic
+from tako_stream.worker.breaker.shared import BreakerStates
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class ClusterView:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = Client(settings, keep=settings.gateway_keep, history=True)
-        self.dlq = dlq.DLQStore(keep_originals=False)
+        self.dlq = dlq.DLQView()
         #: Jobs a worker said it is running (the status topic), the newest ``gateway_keep``.
         self.running: KeyedView[JobStatus] = KeyedView(
             JobStatus.model_validate_json,
@@ -46,6 +47,7 @@ class ClusterView:
             key_of=lambda status: status.execution_id,
         )
         self.breakers = BreakerStates(settings.breaker)
+        self.topics = TopicDirectory(settings)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -54,7 +56,7 @@ class ClusterView:
         await self.client.start()
         self._tasks = [
             asyncio.create_task(dlq.follow(s, self.dlq)),
-            asyncio.create_task(tail(s, changelog_topic(s), self.breakers.apply)),
+            asyncio.create_task(tail(s, s.breaker_changelog_topic, self.breakers.apply)),
             asyncio.create_task(tail(s, s.status_topic, self.running.apply)),
         ]
 
@@ -92,6 +94,20 @@ class ClusterView:
         if status is not None:
             record |= {"worker_id": status.worker_id, "started_at": status.at.isoformat()}
         return record
+
+    async def reply_to_problem(self, topic: str | None) -> str | None:
+        """Why a request's ``reply_to`` would be refused by the workers, or None (also when the
+        broker cannot tell now: the workers check again)."""
+        if topic is None or topic == self.settings.results_topic:
+            return None
+        problem = self.settings.reply_to.problem(topic)
+        if problem is not None:
+            return problem
+        try:
+            exists = await self.topics.exists(topic)
+        except BrokerError:
+            return None
+        return None if exists else f"reply_to: topic {topic!r} does not exist"
 
     async def broker_available(self) -> bool:
         """Whether the broker answers a metadata request within ``BROKER_CHECK`` seconds."""

@@ -13,8 +13,8 @@ from aiokafka import AIOKafkaConsumer
 from tako_stream.kafka.records import install as tolerate_bad_header_keys
 from tako_stream.settings import Settings
 
-#: Requests carry up to 100k chars of code and 1 MiB of input; results up to 1 MiB of output
-#: and two 64 KiB streams: above Kafka's 1 MB default, so topics and clients allow 8 MiB.
+#: The largest message any consumer of ours can be handed (``Settings.kafka_max_message_bytes``
+#: may be set lower, never higher than topics made by others allow).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -26,7 +26,7 @@ def producer_options(settings: Settings) -> dict[str, Any]:
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotence,
         "linger_ms": 2,
-        "max_request_size": MAX_MESSAGE_BYTES,
+        "max_request_size": settings.kafka_max_message_bytes,
         "compression_type": None,
     }
 

@@ -111,8 +111,12 @@ def _json_problem(value: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"{detail} near {near!r}" if near else detail
 
 
-def decode_request(value: bytes | None, key: bytes | None) -> ExecutionRequest:
-    """Parse and validate a request; the id falls back to the key, then to a new UUID."""
+def decode_request(
+    value: bytes | None, key: bytes | None, fallback_id: str | None = None
+) -> ExecutionRequest:
+    """Parse and validate a request; the id falls back to the key, then to ``fallback_id``
+    (the intake passes one derived from the record's position, so a re-delivery of the same
+    record gets the same id), then to a new UUID."""
     if value is None:
         raise InvalidRequestError(["request: message has no value"], _usable_id(key))
     try:
@@ -138,5 +142,6 @@ def decode_request(value: bytes | None, key: bytes | None) -> ExecutionRequest:
             _bounded(errors), _usable_id(body.get("execution_id")) or _usable_id(key)
         ) from None
     if request.execution_id is None:
-        request = request.model_copy(update={"execution_id": _usable_id(key) or new_id()})
+        execution_id = _usable_id(key) or fallback_id or new_id()
+        request = request.model_copy(update={"execution_id": execution_id})
     return request

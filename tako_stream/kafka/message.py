@@ -6,6 +6,7 @@ Kafka and on records a unit test makes up.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,21 @@ class Incoming:
             headers=tuple(record.headers or ()),
             timestamp_ms=record.timestamp,
         )
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds: value, key and headers."""
+        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
+        return len(self.value or b"") + len(self.key or b"") + headers
+
+    @property
+    def position_id(self) -> str:
+        """An id derived from where the record is (the same at every delivery), usable as an
+        execution id: ``topic:partition:offset``, the topic hashed when the whole is too long."""
+        topic = self.topic
+        if len(topic) > 80:
+            topic = hashlib.sha256(topic.encode()).hexdigest()[:32]
+        return f"{topic}:{self.partition}:{self.offset}"
 
     @property
     def tp(self) -> TopicPartition:

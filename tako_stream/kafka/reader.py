@@ -95,6 +95,15 @@ class TopicReader:
         for tp in self.partitions:  # resolve the positions now, not at the first fetch
             await self._kafka.position(tp)
 
+    async def from_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            self._kafka.seek(tp, offset)
+
+    async def position(self, tp: TopicPartition) -> int:
+        """The offset of the next record to be read from ``tp``."""
+        position: int = await self._kafka.position(tp)
+        return position
+
     async def end_offsets(self) -> dict[TopicPartition, int]:
         offsets: dict[TopicPartition, int] = await self._kafka.end_offsets(self.partitions)
         return offsets
@@ -131,29 +140,43 @@ class TopicReader:
 async def tail(
     settings: Settings, topic: str, apply: Apply, caught_up: asyncio.Event | None = None
 ) -> None:
-    """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``.
+    """Feed every record of ``topic``, from its beginning and forever, to ``apply(key, value)``
+    (see ``tail_records``)."""
+    await tail_records(settings, topic, lambda record: apply(record.key, record.value), caught_up)
+
+
+async def tail_records(
+    settings: Settings,
+    topic: str,
+    each: Callable[[Record], object],
+    caught_up: asyncio.Event | None = None,
+) -> None:
+    """Hand every record of ``topic``, from its beginning and forever, to ``each``.
 
     A broker fault restarts the read from the beginning (views are folds, so replaying records
     is harmless), never ends it; a topic that does not exist yet is waited for.  ``caught_up`` is
-    set once what the topic held at the start has been applied.
+    set once what the topic held at the start has been handed over.
     """
     while True:
         try:
-            await _tail_once(settings, topic, apply, caught_up)
+            await _tail_once(settings, topic, each, caught_up)
         except (KafkaError, LookupError, OSError) as exc:
             log.warning("reading %s failed (%s); starting over", topic, exc)
             await asyncio.sleep(1)
 
 
 async def _tail_once(
-    settings: Settings, topic: str, apply: Apply, caught_up: asyncio.Event | None
+    settings: Settings,
+    topic: str,
+    each: Callable[[Record], object],
+    caught_up: asyncio.Event | None,
 ) -> None:
     async with TopicReader(settings, topic, wait_for_topic=1.0) as reader:
         await reader.from_beginning()
         end = await reader.end_offsets() if caught_up is not None else {}
         while True:
             for record in await reader.fetch(timeout=1.0):
-                apply(record.key, record.value)
+                each(record)
             if caught_up is not None and not caught_up.is_set() and await reader.reached(end):
                 caught_up.set()
 

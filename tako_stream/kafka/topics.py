@@ -12,9 +12,9 @@ import time
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
+from tako_stream.core.errors import BrokerError
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ _UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION error code
 
 
 def topic_specs(settings: Settings) -> list[NewTopic]:
-    common = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    common = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
     return [
         NewTopic(
             settings.requests_topic,
@@ -39,11 +39,13 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             settings.topic_replication,
             topic_configs={**common, "cleanup.policy": "compact"},
         ),
+        # Keyed by dlq_id, deleted by tombstones: compacted, and never expired (a dead letter
+        # and its replay bytes stay until an operator deletes or replays it).
         NewTopic(
             settings.dlq_topic,
             settings.topic_partitions,
             settings.topic_replication,
-            topic_configs=common,
+            topic_configs={**common, "cleanup.policy": "compact", "retention.ms": "-1"},
         ),
         # Read whole by every worker and gateway: compacted per job, and kept a week (a cancel
         # for a request still queued after that is moot), a day for running states.
@@ -104,3 +106,42 @@ async def partitions(settings: Settings, topic: str, *, wait: float = 0.0) -> li
             await asyncio.sleep(0.2)
     finally:
         await admin.close()
+
+
+class TopicDirectory:
+    """Which topics exist, as the broker's metadata says, cached for ``ttl`` seconds.
+
+    A name not in the cache triggers a refresh at most every ``miss_refresh`` seconds, so a
+    topic created a moment ago is found, yet a flood of requests naming missing topics costs
+    one metadata request every few seconds, not one each.
+    """
+
+    def __init__(self, settings: Settings, *, ttl: float = 30.0, miss_refresh: float = 5.0) -> None:
+        self.settings = settings
+        self.ttl = ttl
+        self.miss_refresh = miss_refresh
+        self._names: frozenset[str] = frozenset()
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def exists(self, topic: str) -> bool:
+        age = time.monotonic() - self._fetched_at
+        if age > self.ttl or (topic not in self._names and age > self.miss_refresh):
+            await self._refresh()
+        return topic in self._names
+
+    async def _refresh(self) -> None:
+        """``BrokerError`` when the broker did not answer (the cache is kept as it was)."""
+        async with self._lock:
+            if time.monotonic() - self._fetched_at < 0.5:
+                return  # another caller refreshed while this one waited
+            admin = _admin(self.settings)
+            try:
+                async with asyncio.timeout(10):
+                    await admin.start()
+                    self._names = frozenset(await admin.list_topics())
+            except (KafkaError, OSError) as exc:  # OSError covers TimeoutError
+                raise BrokerError(f"listing topics failed: {exc!r}") from exc
+            finally:
+                await admin.close()
+            self._fetched_at = time.monotonic()

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def build(settings: Settings) -> tuple[faust.App, Runtime]:
     """The faust app with the shared breaker, and the runtime wired to it."""
     app = faust.App(
-        shared.app_id(settings),
+        settings.breaker_app_id,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         web_port=settings.web_port,
         web_bind=settings.web_host,
@@ -84,7 +84,8 @@ def _add_views(app: faust.App, runtime: Runtime, settings: Settings) -> None:
             until = dlq.parse_time(query.get("until"))
         except ValueError as exc:
             return web.json({"detail": str(exc)}, status=400)
-        entries = runtime.dlq.select(error_type=query.get("error_type"), since=since, until=until)
+        store = await dlq.read_store(settings, keep_originals=False)
+        entries = store.select(error_type=query.get("error_type"), since=since, until=until)
         return web.json(
             {"total": len(entries), "entries": [e.model_dump(mode="json") for e in entries]}
         )
@@ -92,16 +93,14 @@ def _add_views(app: faust.App, runtime: Runtime, settings: Settings) -> None:
     @app.page("/dlq/{dlq_id}")
     class DLQEntry(faust.web.View):
         async def get(self, request: Any, dlq_id: str) -> Any:
-            entry = runtime.dlq.get(dlq_id)
+            entry = await dlq.lookup(settings, runtime.dlq, dlq_id)
             if entry is None:
                 return self.json({"detail": f"no DLQ entry {dlq_id}"}, status=404)
             return self.json(entry.model_dump(mode="json"))
 
         async def delete(self, request: Any, dlq_id: str) -> Any:
-            if dlq_id not in runtime.dlq:
+            if not await dlq.remove(settings, runtime.dlq, dlq_id):
                 return self.json({"detail": f"no DLQ entry {dlq_id}"}, status=404)
-            await dlq.delete(settings, [dlq_id])
-            runtime.dlq.apply(dlq_id.encode(), None)
             return self.json({"deleted": dlq_id})
 
 

@@ -18,39 +18,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import TopicPartition
 
-from tako_stream.core.errors import BrokerError, InvalidRequestError, PublishRefusedError
+from tako_stream.core.errors import BrokerError, InvalidRequestError
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
-from tako_stream.dlq import DEAD_LETTER_TYPES, DeadLetter, dead_letter
-from tako_stream.kafka.codec import correlation_id, decode_request, dumps, new_id
+from tako_stream.kafka.codec import correlation_id, decode_request, dumps
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.logs import job_context
-from tako_stream.settings import Topics
+from tako_stream.settings import ReplyTo, Topics
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
 from tako_stream.worker.offsets import OffsetTracker
+from tako_stream.worker.publish import Publisher
 from tako_stream.worker.verdict import Job, Verdict, answer, now
 
 log = logging.getLogger(__name__)
 
-#: Rejections in flight at once (no container, just an answer to publish).
-LIGHT_CAPACITY = 256
-
 Revoked = Callable[[set[TopicPartition]], Awaitable[None]]
+Assigned = Callable[[set[TopicPartition]], Awaitable[None]]
+#: Whether a topic exists (``BrokerError`` when the broker cannot tell).
+TopicExists = Callable[[str], Awaitable[bool]]
+
+#: Seconds a worker given new partitions waits for the answered index to read every result
+#: published so far, before taking their records.
+ANSWERS_CURRENT = 15.0
 
 
 class Source(Protocol):
     """Where requests come from: partitions this worker owns, and their committed positions."""
 
-    async def start(self, on_revoked: Revoked) -> None:
-        """Start consuming; ``on_revoked`` runs before partitions are handed to another."""
+    async def start(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
+        """Start consuming; ``on_revoked`` runs before partitions are handed to another,
+        ``on_assigned`` once new ones are this worker's, before any of their records."""
         ...
 
     async def fetch(self, timeout: float) -> list[Incoming]:
@@ -64,6 +71,17 @@ class Source(Protocol):
         ...
 
     async def stop(self) -> None: ...
+
+
+class Answers(Protocol):
+    """Which request records already have their answer on the results topic (see
+    ``worker.answered``)."""
+
+    def answered(self, execution_id: str, position: str) -> bool: ...
+
+    def record(self, execution_id: str, position: str) -> None: ...
+
+    async def wait_until_current(self, timeout: float) -> bool: ...
 
 
 class Sink(Protocol):
@@ -89,10 +107,47 @@ class Rejection:
     execution_id: str | None
 
 
+class ByteBudget:
+    """At most ``total`` bytes held at once, handed out first come, first served; a request
+    for more than the whole budget waits for all of it."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, size: int) -> int:
+        """Take ``size`` bytes (capped at the total); returns what to ``release`` later."""
+        size = max(1, min(size, self.total))
+        if not self._waiters and self.free >= size:
+            self.free -= size
+            return size
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(size)  # granted just as it was cancelled: give it back
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.free += size
+        while self._waiters and self._waiters[0][0] <= self.free:
+            wanted, granted = self._waiters.popleft()
+            if granted.done():
+                continue  # its waiter was cancelled
+            self.free -= wanted
+            granted.set_result(None)
+
+
 def decode(message: Incoming) -> ExecutionRequest | Rejection:
-    """The request a record holds, or why it cannot run; never raises."""
+    """The request a record holds, or why it cannot run; never raises.  A request naming no
+    id and with no usable key is given one derived from its position, so that a re-delivery
+    of the same record is answered under the same id."""
     try:
-        return decode_request(message.value, message.key)
+        return decode_request(message.value, message.key, message.position_id)
     except InvalidRequestError as exc:
         return Rejection(exc.errors, exc.execution_id)
     except Exception as exc:  # a decoder bug must not stop the stream
@@ -110,24 +165,33 @@ class Intake:
         executor: Executor,
         *,
         topics: Topics,
+        reply_to: ReplyTo,
+        topic_exists: TopicExists,
+        answers: Answers,
         cancellations: Cancellations | None = None,
         capacity: int,
+        rejection_budget: int,
         shutdown_grace: float,
         commit_interval: float,
     ) -> None:
         """``capacity``: jobs accepted but unanswered; a little above the pool size so the next
-        job is already decoded when a container slot frees up, without hoarding a backlog."""
+        job is already decoded when a container slot frees up, without hoarding a backlog.
+        ``rejection_budget``: bytes of invalid requests held while their answers are sent."""
         self.source = source
         self.sink = sink
         self.executor = executor
         self.topics = topics
+        self.reply_to = reply_to
+        self.topic_exists = topic_exists
+        self.answers = answers
+        self.publisher = Publisher(sink.send, topics, reply_to_timeout=reply_to.timeout)
         self.cancellations = cancellations or Cancellations()
         self.shutdown_grace = shutdown_grace
         self.commit_interval = commit_interval
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._jobs: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         self._capacity = asyncio.Semaphore(capacity)
-        self._light = asyncio.Semaphore(LIGHT_CAPACITY)
+        self._rejections = ByteBudget(rejection_budget)
         self._announcing: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._accepting = True
@@ -150,7 +214,7 @@ class Intake:
 
     async def start(self) -> None:
         await self.sink.start()
-        await self.source.start(self.partitions_revoked)
+        await self.source.start(self.partitions_revoked, self.partitions_assigned)
         self._tasks = [
             asyncio.ensure_future(self._consume()),
             asyncio.ensure_future(self._commit_every(self.commit_interval)),
@@ -184,20 +248,25 @@ class Intake:
             decoded = [(message, decode(message)) for message in messages]
             decoded.sort(key=lambda pair: not isinstance(pair[1], Rejection))  # stable
             for message, request in decoded:
-                limit = self._light if isinstance(request, Rejection) else self._capacity
-                await limit.acquire()
+                release: Callable[[], None]
+                if isinstance(request, Rejection):
+                    size = await self._rejections.acquire(message.size)
+                    release = functools.partial(self._rejections.release, size)
+                else:
+                    await self._capacity.acquire()
+                    release = self._capacity.release
                 # A rebalance while we waited may have taken the partition (or reset its
                 # position): leave the record to whoever owns it now.
                 if generation != self._generation or not self._accepting:
-                    limit.release()
+                    release()
                     continue
-                self._start(message, request, limit)
+                self._start(message, request, release)
 
     def _start(
         self,
         message: Incoming,
         decoded: ExecutionRequest | Rejection,
-        limit: asyncio.Semaphore,
+        release: Callable[[], None],
     ) -> None:
         key = (message.tp, message.offset)
         self.tracker.start(message.tp, message.offset)
@@ -206,52 +275,79 @@ class Intake:
 
         def finished(_: asyncio.Task[None]) -> None:
             self._jobs.pop(key, None)
-            limit.release()
+            release()
 
         task.add_done_callback(finished)
 
     async def _handle(self, message: Incoming, decoded: ExecutionRequest | Rejection) -> None:
-        """Answer one record; marks its offset done only once the broker has the answer."""
+        """Answer one record; its offset is done once the broker has the answer.
+
+        Whatever goes wrong while answering, the record gets an answer or, failing that, a DLQ
+        record, and its offset is finished: one record never stops its partition's commits.
+        Only a cancellation (revoke, shutdown) leaves it unfinished, to be run again.
+        """
         corr = correlation_id(message.headers)
+        execution_id = decoded.execution_id or message.position_id
+        if self.answers.answered(execution_id, message.position_id):
+            with job_context(execution_id, corr):
+                log.info("already answered (delivered again after a failure): not run again")
+            self.tracker.finish(message.tp, message.offset)
+            return
         first_failure = now()
         queued = (
             max(0.0, time.time() - message.timestamp_ms / 1000) if message.timestamp_ms else None
         )
         reply_to: str | None = None
         if isinstance(decoded, Rejection):
-            execution_id = decoded.execution_id or new_id()
             with job_context(execution_id, corr):
                 log.info("invalid request: %s", "; ".join(decoded.problems))
                 job = Job(execution_id, corr, self.worker_id)
                 result = answer(job, Verdict.rejected(decoded.problems))
         else:
             request = decoded
-            execution_id = request.execution_id or new_id()
             reply_to = request.reply_to
             with job_context(execution_id, corr):
                 result = await self._run(request, execution_id, corr, queued)
         with job_context(execution_id, corr):
-            dead = None
-            if result.error is not None and result.error.type in DEAD_LETTER_TYPES:
-                dead = dead_letter(message, result, first_failure_at=first_failure)
-            await self._publish(result, reply_to, dead)
+            try:
+                final = await self.publisher.publish(
+                    message, result, reply_to=reply_to, first_failure_at=first_failure
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug of ours while answering: answer that instead
+                log.exception("internal error while publishing the answer")
+                job = Job(execution_id, corr, self.worker_id)
+                try:
+                    final = await self.publisher.publish(
+                        message, answer(job, Verdict.internal(exc)), first_failure_at=first_failure
+                    )
+                except Exception:  # nothing more can be done; the partition must move on
+                    log.exception("could not publish any answer; the record is skipped")
+                    final = None
+            if final is not None:
+                self.answers.record(execution_id, message.position_id)
             log.info(
                 "answered: status=%s error=%s in %.3fs",
-                result.status.value,
-                result.error.type.value if result.error else None,
-                result.execution_time,
+                final.status.value if final else "unpublished",
+                final.error.type.value if final and final.error else None,
+                final.execution_time if final else 0.0,
             )
         self.tracker.finish(message.tp, message.offset)
         self.answered += 1
-        if self.on_answered is not None:
+        if self.on_answered is not None and final is not None:
             since = time.time() - message.timestamp_ms / 1000 if message.timestamp_ms else None
-            self.on_answered(result, since)
+            self.on_answered(final, since)
 
     async def _run(
         self, request: ExecutionRequest, execution_id: str, corr: str, queued: float | None
     ) -> ExecutionResult:
         job = Job(execution_id, corr, self.worker_id, request.job_type, request.metadata, queued)
         try:
+            problem = await self._reply_to_problem(request.reply_to)
+            if problem is not None:
+                log.info("invalid request: %s", problem)
+                return answer(job, Verdict.rejected([problem]))
             if self.cancellations.requested(execution_id) is not None:
                 log.info("cancelled before it ran")
                 return answer(job, Verdict.cancelled_before_start())
@@ -289,43 +385,27 @@ class Intake:
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
-    async def _publish(
-        self, result: ExecutionResult, reply_to: str | None, dead: DeadLetter | None
-    ) -> None:
-        """Send the result (and its copy to ``reply_to``, and the dead letter) until acked."""
-        key = result.execution_id.encode()
-        value = dumps(result)
-        headers = [
-            (CORRELATION_HEADER, result.correlation_id.encode()),
-            ("x-tako-status", result.status.value.encode()),
-        ]
-        sends = [self._send_until_acked(self.topics.results, key, value, headers)]
-        if reply_to and reply_to != self.topics.results:
-            sends.append(self._send_until_acked(reply_to, key, value, headers))
-        if dead is not None:
-            # keyed by its DLQ id, so a tombstone for that key deletes the entry
-            dlq_key = dead.record.dlq_id.encode()
-            sends.append(self._send_until_acked(self.topics.dlq, dlq_key, dead.value, dead.headers))
-        await asyncio.gather(*sends)
+    async def _reply_to_problem(self, topic: str | None) -> str | None:
+        """Why ``reply_to`` cannot be used, or None.  When the broker cannot say whether the
+        topic exists, the job runs: the copy's delivery is bounded, and its failure is
+        written into the result."""
+        if topic is None or topic == self.topics.results:
+            return None
+        problem = self.reply_to.problem(topic)
+        if problem is not None:
+            return problem
+        try:
+            exists = await self.topic_exists(topic)
+        except BrokerError as exc:
+            log.warning("cannot tell whether reply_to %s exists (%s)", topic, exc)
+            return None
+        return None if exists else f"reply_to: topic {topic!r} does not exist"
 
-    async def _send_until_acked(
-        self, topic: str, key: bytes, value: bytes, headers: Headers
-    ) -> None:
-        """One message, re-sent (alone) until the broker acknowledges it."""
-        delay = 0.2
-        while True:
-            try:
-                await self.sink.send(topic, key, value, headers)
-                return
-            except PublishRefusedError as exc:
-                # Retrying cannot help and would stall the partition for good.  Results and DLQ
-                # records are capped well below the limit, so this means a misconfigured topic.
-                log.error("%s refused a %d-byte message, not retried: %s", topic, len(value), exc)
-                return
-            except BrokerError as exc:
-                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Before running records of new partitions: know which of them a previous owner
+        answered without committing (bounded: past it, such records may run again)."""
+        if assigned:
+            await self.answers.wait_until_current(ANSWERS_CURRENT)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Before giving partitions up: let their jobs finish (bounded), commit, forget them."""

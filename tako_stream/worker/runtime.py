@@ -16,15 +16,16 @@ from mode import Service
 from tako_stream import dlq
 from tako_stream.core.errors import SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
-from tako_stream.dlq import DLQStore
+from tako_stream.dlq import DLQView
 from tako_stream.kafka.reader import tail
-from tako_stream.kafka.topics import ensure_topics
+from tako_stream.kafka.topics import TopicDirectory, ensure_topics
 from tako_stream.metrics import BREAKER_VALUES, Metric, Metrics, gauge
 from tako_stream.sandbox.docker import DockerSandbox
 from tako_stream.sandbox.pool import SandboxPool, WarmPool
 from tako_stream.settings import Settings
+from tako_stream.worker.answered import AnsweredIndex
 from tako_stream.worker.breaker.handle import Breaker, Outcome
-from tako_stream.worker.breaker.shared import BreakerStates, changelog_topic
+from tako_stream.worker.breaker.shared import BreakerStates
 from tako_stream.worker.breaker.state import State
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
@@ -33,9 +34,9 @@ from tako_stream.worker.stream import KafkaSink, KafkaSource
 
 log = logging.getLogger(__name__)
 
-#: Seconds a starting worker waits to know the cancels already on the control topic: a broker
-#: slow to answer must not keep it from starting.
-CONTROL_CATCH_UP = 15.0
+#: Seconds a starting worker waits to know the cancels on the control topic and the answers
+#: published lately: a broker slow to answer must not keep it from starting.
+CATCH_UP = 15.0
 
 
 class Runtime(Service):
@@ -61,7 +62,7 @@ class Runtime(Service):
         self.intake: Intake | None = None
         self.warm: WarmPool | None = None
         self.docker_available = False
-        self.dlq = DLQStore(keep_originals=False)
+        self.dlq = DLQView()
         self.cancellations = Cancellations()
         self.metrics = Metrics()
         self.metrics.add_gauges(self._gauges)
@@ -101,18 +102,27 @@ class Runtime(Service):
             breaker=self.breaker,
         )
         await ensure_topics(s)
-        # Know the cancels already on the control topic before taking jobs.
+        # Know the cancels already on the control topic, and the answers published lately,
+        # before taking jobs.
         control = self.cancellations
+        answers = AnsweredIndex(s)
         self.add_future(tail(s, s.control_topic, control.apply, control.caught_up))
+        self.add_future(answers.run())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(control.caught_up.wait(), CONTROL_CATCH_UP)
+            async with asyncio.timeout(CATCH_UP):
+                await control.caught_up.wait()
+                await answers.caught_up.wait()
         self.intake = Intake(
             KafkaSource(s),
             KafkaSink(s),
             executor,
             topics=s.topics,
+            reply_to=s.reply_to,
+            topic_exists=TopicDirectory(s).exists,
+            answers=answers,
             cancellations=control,
             capacity=s.pool_size * 2,
+            rejection_budget=s.rejection_budget,
             shutdown_grace=s.shutdown_grace,
             commit_interval=s.commit_interval,
         )
@@ -120,7 +130,7 @@ class Runtime(Service):
         await self.intake.start()
         self.add_future(self._ping_docker())
         self.add_future(dlq.follow(s, self.dlq))
-        self.add_future(tail(s, changelog_topic(s), self.breaker_states.apply))
+        self.add_future(tail(s, s.breaker_changelog_topic, self.breaker_states.apply))
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:

@@ -11,27 +11,45 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    CommitFailedError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from tako_stream.core.errors import BrokerError, PublishRefusedError
 from tako_stream.kafka.clients import consumer, producer_options
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.settings import Settings
-from tako_stream.worker.intake import Revoked
+from tako_stream.worker.intake import Assigned, Revoked
 
 log = logging.getLogger(__name__)
 
+#: What the broker (or the producer, for its own size limit) refuses for good: retrying the
+#: same message cannot help.
+REFUSALS = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    InvalidTopicError,
+)
+
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoked: Revoked) -> None:
+    def __init__(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
         self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        await self._on_assigned(set(assigned))
 
 
 class KafkaSource:
@@ -41,7 +59,7 @@ class KafkaSource:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
 
-    async def start(self, on_revoked: Revoked) -> None:
+    async def start(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
         s = self.settings
         self._consumer = consumer(
             s,
@@ -57,7 +75,7 @@ class KafkaSource:
             fetch_max_wait_ms=s.kafka_fetch_wait_ms,
             fetch_max_bytes=16 * 1024 * 1024,
         )
-        self._consumer.subscribe([s.requests_topic], listener=_Rebalance(on_revoked))
+        self._consumer.subscribe([s.requests_topic], listener=_Rebalance(on_revoked, on_assigned))
         await self._consumer.start()
 
     async def fetch(self, timeout: float) -> list[Incoming]:
@@ -108,7 +126,7 @@ class KafkaSink:
         try:
             ack = await self._producer.send(topic, value=value, key=key, headers=list(headers))
             await ack
-        except MessageSizeTooLargeError as exc:
+        except REFUSALS as exc:
             raise PublishRefusedError(str(exc) or type(exc).__name__) from exc
         except KafkaError as exc:
             raise BrokerError(str(exc) or type(exc).__name__) from exc

@@ -22,7 +22,7 @@ from tako_stream.core.classify import (
 )
 from tako_stream.core.errors import ErrorType, Status, default_message
 from tako_stream.core.jobtypes import Limits
-from tako_stream.core.models import ErrorInfo, ExecutionResult, Timing
+from tako_stream.core.models import MAX_JSON_DEPTH, ErrorInfo, ExecutionResult, Timing, json_depth
 from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.protocol import decode_text
 
@@ -95,6 +95,18 @@ class Job:
     metadata: dict[str, object] | None = None
     #: Seconds from the request's produce time to its pick-up, when known.
     queued: float | None = None
+
+    @classmethod
+    def of(cls, result: ExecutionResult, *, keep_metadata: bool = True) -> Job:
+        """Whom ``result`` answers (to build another answer for the same request)."""
+        return cls(
+            execution_id=result.execution_id,
+            correlation_id=result.correlation_id,
+            worker_id=result.worker_id,
+            job_type=result.job_type,
+            metadata=result.metadata if keep_metadata else None,
+            queued=result.timing.queued,
+        )
 
 
 def answer(
@@ -199,5 +211,11 @@ def _output(run: SandboxRun, result_error: str | None) -> Verdict:
             ErrorType.INVALID_OUTPUT,
             0,
             message=f"result.json must hold a JSON object, not {type(output).__name__}",
+        )
+    if json_depth(output) > MAX_JSON_DEPTH:
+        return Verdict.failure(
+            ErrorType.INVALID_OUTPUT,
+            0,
+            message=f"result.json is nested deeper than {MAX_JSON_DEPTH} levels",
         )
     return Verdict.success(output)

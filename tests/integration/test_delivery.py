@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 async def test_sigkill_mid_batch_loses_no_job(new_stack: Stack, docker: aiodocker.Docker) -> None:
     """200 short jobs, the worker SIGKILLed in the middle, a new one started: every job is
-    answered, and exactly the answered-but-uncommitted ones run twice."""
+    answered exactly once; the answered-but-uncommitted ones are not run again."""
     pool = 4
     first = new_stack.start_worker(TAKO_POOL_SIZE=str(pool))
     await first.wait_ready()
@@ -51,25 +51,11 @@ async def test_sigkill_mid_batch_loses_no_job(new_stack: Stack, docker: aiodocke
         for result in answers.results[execution_id]:
             assert result.success and result.stdout == f"{n}\n", result
     by_first = {i for i in ids if any(r.worker_id == first.worker_id for r in answers.results[i])}
-    duplicates = answers.duplicates(wanted)
     uncommitted = {i for i in by_first if placed[i][1] >= committed[placed[i][0]]}
-    # At-least-once, exactly: the re-runs are the dead worker's answered-but-uncommitted jobs
-    # (from its partitions' committed positions on), nothing it had committed, none twice more.
-    assert set(duplicates) == uncommitted, (duplicates, uncommitted, committed)
-    assert all(count == 2 for count in duplicates.values()), duplicates
-    # How far commits may lag: the 2 * pool_size jobs the intake holds at once (finished ones
-    # behind an unfinished one stay uncommitted), plus what was answered since the last commit
-    # (every commit_interval = 1 s; 2 s of slack for a loaded machine).
-    last = max(r.finished_at for i in by_first for r in answers.results[i][:1])
-    recent = sum(
-        1
-        for i in by_first
-        if (last - answers.results[i][0].finished_at).total_seconds() <= 1.0 + 2.0
-    )
-    print(
-        f"duplicates: {len(duplicates)} of {total}; answered by the first worker: {len(by_first)}"
-    )
-    assert len(duplicates) <= 2 * pool + recent, (len(duplicates), recent)
+    print(f"answered by the first worker: {len(by_first)}, of them uncommitted: {len(uncommitted)}")
+    # The dead worker's answered-but-uncommitted jobs are delivered again, and recognised as
+    # answered (their results carry their position): a job that has a result keeps it.
+    assert answers.duplicates(wanted) == {}, (answers.duplicates(wanted), committed)
     # The second worker reaped the first one's containers at start-up.
     leftovers = await docker.containers.list(
         all=True, filters={"label": [f"{LABEL_WORKER}={first.worker_id}"]}

@@ -8,6 +8,7 @@ import uuid
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tako_stream.client import Producer, ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord
@@ -306,6 +307,13 @@ async def test_many_concurrent_jobs_all_answered(stack: Stack) -> None:
 async def test_reply_to_topic_also_gets_the_result(stack: Stack) -> None:
     settings = stack.settings
     reply_topic = f"{settings.results_topic}.replies"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:  # reply_to must name a topic that exists (the test runs warm and cold)
+        if reply_topic not in await admin.list_topics():
+            await admin.create_topics([NewTopic(reply_topic, 1, 1)])
+    finally:
+        await admin.close()
     request = job("print('hello')", reply_to=reply_topic)
     await stack.run_job(request)
     consumer = AIOKafkaConsumer(

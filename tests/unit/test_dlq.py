@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,3 +232,68 @@ def test_summaries_leave_the_original_out_and_are_not_replayed() -> None:
     assert dlq.refusal(record, max_replays=3) is None
     assert dlq.refusal(kept, max_replays=3) is not None
     assert dlq.refusal(record.model_copy(update={"replay_count": 3}), max_replays=3) is not None
+
+
+# --- The bounded view workers and gateways keep ----------------------------------------------
+
+
+def consumed(key: str, value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> Any:
+    return ConsumerRecord(
+        topic="tako.dlq",
+        partition=0,
+        offset=0,
+        timestamp=0,
+        timestamp_type=0,
+        key=key.encode(),
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key),
+        serialized_value_size=len(value or b""),
+        headers=headers or [],
+    )
+
+
+def entry(offset: int, error: ErrorInfo = ERROR) -> tuple[DLQRecord, bytes]:
+    record, encoded, _ = build(source=SOURCE.model_copy(update={"offset": offset}), error=error)
+    return record, encoded
+
+
+def test_view_counts_by_type_and_keeps_only_a_window() -> None:
+    view = dlq.DLQView(keep=3)
+    unavailable = ErrorInfo(type=ErrorType.SERVICE_UNAVAILABLE, message="down")
+    for n in range(10):
+        record, encoded = entry(n, ERROR if n % 2 else unavailable)
+        view.apply(consumed(record.dlq_id, encoded))
+    assert view.stats() == {
+        "total": 10,
+        "by_error_type": {"invalid_request": 5, "service_unavailable": 5},
+    }
+    newest, _ = entry(9)
+    oldest, _ = entry(0)
+    kept = view.get(newest.dlq_id)
+    assert kept is not None and kept.original_omitted and kept.original_value is None
+    assert view.get(oldest.dlq_id) is None  # beyond the window: read from the topic
+
+
+def test_view_tombstones_decrement_by_the_type_they_name() -> None:
+    view = dlq.DLQView(keep=1)
+    first, first_value = entry(1)
+    second, second_value = entry(2)
+    view.apply(consumed(first.dlq_id, first_value))
+    view.apply(consumed(second.dlq_id, second_value))  # pushes the first out of the window
+    view.apply(consumed(first.dlq_id, None, dlq.tombstone_headers(first)))
+    assert view.stats() == {"total": 1, "by_error_type": {"invalid_request": 1}}
+    view.apply(consumed(second.dlq_id, None))  # in the window: its type is known without header
+    assert view.stats() == {"total": 0, "by_error_type": {}}
+    view.apply(consumed("unknown", None))  # a stray tombstone changes nothing
+    assert len(view) == 0
+
+
+def test_view_counts_an_entry_written_twice_once_while_in_the_window() -> None:
+    view = dlq.DLQView()
+    record, encoded = entry(7)
+    view.apply(consumed(record.dlq_id, encoded))
+    view.apply(consumed(record.dlq_id, encoded))
+    assert view.stats()["total"] == 1
+    view.apply(consumed(record.dlq_id, b"not json"))  # unreadable: skipped
+    assert view.stats()["total"] == 1

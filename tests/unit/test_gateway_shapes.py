@@ -9,7 +9,6 @@ from tako_stream.core.models import ErrorInfo, ExecutionResult
 from tako_stream.gateway.openapi import document as openapi_document
 from tako_stream.gateway.shapes import payload_digest, sync_response
 from tako_stream.settings import Settings
-from tako_stream.worker.breaker.shared import changelog_topic
 
 
 def test_breaker_changelog_name_is_the_one_faust_uses() -> None:
@@ -18,7 +17,7 @@ def test_breaker_changelog_name_is_the_one_faust_uses() -> None:
     settings = Settings(consumer_group="gname", worker_id="w-unit")
     app, _ = build(settings)
     (table,) = app.tables.values()
-    assert table.changelog_topic.get_topic_name() == changelog_topic(settings)
+    assert table.changelog_topic.get_topic_name() == settings.breaker_changelog_topic
 
 
 def test_payload_digest_ignores_key_order_and_the_idempotency_key() -> None:

@@ -13,6 +13,7 @@ from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, Execut
 from tako_stream.worker.intake import Rejection, decode
 from tests.fakes import (
     TOPICS,
+    FakeAnswers,
     blocking,
     bounded,
     cancel_bytes,
@@ -184,15 +185,36 @@ async def test_a_failing_dlq_send_does_not_resend_the_result() -> None:
         assert len(rig.sink.tries(DLQ)) == 2 and len(rig.sink.on(DLQ)) == 1
 
 
-async def test_a_refused_publish_is_not_retried() -> None:
+async def test_a_refused_result_is_not_retried_and_the_original_is_dead_lettered() -> None:
     async with intake_rig(partitions=(0,)) as rig:
         rig.sink.refuse(RESULTS)
-        rig.source.add(request_bytes(execution_id="big"))
+        original = request_bytes(execution_id="big")
+        rig.source.add(original)
         await rig.source.wait_committed(0, 1)
         await rig.source.commit_rounds(3)
-        assert len(rig.sink.tries(RESULTS)) == 1
+        # the answer, then an answer saying it was refused; neither retried
+        assert len(rig.sink.tries(RESULTS)) == 2
         assert rig.sink.on(RESULTS) == []
+        (dead,) = rig.sink.dead_letters()
+        assert dead.error.type == "internal_error" and "refused" in dead.error.message
+        assert base64.b64decode(dead.original_value or "") == original
         assert rig.intake.answered == 1
+
+
+async def test_a_result_too_large_for_the_topic_is_answered_with_why() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sink.refuse(RESULTS, larger_than=2_000)
+        rig.sandbox.default = succeed(stdout=b"x" * 10_000)
+        original = request_bytes(execution_id="huge")
+        rig.source.add(original)
+        result = await rig.sink.wait_result("huge")
+        await rig.source.wait_committed(0, 1)
+        assert result.status == "failed" and result.error is not None
+        assert result.error.type == "internal_error"
+        assert "results topic refused" in result.error.message and result.stdout == ""
+        (dead,) = rig.sink.dead_letters()
+        assert dead.execution_id == "huge"
+        assert base64.b64decode(dead.original_value or "") == original
 
 
 async def test_reply_to_gets_the_result_too() -> None:
@@ -427,3 +449,138 @@ async def test_a_blocked_status_topic_never_delays_the_result() -> None:
         assert rig.sink.on(STATUS) == []
         gate.set()
         await rig.sink.wait_for(STATUS, 1)
+
+
+# --- Every request answered (what a hostile requester or a misconfigured topic can do) -------
+
+
+def nested(depth: int) -> bytes:
+    """JSON text of objects nested ``depth`` deep: orjson reads up to 1,024 levels but writes
+    at most 254, so deep values are written by hand."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+async def test_a_request_without_id_or_key_is_answered_under_its_position() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(request_bytes(execution_id=None), partition=0)
+        rig.source.add(b"not json", partition=0)
+        await rig.source.wait_committed(0, 2)
+        ids = sorted(r.execution_id for r in rig.sink.results())
+        assert ids == [f"{RESULTS.replace('results', 'requests')}:0:0", "tako.requests:0:1"]
+
+
+async def test_output_nested_too_deep_for_a_result_is_invalid_output() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sandbox.default = succeed(result=nested(300))
+        rig.source.add(request_bytes(execution_id="deep"))
+        result = await rig.sink.wait_result("deep")
+        await rig.source.wait_committed(0, 1)
+        assert result.error is not None and result.error.type == "invalid_output"
+        assert "nested deeper" in result.error.message and result.output is None
+        assert rig.sink.dead_letters() == []  # the job's own doing: no dead letter
+
+
+async def test_metadata_nested_too_deep_is_refused_on_entry() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        body = b'{"execution_id": "meta", "code": "print(1)", "metadata": ' + nested(254) + b"}"
+        rig.source.add(body)
+        result = await rig.sink.wait_result("meta")
+        await rig.source.wait_committed(0, 1)
+        assert result.status == "rejected" and result.error is not None
+        assert result.error.type == "invalid_request" and "metadata" in result.error.message
+        assert rig.sandbox.runs == []
+        (dead,) = rig.sink.dead_letters()
+        assert dead.execution_id == "meta"
+
+
+async def test_a_result_that_cannot_be_encoded_is_answered_with_why() -> None:
+    """The last line of defence, for whatever passed the entry checks: a result that orjson
+    cannot encode (here an integer beyond 64 bits in the output) becomes invalid_output."""
+    async with intake_rig(partitions=(0,)) as rig:
+        original = rig.executor.execute
+
+        async def huge_int(*args: Any, **kwargs: Any) -> ExecutionResult:
+            result = await original(*args, **kwargs)
+            return result.model_copy(update={"output": {"n": 2**70}})
+
+        rig.executor.execute = huge_int  # type: ignore[method-assign]
+        rig.source.add(request_bytes(execution_id="int"))
+        result = await rig.sink.wait_result("int")
+        await rig.source.wait_committed(0, 1)
+        assert result.error is not None and result.error.type == "invalid_output"
+        assert "cannot be carried" in result.error.message
+
+
+async def test_reply_to_must_be_an_allowed_existing_topic() -> None:
+    async with intake_rig(partitions=(0,), existing_topics=["replies"]) as rig:
+        rig.source.add(request_bytes(execution_id="missing", reply_to="nowhere"))
+        rig.source.add(request_bytes(execution_id="own", reply_to=TOPICS.requests))
+        rig.source.add(request_bytes(execution_id="fine", reply_to="replies"))
+        await rig.source.wait_committed(0, 3)
+        missing, own = rig.sink.result("missing"), rig.sink.result("own")
+        assert missing.error is not None and "does not exist" in missing.error.message
+        assert own.error is not None and "service's own topics" in own.error.message
+        assert rig.sink.result("fine").success
+        assert [r.execution_id for r in rig.sink.results("replies")] == ["fine"]
+        assert [c.execution_id for c in rig.sandbox.runs] == ["fine"]
+
+
+async def test_a_failing_reply_to_never_blocks_the_result_which_says_so() -> None:
+    async with intake_rig(partitions=(0,), existing_topics=["replies"]) as rig:
+        rig.sink.block("replies")  # never acknowledged: the copy's bound (1 s here) ends it
+        rig.source.add(request_bytes(execution_id="late", reply_to="replies"))
+        result = await rig.sink.wait_result("late")
+        await rig.source.wait_committed(0, 1)
+        assert result.success and result.reply_to_error is not None
+        assert "replies" in result.reply_to_error
+        rig.sink.refuse("replies")
+        rig.sink.release_all()
+        rig.source.add(request_bytes(execution_id="refused", reply_to="replies"))
+        refused = await rig.sink.wait_result("refused")
+        assert refused.reply_to_error is not None and "refused" in refused.reply_to_error
+
+
+async def test_rejections_hold_at_most_their_byte_budget() -> None:
+    budget = 1024 * 1024
+    async with intake_rig(partitions=(0,), rejection_budget=budget) as rig:
+        gate = rig.sink.block(RESULTS)
+        for n in range(6):
+            rig.source.add(b"x" * (400 * 1024), key=f"bad-{n}".encode())
+        await spin(200)
+        held = len(rig.sink.tries(RESULTS))
+        assert held == 2  # 2 x 400 KiB fit in 1 MiB, a third does not
+        gate.set()
+        await rig.source.wait_committed(0, 6)
+        assert len(rig.sink.results()) == 6
+
+
+async def test_a_record_delivered_again_after_its_answer_is_not_run_again() -> None:
+    """A worker that died after publishing, before committing: the next owner gets the record
+    again, and a cancel that arrived meanwhile must not turn its success into ``cancelled``."""
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(request_bytes(execution_id="done"))
+        first = await rig.sink.wait_result("done")
+        rig.cancellations.apply(b"done", cancel_bytes("done"))
+        rig.source.redeliver(0, [0])
+        await rig.source.changed.until(lambda: len(rig.source.delivered) == 2, "the re-delivery")
+        await rig.source.wait_committed(0, 1)
+        await rig.source.commit_rounds(3)
+        assert first.success and rig.sink.results() == [first]
+        assert len(rig.sandbox.runs) == 1
+
+
+async def test_the_same_id_at_another_position_runs_again() -> None:
+    """A DLQ replay or a resubmission is a new record with the same id: it runs."""
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(request_bytes(execution_id="again"))
+        await rig.sink.wait_result("again")
+        rig.source.add(request_bytes(execution_id="again"))
+        await rig.source.wait_committed(0, 2)
+        assert [r.execution_id for r in rig.sink.results()] == ["again", "again"]
+        assert len(rig.sandbox.runs) == 2
+
+
+async def test_new_partitions_wait_for_the_answered_index() -> None:
+    answers = FakeAnswers()
+    async with intake_rig(partitions=(0,), answers=answers):
+        assert answers.waits == 1

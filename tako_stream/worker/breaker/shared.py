@@ -35,21 +35,6 @@ log = logging.getLogger(__name__)
 _RANK = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
 
-def app_id(settings: Settings) -> str:
-    """The faust app's id, which names its tables' changelog topics."""
-    return f"{settings.consumer_group}-app"
-
-
-def changelog_topic(settings: Settings) -> str:
-    """The shared table's changelog, named as faust names it: ``{app id}-{table}-changelog``
-    (``attach`` checks that faust agrees)."""
-    return f"{app_id(settings)}-{_table_name(settings)}-changelog"
-
-
-def _table_name(settings: Settings) -> str:
-    return f"{settings.consumer_group}-breaker"
-
-
 def topics(settings: Settings) -> list[NewTopic]:
     """The breaker's topics, created before faust starts: when two workers start together,
     faust creating them lazily races, and its producer then crashes on a partition its metadata
@@ -57,7 +42,7 @@ def topics(settings: Settings) -> list[NewTopic]:
     return [
         NewTopic(settings.breaker_topic, 1, settings.topic_replication),
         NewTopic(
-            changelog_topic(settings),
+            settings.breaker_changelog_topic,
             1,
             settings.topic_replication,
             topic_configs={"cleanup.policy": "compact"},
@@ -95,12 +80,12 @@ def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Await
         settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
     )
     table = app.Table(
-        _table_name(settings),
+        settings.breaker_table,
         partitions=1,
         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
     )
     named = table.changelog_topic.get_topic_name()
-    if named != changelog_topic(settings):  # the name is derived here once; faust must agree
+    if named != settings.breaker_changelog_topic:  # the name is derived here once; faust must agree
         raise RuntimeError(f"faust names the breaker changelog {named!r}")
 
     @app.agent(events)

@@ -1,0 +1,155 @@
+"""The DLQ in memory: a whole store (for the CLI and listings) and a bounded view (for workers
+and gateways, whose memory must not grow with the topic)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from tako_stream.core.errors import ErrorType
+from tako_stream.core.models import DLQRecord
+from tako_stream.dlq.records import H_ERROR_TYPE, summarise
+from tako_stream.kafka.codec import header
+from tako_stream.kafka.reader import Record
+from tako_stream.kafka.view import KeyedView
+
+log = logging.getLogger(__name__)
+
+#: What a store keeps per entry: its error type (for counts and filters) and the record, or
+#: its summary encoded (see ``DLQStore.keep_originals``).
+_Entry = tuple[ErrorType, "DLQRecord | bytes"]
+
+
+class DLQView:
+    """What a long-lived process (a worker, a gateway) keeps of the DLQ: counts by error type
+    and the newest ``keep`` entries as summaries.  Its memory does not grow with the topic;
+    listings and entries beyond the window are read from the topic (``read_store``, ``find``).
+
+    A deletion is a tombstone that names the deleted entry's error type in a header, so counts
+    go down without remembering every entry.  An entry written twice (a worker that died after
+    dead-lettering it, before committing) replaces itself while it is in the window; beyond it,
+    it is counted twice until compaction removes the older copy.
+    """
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.counts: Counter[ErrorType] = Counter()
+        self._recent: KeyedView[tuple[ErrorType, bytes]] = KeyedView(summarise, keep=keep)
+
+    def apply(self, record: Record) -> None:
+        """Fold one DLQ topic record in (``tako_stream.kafka.reader.tail_records`` calls this)."""
+        if record.key is None:
+            return
+        dlq_id_ = record.key.decode("utf-8", "replace")
+        old = self._recent.get(dlq_id_)
+        if record.value is None:
+            self._recent.remove(dlq_id_)
+            named = header(record.headers, H_ERROR_TYPE)
+            gone = old[0] if old is not None else _error_type(named)
+            if gone is not None and self.counts[gone] > 0:
+                self.counts[gone] -= 1
+            return
+        new = self._recent.apply(record.key, record.value)
+        if new is None:
+            return  # unreadable: skipped (and logged) by the view
+        if old is not None and self.counts[old[0]] > 0:
+            self.counts[old[0]] -= 1
+        self.counts[new[0]] += 1
+
+    def get(self, dlq_id_: str) -> DLQRecord | None:
+        """An entry, if it is among the newest ``keep`` (a summary, without original bytes)."""
+        entry = self._recent.get(dlq_id_)
+        return DLQRecord.model_validate_json(entry[1]) if entry is not None else None
+
+    def forget(self, dlq_id_: str) -> None:
+        """Drop an entry this process just deleted, before its tombstone is read back (which
+        is what updates the counts)."""
+        self._recent.remove(dlq_id_)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
+        by_type = {t.value: n for t, n in sorted(self.counts.items()) if n > 0}
+        return {"total": sum(by_type.values()), "by_error_type": by_type}
+
+
+def _error_type(raw: bytes | None) -> ErrorType | None:
+    try:
+        return ErrorType((raw or b"").decode())
+    except ValueError:
+        return None
+
+
+class DLQStore:
+    """The current DLQ: records folded in topic order, tombstones removing them."""
+
+    def __init__(self, *, keep_originals: bool = True) -> None:
+        """``keep_originals=False`` is for the long-lived views of workers and gateways: they
+        keep each entry as a summary without the original bytes, encoded (under 1 KB), so their
+        memory grows by that per entry rather than by the size of every bad message; the CLI
+        reads the topic whole to replay."""
+        self.keep_originals = keep_originals
+        self._view: KeyedView[_Entry] = KeyedView(self._parse, name="DLQ")
+
+    def _parse(self, value: bytes) -> _Entry:
+        record = DLQRecord.model_validate_json(value)
+        if self.keep_originals:
+            return record.error.type, record
+        return summarise(value)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        self._view.apply(key, value)
+
+    def get(self, dlq_id_: str) -> DLQRecord | None:
+        entry = self._view.get(dlq_id_)
+        if entry is None:
+            return None
+        item = entry[1]
+        return item if isinstance(item, DLQRecord) else DLQRecord.model_validate_json(item)
+
+    def records(self) -> list[DLQRecord]:
+        """Every entry, oldest write first."""
+        return [record for dlq_id_ in self._view if (record := self.get(dlq_id_)) is not None]
+
+    def __contains__(self, dlq_id_: object) -> bool:
+        return dlq_id_ in self._view
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
+        by_type: dict[str, int] = {}
+        for type_, _ in self._view.values():
+            by_type[type_.value] = by_type.get(type_.value, 0) + 1
+        return {"total": len(self._view), "by_error_type": dict(sorted(by_type.items()))}
+
+    def select(
+        self,
+        *,
+        ids: Iterable[str] | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[DLQRecord]:
+        wanted = set(ids) if ids else None
+        chosen = []
+        for dlq_id_ in self._view:
+            if wanted is not None and dlq_id_ not in wanted:
+                continue
+            entry = self._view.get(dlq_id_)
+            if entry is None or (error_type and entry[0].value != error_type):
+                continue
+            record = self.get(dlq_id_)
+            if record is None:
+                continue
+            if since and record.last_failure_at < since:
+                continue
+            if until and record.last_failure_at > until:
+                continue
+            chosen.append(record)
+        return sorted(chosen, key=lambda r: r.last_failure_at)

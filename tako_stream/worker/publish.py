@@ -1,0 +1,195 @@
+"""Publishing a request's answer: whatever fails on the way, the request still gets one.
+
+The order is fixed: the copy to ``reply_to`` first (bounded by ``ReplyTo.timeout``: a failure
+there is written into the main result, never blocks it), then the result, then the DLQ record
+when the answer's error type calls for one.  What cannot be encoded or is refused by the broker
+becomes a classified answer that says why; what cannot be answered at all goes to the DLQ with
+its original bytes.  A send the broker did not acknowledge is retried until it is (the answer
+exists only once Kafka has it, and while the broker is unreachable no offset is committed
+either); each attempt is bounded by the producer's own request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import orjson
+
+from tako_stream.core.errors import BrokerError, ErrorType, PublishRefusedError
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult
+from tako_stream.dlq import DEAD_LETTER_TYPES, dead_letter
+from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.message import Headers, Incoming
+from tako_stream.settings import Topics
+from tako_stream.worker.answered import SOURCE_HEADER
+from tako_stream.worker.verdict import Job, Verdict, answer, now
+
+log = logging.getLogger(__name__)
+
+#: Seconds between attempts at a send the broker did not acknowledge: doubling up to the cap.
+RETRY_FIRST, RETRY_CAP = 0.2, 5.0
+
+Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
+
+
+def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
+    """The result and its bytes; a result that cannot be encoded is replaced by one saying why
+    (``invalid_output`` for the job's output, ``invalid_request`` for the request's metadata,
+    ``internal_error`` otherwise), which always can be."""
+    try:
+        return result, dumps(result)
+    except (orjson.JSONEncodeError, TypeError, ValueError) as exc:
+        reason = exc
+    job = Job.of(result)
+    if not _encodes(result.output):
+        verdict = Verdict.failure(
+            ErrorType.INVALID_OUTPUT,
+            result.exit_code,
+            message=f"The job's output cannot be carried in a result ({reason})",
+        )
+    elif not _encodes(result.metadata):
+        job = Job.of(result, keep_metadata=False)
+        verdict = Verdict.rejected(
+            [f"metadata: cannot be carried in a result ({reason})"]  # checked on entry too
+        )
+    else:
+        verdict = Verdict.internal(reason)
+    replaced = answer(job, verdict, attempts=result.attempts, started_at=result.started_at)
+    try:
+        return replaced, dumps(replaced)
+    except (orjson.JSONEncodeError, TypeError, ValueError):  # metadata passed the check above
+        bare = answer(Job.of(result, keep_metadata=False), verdict, attempts=result.attempts)
+        return bare, dumps(bare)
+
+
+def _encodes(value: object) -> bool:
+    """Whether ``value`` can travel inside a result (one level down, under the depth limit)."""
+    try:
+        orjson.dumps([value])
+    except (orjson.JSONEncodeError, TypeError, ValueError):
+        return False
+    return True
+
+
+class Publisher:
+    """Sends answers through ``send`` (the intake's sink): see the module docstring."""
+
+    def __init__(self, send: Send, topics: Topics, *, reply_to_timeout: float) -> None:
+        self._send = send
+        self.topics = topics
+        self.reply_to_timeout = reply_to_timeout
+
+    async def publish(
+        self,
+        message: Incoming,
+        result: ExecutionResult,
+        *,
+        reply_to: str | None = None,
+        first_failure_at: datetime | None = None,
+    ) -> ExecutionResult | None:
+        """Publish the answer to ``message``; returns once the broker has all of it, with the
+        answer on the results topic (None when even a reduced answer was refused there)."""
+        result, value = encode(result)
+        source = message.position_id
+        if reply_to and reply_to != self.topics.results:
+            failure = await self._copy(reply_to, result, value, source)
+            if failure is not None:
+                result, value = encode(result.model_copy(update={"reply_to_error": failure}))
+        published: ExecutionResult | None = result
+        try:
+            await self._until_acked(self.topics.results, result, value, source)
+        except PublishRefusedError as exc:
+            published = await self._reduced(result, value, exc, source)
+        dead = published is None or (
+            published.error is not None and published.error.type in DEAD_LETTER_TYPES
+        )
+        if dead:
+            final = published or answer(
+                Job.of(result),
+                Verdict.failure(
+                    ErrorType.INTERNAL_ERROR,
+                    message="No answer could be published: the results topic refused it",
+                ),
+                attempts=result.attempts,
+            )
+            record = dead_letter(message, final, first_failure_at=first_failure_at or now())
+            try:
+                dlq_key = record.record.dlq_id.encode()
+                await self._send_acked(self.topics.dlq, dlq_key, record.value, record.headers)
+            except PublishRefusedError as exc:
+                log.error("the DLQ topic refused a %d-byte record: %s", len(record.value), exc)
+        return published
+
+    async def _copy(
+        self, topic: str, result: ExecutionResult, value: bytes, source: str
+    ) -> str | None:
+        """Send the copy to ``reply_to`` within the bound; why it failed, or None."""
+        try:
+            async with asyncio.timeout(self.reply_to_timeout):
+                await self._until_acked(topic, result, value, source)
+        except TimeoutError:
+            reason = f"not acknowledged within {self.reply_to_timeout:g}s"
+        except PublishRefusedError as exc:
+            reason = f"refused: {exc}"
+        else:
+            return None
+        log.warning("the copy to reply_to %s failed: %s", topic, reason)
+        return f"delivery to {topic} failed: {reason}"
+
+    async def _reduced(
+        self, result: ExecutionResult, value: bytes, refusal: PublishRefusedError, source: str
+    ) -> ExecutionResult | None:
+        """The results topic refused the answer (too large for it, say): publish one that says
+        so, without the output; None when even that is refused."""
+        log.error("the results topic refused a %d-byte result: %s", len(value), refusal)
+        verdict = Verdict.failure(
+            ErrorType.INTERNAL_ERROR,
+            message=f"The results topic refused this job's {len(value)}-byte result ({refusal})",
+        )
+        reduced = answer(
+            Job.of(result, keep_metadata=False),
+            verdict,
+            attempts=result.attempts,
+            started_at=result.started_at,
+        )
+        try:
+            await self._until_acked(self.topics.results, reduced, dumps(reduced), source)
+        except PublishRefusedError as exc:
+            log.error("the results topic refused even the reduced answer: %s", exc)
+            return None
+        return reduced
+
+    async def _until_acked(
+        self, topic: str, result: ExecutionResult, value: bytes, source: str
+    ) -> None:
+        headers = [
+            (CORRELATION_HEADER, result.correlation_id.encode()),
+            ("x-tako-status", result.status.value.encode()),
+            (SOURCE_HEADER, source.encode()),
+        ]
+        await self._send_acked(topic, result.execution_id.encode(), value, headers)
+
+    async def _send_acked(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> None:
+        """One message, re-sent (alone) until the broker acknowledges it; a refusal for good
+        (``PublishRefusedError``) is raised at once."""
+        delay = RETRY_FIRST
+        failures = 0
+        while True:
+            try:
+                await self._send(topic, key, value, headers)
+                if failures:
+                    log.info("published to %s after %d failed attempt(s)", topic, failures)
+                return
+            except PublishRefusedError:
+                raise
+            except BrokerError as exc:
+                failures += 1
+                if failures == 1:  # said once per message, not at every retry
+                    log.warning("publishing to %s failed (%s); retrying until it works", topic, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CAP)
