@@ -162,9 +162,13 @@ class Settings(BaseSettings):
     reply_to_pattern: str = ".+"
     #: Seconds a copy of a result to ``reply_to`` may take before the result says it failed.
     reply_to_timeout: float = Field(default=10.0, gt=0, le=300)
-    #: Bytes of invalid requests held at once while their answers are published: a flood of
-    #: large bad messages costs at most this much memory.
-    rejection_budget: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    #: Seconds a result may wait for the broker's acknowledgement before the request is
+    #: dead-lettered instead (a results topic that keeps failing must not stall a partition).
+    publish_timeout: float = Field(default=300.0, ge=1)
+    #: Memory invalid requests may take while their answers are published (each counts about
+    #: five times its size: see ``worker.intake.rejection_cost``), so a flood of large bad
+    #: messages costs at most about this much.
+    rejection_budget: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
 
     worker_id: str = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"

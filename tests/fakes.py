@@ -753,6 +753,7 @@ def make_intake(
     commit_interval: float = 0.01,
     existing_topics: Iterable[str] = (),
     reply_to_timeout: float = 1.0,
+    publish_timeout: float = 30.0,
     answers: FakeAnswers | None = None,
 ) -> Intake:
     """An intake over the fakes; ``existing_topics`` are the topics besides the service's own
@@ -773,6 +774,7 @@ def make_intake(
         cancellations=cancellations,
         capacity=capacity,
         rejection_budget=rejection_budget,
+        publish_timeout=publish_timeout,
         shutdown_grace=shutdown_grace,
         commit_interval=commit_interval,
     )

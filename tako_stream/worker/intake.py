@@ -142,6 +142,13 @@ class ByteBudget:
             granted.set_result(None)
 
 
+def rejection_cost(message: Incoming) -> int:
+    """Bytes an invalid request holds while it is answered: its original, then the DLQ record
+    that carries it in base64, that record encoded, and the producer's copy (about five times
+    its size), plus the answer and the task around it."""
+    return 5 * message.size + 64 * 1024
+
+
 def decode(message: Incoming) -> ExecutionRequest | Rejection:
     """The request a record holds, or why it cannot run; never raises.  A request naming no
     id and with no usable key is given one derived from its position, so that a re-delivery
@@ -171,6 +178,7 @@ class Intake:
         cancellations: Cancellations | None = None,
         capacity: int,
         rejection_budget: int,
+        publish_timeout: float,
         shutdown_grace: float,
         commit_interval: float,
     ) -> None:
@@ -184,7 +192,9 @@ class Intake:
         self.reply_to = reply_to
         self.topic_exists = topic_exists
         self.answers = answers
-        self.publisher = Publisher(sink.send, topics, reply_to_timeout=reply_to.timeout)
+        self.publisher = Publisher(
+            sink.send, topics, reply_to_timeout=reply_to.timeout, publish_timeout=publish_timeout
+        )
         self.cancellations = cancellations or Cancellations()
         self.shutdown_grace = shutdown_grace
         self.commit_interval = commit_interval
@@ -250,7 +260,7 @@ class Intake:
             for message, request in decoded:
                 release: Callable[[], None]
                 if isinstance(request, Rejection):
-                    size = await self._rejections.acquire(message.size)
+                    size = await self._rejections.acquire(rejection_cost(message))
                     release = functools.partial(self._rejections.release, size)
                 else:
                     await self._capacity.acquire()
@@ -305,9 +315,22 @@ class Intake:
                 result = answer(job, Verdict.rejected(decoded.problems))
         else:
             request = decoded
-            reply_to = request.reply_to
             with job_context(execution_id, corr):
-                result = await self._run(request, execution_id, corr, queued)
+                problem = await self._reply_to_problem(request.reply_to)
+                if problem is not None:  # answered here only: never copied to that topic
+                    log.info("invalid request: %s", problem)
+                    job = Job(
+                        execution_id,
+                        corr,
+                        self.worker_id,
+                        request.job_type,
+                        request.metadata,
+                        queued,
+                    )
+                    result = answer(job, Verdict.rejected([problem]))
+                else:
+                    reply_to = request.reply_to
+                    result = await self._run(request, execution_id, corr, queued)
         with job_context(execution_id, corr):
             try:
                 final = await self.publisher.publish(
@@ -344,10 +367,6 @@ class Intake:
     ) -> ExecutionResult:
         job = Job(execution_id, corr, self.worker_id, request.job_type, request.metadata, queued)
         try:
-            problem = await self._reply_to_problem(request.reply_to)
-            if problem is not None:
-                log.info("invalid request: %s", problem)
-                return answer(job, Verdict.rejected([problem]))
             if self.cancellations.requested(execution_id) is not None:
                 log.info("cancelled before it ran")
                 return answer(job, Verdict.cancelled_before_start())

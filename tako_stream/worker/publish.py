@@ -4,9 +4,12 @@ The order is fixed: the copy to ``reply_to`` first (bounded by ``ReplyTo.timeout
 there is written into the main result, never blocks it), then the result, then the DLQ record
 when the answer's error type calls for one.  What cannot be encoded or is refused by the broker
 becomes a classified answer that says why; what cannot be answered at all goes to the DLQ with
-its original bytes.  A send the broker did not acknowledge is retried until it is (the answer
-exists only once Kafka has it, and while the broker is unreachable no offset is committed
-either); each attempt is bounded by the producer's own request timeout.
+its original bytes.  A send the broker does not acknowledge is retried for ``publish_timeout``
+seconds; a result not acknowledged by then is given up (a results topic that keeps failing, such
+as one whose ``min.insync.replicas`` cannot be met, must not hold its partition's commits back
+for good) and the original request is dead-lettered instead.  That last resort is retried until
+the broker takes it: while the broker is unreachable nothing can be answered or committed, and
+nothing is lost.
 """
 
 from __future__ import annotations
@@ -77,10 +80,13 @@ def _encodes(value: object) -> bool:
 class Publisher:
     """Sends answers through ``send`` (the intake's sink): see the module docstring."""
 
-    def __init__(self, send: Send, topics: Topics, *, reply_to_timeout: float) -> None:
+    def __init__(
+        self, send: Send, topics: Topics, *, reply_to_timeout: float, publish_timeout: float
+    ) -> None:
         self._send = send
         self.topics = topics
         self.reply_to_timeout = reply_to_timeout
+        self.publish_timeout = publish_timeout
 
     async def publish(
         self,
@@ -100,9 +106,17 @@ class Publisher:
                 result, value = encode(result.model_copy(update={"reply_to_error": failure}))
         published: ExecutionResult | None = result
         try:
-            await self._until_acked(self.topics.results, result, value, source)
+            async with asyncio.timeout(self.publish_timeout):
+                await self._until_acked(self.topics.results, result, value, source)
         except PublishRefusedError as exc:
             published = await self._reduced(result, value, exc, source)
+        except TimeoutError:
+            log.error(
+                "the results topic did not acknowledge the answer within %gs; "
+                "dead-lettering the request",
+                self.publish_timeout,
+            )
+            published = None
         dead = published is None or (
             published.error is not None and published.error.type in DEAD_LETTER_TYPES
         )
@@ -111,7 +125,8 @@ class Publisher:
                 Job.of(result),
                 Verdict.failure(
                     ErrorType.INTERNAL_ERROR,
-                    message="No answer could be published: the results topic refused it",
+                    message="No answer could be published: the results topic refused it or did "
+                    f"not acknowledge it within {self.publish_timeout:g}s",
                 ),
                 attempts=result.attempts,
             )
@@ -156,9 +171,10 @@ class Publisher:
             started_at=result.started_at,
         )
         try:
-            await self._until_acked(self.topics.results, reduced, dumps(reduced), source)
-        except PublishRefusedError as exc:
-            log.error("the results topic refused even the reduced answer: %s", exc)
+            async with asyncio.timeout(self.publish_timeout):
+                await self._until_acked(self.topics.results, reduced, dumps(reduced), source)
+        except (PublishRefusedError, TimeoutError) as exc:
+            log.error("the results topic did not take even the reduced answer: %r", exc)
             return None
         return reduced
 

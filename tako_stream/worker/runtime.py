@@ -123,6 +123,7 @@ class Runtime(Service):
             cancellations=control,
             capacity=s.pool_size * 2,
             rejection_budget=s.rejection_budget,
+            publish_timeout=s.publish_timeout,
             shutdown_grace=s.shutdown_grace,
             commit_interval=s.commit_interval,
         )

@@ -413,8 +413,10 @@ async def test_corpus_each_gets_invalid_request_and_dlq_record_naming_the_proble
             assert len(result.error.message) < 8000, (case.name, len(result.error.message))
             if case.execution_id is not None:
                 assert result.execution_id == case.execution_id, (case.name, result)
-            else:  # unrecoverable: a fresh UUID, never the garbage key
-                assert str(uuid.UUID(result.execution_id)) == result.execution_id, case.name
+            else:  # unrecoverable: the record's position, never the garbage key
+                topic, partition, offset = result.execution_id.rsplit(":", 2)
+                assert topic == stack.settings.requests_topic, (case.name, result.execution_id)
+                assert partition.isdigit() and offset.isdigit(), (case.name, result.execution_id)
             if case.correlation is None:
                 assert str(uuid.UUID(result.correlation_id)) == result.correlation_id, case.name
         records = [d for d in dlq.records if dlq_matches(d, case)]

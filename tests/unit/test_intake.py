@@ -10,7 +10,7 @@ import pytest
 
 from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
-from tako_stream.worker.intake import Rejection, decode
+from tako_stream.worker.intake import Rejection, decode, rejection_cost
 from tests.fakes import (
     TOPICS,
     FakeAnswers,
@@ -218,7 +218,7 @@ async def test_a_result_too_large_for_the_topic_is_answered_with_why() -> None:
 
 
 async def test_reply_to_gets_the_result_too() -> None:
-    async with intake_rig(partitions=(0,)) as rig:
+    async with intake_rig(partitions=(0,), existing_topics=["my.replies"]) as rig:
         rig.source.add(request_bytes(execution_id="rt", reply_to="my.replies"))
         rig.source.add(request_bytes(execution_id="same", reply_to=RESULTS))
         await rig.source.wait_committed(0, 2)
@@ -523,6 +523,8 @@ async def test_reply_to_must_be_an_allowed_existing_topic() -> None:
         assert rig.sink.result("fine").success
         assert [r.execution_id for r in rig.sink.results("replies")] == ["fine"]
         assert [c.execution_id for c in rig.sandbox.runs] == ["fine"]
+        # a refused reply_to is never written to (a broker that creates topics on use would)
+        assert rig.sink.tries("nowhere") == [] and rig.sink.tries(TOPICS.requests) == []
 
 
 async def test_a_failing_reply_to_never_blocks_the_result_which_says_so() -> None:
@@ -541,14 +543,15 @@ async def test_a_failing_reply_to_never_blocks_the_result_which_says_so() -> Non
 
 
 async def test_rejections_hold_at_most_their_byte_budget() -> None:
-    budget = 1024 * 1024
+    message = incoming(b"x" * (400 * 1024), key=b"bad-0")
+    budget = 2 * rejection_cost(message) + 1
     async with intake_rig(partitions=(0,), rejection_budget=budget) as rig:
         gate = rig.sink.block(RESULTS)
         for n in range(6):
             rig.source.add(b"x" * (400 * 1024), key=f"bad-{n}".encode())
         await spin(200)
         held = len(rig.sink.tries(RESULTS))
-        assert held == 2  # 2 x 400 KiB fit in 1 MiB, a third does not
+        assert held == 2  # two fit in the budget, a third does not
         gate.set()
         await rig.source.wait_committed(0, 6)
         assert len(rig.sink.results()) == 6
@@ -584,3 +587,19 @@ async def test_new_partitions_wait_for_the_answered_index() -> None:
     answers = FakeAnswers()
     async with intake_rig(partitions=(0,), answers=answers):
         assert answers.waits == 1
+
+
+async def test_a_result_the_broker_never_acknowledges_is_dead_lettered_in_time() -> None:
+    """A results topic that keeps failing (e.g. min.insync.replicas that cannot be met) must not
+    hold the partition's commits back for good: past publish_timeout the original goes to the
+    DLQ and the offset is committed."""
+    async with intake_rig(partitions=(0,), publish_timeout=0.5) as rig:
+        rig.sink.fail(RESULTS, times=1_000)
+        original = request_bytes(execution_id="stuck")
+        rig.source.add(original)
+        await rig.source.wait_committed(0, 1)
+        assert rig.sink.on(RESULTS) == []
+        (dead,) = rig.sink.dead_letters()
+        assert dead.execution_id == "stuck" and dead.error.type == "internal_error"
+        assert "did not acknowledge" in dead.error.message
+        assert base64.b64decode(dead.original_value or "") == original
