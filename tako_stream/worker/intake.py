@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +33,7 @@ from tako_stream.kafka.codec import correlation_id, decode_request, dumps
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.logs import job_context
 from tako_stream.settings import ReplyTo, Topics
+from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
 from tako_stream.worker.offsets import OffsetTracker
@@ -105,41 +105,6 @@ class Rejection:
 
     problems: list[str]
     execution_id: str | None
-
-
-class ByteBudget:
-    """At most ``total`` bytes held at once, handed out first come, first served; a request
-    for more than the whole budget waits for all of it."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    async def acquire(self, size: int) -> int:
-        """Take ``size`` bytes (capped at the total); returns what to ``release`` later."""
-        size = max(1, min(size, self.total))
-        if not self._waiters and self.free >= size:
-            self.free -= size
-            return size
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((size, granted))
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.release(size)  # granted just as it was cancelled: give it back
-            raise
-        return size
-
-    def release(self, size: int) -> None:
-        self.free += size
-        while self._waiters and self._waiters[0][0] <= self.free:
-            wanted, granted = self._waiters.popleft()
-            if granted.done():
-                continue  # its waiter was cancelled
-            self.free -= wanted
-            granted.set_result(None)
 
 
 def rejection_cost(message: Incoming) -> int:

@@ -10,6 +10,7 @@ import pytest
 
 from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
+from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.intake import Rejection, decode, rejection_cost
 from tests.fakes import (
     TOPICS,
@@ -603,3 +604,19 @@ async def test_a_result_the_broker_never_acknowledges_is_dead_lettered_in_time()
         assert dead.execution_id == "stuck" and dead.error.type == "internal_error"
         assert "did not acknowledge" in dead.error.message
         assert base64.b64decode(dead.original_value or "") == original
+
+
+async def test_byte_budget_is_first_come_first_served_and_survives_cancelled_waiters() -> None:
+    budget = ByteBudget(10)
+    assert await budget.acquire(6) == 6
+    big = asyncio.ensure_future(budget.acquire(8))
+    small = asyncio.ensure_future(budget.acquire(2))
+    await spin()
+    assert not big.done() and not small.done()  # the small one waits its turn
+    big.cancel()
+    budget.release(6)
+    assert await bounded(small, "the small request") == 2
+    budget.release(2)
+    # more than the whole budget: capped at it, so it waits for all of it rather than forever
+    assert await bounded(budget.acquire(100), "the whole budget") == 10
+    assert budget.free == 0
