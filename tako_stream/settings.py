@@ -20,6 +20,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tako_stream.core.models import MAX_TIMEOUT
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -111,6 +113,10 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=8, ge=1)
     topic_replication: int = Field(default=1, ge=1)
     consumer_group: str = "tako-stream"
+    #: Static group membership (``group.instance.id`` = the worker id): a worker restarting
+    #: under the same id gets its partitions back without a rebalance.  Off by default: the
+    #: embedded broker does not implement it; Apache Kafka 2.3+ and Redpanda do.
+    kafka_static_membership: bool = False
     #: Idempotent producers (no duplicates on producer retries); off by default because the
     #: embedded broker does not implement InitProducerId. Turn on for Apache Kafka / Redpanda.
     kafka_idempotence: bool = False
@@ -136,6 +142,9 @@ class Settings(BaseSettings):
     stderr_limit: int = Field(default=64 * 1024, ge=1024)
     #: Largest /output/result.json accepted; larger is an ``invalid_output`` error.
     output_limit: int = Field(default=1024 * 1024, ge=1024)
+    #: Longest one Docker Engine API call may take: a daemon that accepts connections and never
+    #: answers counts as unavailable after it (the breaker hears of it, the job is retried).
+    docker_timeout: float = Field(default=20.0, gt=0, le=300)
     #: Extra seconds the host waits past a job's timeout before killing the container itself;
     #: covers container start-up and a supervisor starved by the job.
     timeout_grace: float = Field(default=5.0, ge=0.5)
@@ -199,6 +208,13 @@ class Settings(BaseSettings):
             control=self.control_topic,
             status=self.status_topic,
         )
+
+    @property
+    def revoke_wait(self) -> float:
+        """Seconds a rebalance waits for the jobs of the partitions it takes away: the longest
+        a job can run (its timeout, the host's grace, the engine calls around it), so no job is
+        stopped half-way and run again elsewhere."""
+        return MAX_TIMEOUT + self.timeout_grace + 2 * self.docker_timeout
 
     @property
     def breaker_app_id(self) -> str:

@@ -754,6 +754,7 @@ def make_intake(
     existing_topics: Iterable[str] = (),
     reply_to_timeout: float = 1.0,
     publish_timeout: float = 30.0,
+    revoke_wait: float | None = None,
     answers: FakeAnswers | None = None,
 ) -> Intake:
     """An intake over the fakes; ``existing_topics`` are the topics besides the service's own
@@ -776,6 +777,7 @@ def make_intake(
         rejection_budget=rejection_budget,
         publish_timeout=publish_timeout,
         shutdown_grace=shutdown_grace,
+        revoke_wait=revoke_wait if revoke_wait is not None else shutdown_grace,
         commit_interval=commit_interval,
     )
 

@@ -395,6 +395,9 @@ class Routes:
                     "last_failure": state.last_failure.isoformat() if state.last_failure else None,
                 },
                 "broker_available": broker,
+                "broker_unavailable_since": (
+                    self.view.broker.since.isoformat() if self.view.broker.since else None
+                ),
                 "version": __version__,
                 "executions_known": self.client.known_count,
                 "dlq": self.view.dlq.stats(),

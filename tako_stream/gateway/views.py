@@ -21,6 +21,7 @@ from tako_stream.core.models import ExecutionResult, JobStatus
 from tako_stream.kafka.reader import latest, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.kafka.view import KeyedView
+from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.shared import BreakerStates
 
@@ -48,6 +49,7 @@ class ClusterView:
         )
         self.breakers = BreakerStates(settings.breaker)
         self.topics = TopicDirectory(settings)
+        self.broker = Condition("the Kafka broker is unreachable", log)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -110,10 +112,13 @@ class ClusterView:
         return None if exists else f"reply_to: topic {topic!r} does not exist"
 
     async def broker_available(self) -> bool:
-        """Whether the broker answers a metadata request within ``BROKER_CHECK`` seconds."""
+        """Whether the broker answers a metadata request within ``BROKER_CHECK`` seconds
+        (``broker.since`` says since when it has not)."""
         try:
             async with asyncio.timeout(BROKER_CHECK):
                 await partitions(self.settings, self.settings.results_topic)
-        except Exception:
+        except Exception as exc:
+            self.broker.wrong(f"no answer to a metadata request ({exc!r})")
             return False
+        self.broker.right()
         return True

@@ -20,6 +20,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES, consumer
 from tako_stream.kafka.topics import partitions
+from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -160,11 +161,12 @@ async def tail_records(
     is harmless), never ends it; a topic that does not exist yet is waited for.  ``caught_up`` is
     set once what the topic held at the start has been handed over.
     """
+    failing = Condition(f"reading {topic} (starting over every second)", log)
     while True:
         try:
-            await _tail_once(settings, topic, each, caught_up)
+            await _tail_once(settings, topic, each, caught_up, failing)
         except (KafkaError, LookupError, OSError) as exc:
-            log.warning("reading %s failed (%s); starting over", topic, exc)
+            failing.wrong(exc)
             await asyncio.sleep(1)
 
 
@@ -173,8 +175,10 @@ async def _tail_once(
     topic: str,
     each: Callable[[Record], object],
     caught_up: asyncio.Event | None,
+    failing: Condition,
 ) -> None:
     async with TopicReader(settings, topic, wait_for_topic=1.0) as reader:
+        failing.right()
         await reader.from_beginning()
         end = await reader.end_offsets() if caught_up is not None else {}
         while True:

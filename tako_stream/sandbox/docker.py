@@ -187,10 +187,20 @@ def _attach(docker: aiodocker.Docker, container_id: str) -> Stream:
 class DockerSandbox:
     """Runs one job per fresh container through the Engine API."""
 
-    def __init__(self, docker: aiodocker.Docker, *, worker_id: str, timeout_grace: float) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        *,
+        worker_id: str,
+        timeout_grace: float,
+        api_timeout: float = 20.0,
+    ) -> None:
+        """``docker`` should bound its API calls (``aiodocker.Docker(timeout=...)``) by
+        ``api_timeout``; the calls aiodocker leaves unbounded (attach, wait) are bounded here."""
         self._docker = docker
         self._worker_id = worker_id
         self._grace = timeout_grace
+        self._api_timeout = api_timeout
         self._removals: set[asyncio.Task[None]] = set()
 
     async def ping(self) -> None:
@@ -218,8 +228,9 @@ class DockerSandbox:
         prepared = DockerPrepared(container, _attach(self._docker, container.id))
         try:
             with engine_errors("start"):
-                await prepared.stream._init()  # attach before start so no output can be missed
-                await container.start()
+                async with asyncio.timeout(self._api_timeout):  # a hung daemon never answers
+                    await prepared.stream._init()  # attach before start: no output missed
+                    await container.start()
         except BaseException:
             await self.discard(prepared)
             raise
@@ -295,7 +306,8 @@ class DockerSandbox:
         watcher: asyncio.Future[None] | None = None
         try:
             with engine_errors("start"):
-                await stream.write_in(job)
+                async with asyncio.timeout(self._api_timeout):
+                    await stream.write_in(job)
             if cancel is not None:  # only now: a cancel byte must follow the whole job
                 watcher = asyncio.ensure_future(forward_cancel(cancel))
             try:
@@ -316,8 +328,10 @@ class DockerSandbox:
             await stream.close()
         report = reader.collected.report
         oom_killed, container_exit = False, None
-        # The container's own state matters only when the job may have been SIGKILLed: Docker
-        # alone knows whether that was the memory cgroup (OOMKilled) or something else.
+        # The container's own state matters when the job may have been SIGKILLed (Docker alone
+        # knows whether the memory cgroup did it) and when the stream ended without a report:
+        # a daemon that no longer answers then raises SandboxUnavailableError (the job is not
+        # at fault: retried, counted by the breaker).
         if report is None or (report.exit_code == 137 and not report.timed_out):
             oom_killed, container_exit = await self._final_state(container, kill=outer_timeout)
         return SandboxRun(
@@ -332,13 +346,17 @@ class DockerSandbox:
     async def _final_state(
         self, container: aiodocker.containers.DockerContainer, *, kill: bool
     ) -> tuple[bool, int | None]:
+        """(OOM-killed, exit code) of a container that has ended or is being killed;
+        ``SandboxUnavailableError`` when the daemon does not answer."""
         try:
-            if kill:
-                with contextlib.suppress(aiodocker.DockerError):
-                    await container.kill()
-            await asyncio.wait_for(container.wait(), 10)
-            info = await container.show()
-        except Exception as exc:
+            with engine_errors("inspect"):
+                async with asyncio.timeout(self._api_timeout):
+                    if kill:
+                        with contextlib.suppress(aiodocker.DockerError):
+                            await container.kill()
+                    await container.wait()
+                    info = await container.show()
+        except SandboxSetupError as exc:  # the daemon answered, but not with the state
             log.warning("could not read final container state: %s", exc)
             return False, None
         state = info.get("State", {})

@@ -336,12 +336,17 @@ def main() -> None:
             sent[fd] += len(data)
             emit(kinds[fd], data)
 
+    control_open = True
+
     def control() -> None:
-        nonlocal cancelled, kill_at
+        nonlocal cancelled, kill_at, control_open
         data = os.read(0, 64)
         if not data:
             poller.unregister(0)
+            control_open = False
             return
+        if status is not None:
+            return  # the job has ended: a cancel arriving now must not change its result
         if b"C" in data and not cancelled:
             cancelled = True
             graceful = terminate_job(job)
@@ -356,7 +361,10 @@ def main() -> None:
             if time.monotonic() >= kill_at:
                 break  # cancelled and still running: the reaper below SIGKILLs it
             remaining = min(remaining, kill_at - time.monotonic())
-        for fd, _ in poller.poll(max(0.0, min(remaining, wait_step)) * 1000):
+        events = poller.poll(max(0.0, min(remaining, wait_step)) * 1000)
+        # The job's end first: a cancel read in the same round must see that it has ended.
+        events.sort(key=lambda event: event[0] != pidfd)
+        for fd, _ in events:
             if fd == pidfd:
                 _, status = os.waitpid(pid, 0)
                 poller.unregister(pidfd)
@@ -380,6 +388,8 @@ def main() -> None:
             status = wstatus if reaped else None
         except ChildProcessError:
             pass
+    if control_open:  # from here on only the job's pipes are read: a late cancel is moot
+        poller.unregister(0)
     drain_until = time.monotonic() + 1.0
     while open_fds and time.monotonic() < drain_until:
         for fd, _ in poller.poll(100):

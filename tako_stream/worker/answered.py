@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 from tako_stream.kafka.reader import TopicReader
 from tako_stream.kafka.view import KeyedView
+from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,18 @@ class AnsweredIndex:
 
     async def run(self) -> None:
         """Follow the results topic forever (a broker fault starts over)."""
+        failing = Condition("reading the results topic (starting over every second)", log)
         while True:
             try:
-                await self._follow()
+                await self._follow(failing)
             except (KafkaError, LookupError, OSError) as exc:
-                log.warning("reading the results topic failed (%s); starting over", exc)
+                failing.wrong(exc)
                 await asyncio.sleep(1)
 
-    async def _follow(self) -> None:
+    async def _follow(self, failing: Condition) -> None:
         topic = self.settings.results_topic
         async with TopicReader(self.settings, topic, wait_for_topic=1.0) as reader:
+            failing.right()
             end = await reader.end_offsets()
             await reader.from_offsets({tp: max(0, end[tp] - self.window) for tp in end})
             while True:

@@ -29,6 +29,10 @@ from tako_stream.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+#: Seconds past the shutdown grace after which a stopping worker exits whatever it waits for
+#: (the README promises TAKO_SHUTDOWN_GRACE + 15 s; the watchdog takes up to 4 more).
+SHUTDOWN_MARGIN = 11.0
+
 
 def build(settings: Settings) -> tuple[faust.App, Runtime]:
     """The faust app with the shared breaker, and the runtime wired to it."""
@@ -122,6 +126,14 @@ class _Worker(faust.Worker):
         self._runtime.app_started = True
         log.info("faust app ready: breaker table recovered")
 
+    def _schedule_shutdown(self, signal: Any) -> None:
+        """On the first SIGTERM/SIGINT, also arm the watchdog that bounds the whole stop."""
+        first = not self._signal_stop_time
+        super()._schedule_shutdown(signal)
+        if first:
+            grace = self._tako_settings.shutdown_grace
+            self._runtime.watch_shutdown(self.loop, grace + SHUTDOWN_MARGIN)
+
 
 def run_worker(settings: Settings) -> int:
     """Run a worker until SIGTERM/SIGINT; returns the process exit code."""
@@ -136,8 +148,12 @@ def run_worker(settings: Settings) -> int:
         loglevel=settings.log_level,
     )
     _tune_gc()
-    worker.execute_from_commandline()
-    return 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        return runtime.exit_code or code
+    return runtime.exit_code
 
 
 def _tune_gc() -> None:

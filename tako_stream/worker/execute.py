@@ -109,8 +109,8 @@ class Executor:
         """Run the job, retrying transient sandbox failures; (run, attempts, last error).
 
         The breaker is asked before each attempt: while it is open no sandbox is tried and the
-        job is answered at once; every sandbox failure and (while it matters) success is
-        reported to it.
+        job is answered at once; every failure of the engine (unreachable, erring, not
+        answering) and, while it matters, every success is reported to it.
         """
         attempts = 0
         failure: SandboxError | None = None
@@ -132,9 +132,12 @@ class Executor:
             except SandboxError as exc:
                 failure = exc
                 log.warning("attempt %d: %s", attempt, exc)
-                await self._report(Outcome.FAILURE, str(exc))
                 if not isinstance(exc, SandboxUnavailableError):
-                    return None, attempts, failure  # fail closed: never retried
+                    # A container the engine refused (a job type's missing image, a runtime it
+                    # does not know): a configuration error, not the engine's health, so the
+                    # breaker is not told; fail closed, never retried.
+                    return None, attempts, failure
+                await self._report(Outcome.FAILURE, str(exc))
                 if attempt < self.retry.max_attempts:
                     await asyncio.sleep(self.retry.delay(attempt))
                 if cancel is not None and cancel.is_set():

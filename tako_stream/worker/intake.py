@@ -31,7 +31,7 @@ from tako_stream.core.errors import BrokerError, InvalidRequestError
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
 from tako_stream.kafka.codec import correlation_id, decode_request, dumps
 from tako_stream.kafka.message import Headers, Incoming
-from tako_stream.logs import job_context
+from tako_stream.logs import Condition, job_context
 from tako_stream.settings import ReplyTo, Topics
 from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.cancel import Cancellations
@@ -50,6 +50,10 @@ TopicExists = Callable[[str], Awaitable[bool]]
 #: Seconds a worker given new partitions waits for the answered index to read every result
 #: published so far, before taking their records.
 ANSWERS_CURRENT = 15.0
+#: Seconds each step of stopping may take past the grace period (the final commit, closing the
+#: consumer and the producer, removing containers): a broker that is gone must not keep a
+#: stopping worker alive.
+STOP_STEP = 3.0
 
 
 class Source(Protocol):
@@ -145,6 +149,7 @@ class Intake:
         rejection_budget: int,
         publish_timeout: float,
         shutdown_grace: float,
+        revoke_wait: float,
         commit_interval: float,
     ) -> None:
         """``capacity``: jobs accepted but unanswered; a little above the pool size so the next
@@ -162,6 +167,7 @@ class Intake:
         )
         self.cancellations = cancellations or Cancellations()
         self.shutdown_grace = shutdown_grace
+        self.revoke_wait = revoke_wait
         self.commit_interval = commit_interval
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._jobs: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
@@ -171,6 +177,7 @@ class Intake:
         self._generation = 0
         self._accepting = True
         self._tasks: list[asyncio.Task[None]] = []
+        self._commits = Condition("committing offsets (retrying)", log)
         self.answered = 0
         #: Told of each answer once the broker has it, with seconds since the request was produced.
         self.on_answered: Callable[[ExecutionResult, float | None], None] | None = None
@@ -195,26 +202,48 @@ class Intake:
             asyncio.ensure_future(self._commit_every(self.commit_interval)),
         ]
 
-    async def stop(self) -> None:
-        """Stop taking jobs, let running ones finish within the grace period, commit, close."""
+    async def stop(self) -> bool:
+        """Stop taking jobs, let running ones finish within the grace period, commit, close;
+        whether every answer sent was committed.  Bounded whatever the broker does: at most
+        ``shutdown_grace`` plus ``4 * STOP_STEP`` seconds."""
         self._accepting = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._settle(set(self._jobs), self.shutdown_grace)
-        await self._commit()
-        await self.source.stop()
-        await self.sink.stop()
-        await self.executor.pool.sandbox.drain()
+        committed = await self._commit_within(STOP_STEP)
+        for step, what in (
+            (self.source.stop(), "stopping the consumer"),
+            (self.sink.stop(), "stopping the producer"),
+            (self.executor.pool.sandbox.drain(STOP_STEP), "removing containers"),
+        ):
+            try:
+                async with asyncio.timeout(STOP_STEP):
+                    await step
+            except TimeoutError:
+                log.warning("%s took more than %gs; going on", what, STOP_STEP)
+        return committed
+
+    async def _commit_within(self, seconds: float) -> bool:
+        """Commit what can be (the broker may be gone: bounded); whether nothing is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._commit()
+        left = self.tracker.committable()
+        if left:
+            log.error("could not commit %d partition(s) before stopping", len(left))
+        return not left
 
     async def _consume(self) -> None:
+        failing = Condition("fetching requests (retrying every second)", log)
         while self._accepting:
             try:
                 messages = await self.source.fetch(timeout=0.5)
             except BrokerError as exc:  # the broker away or a rebalance fault: keep trying
-                log.warning("fetching requests failed (%s); retrying", exc)
+                failing.wrong(exc)
                 await asyncio.sleep(1)
                 continue
+            failing.right()
             generation = self._generation
             # Decoding is cheap and tells whether a record needs a container.  Rejections only
             # need the producer, so the batch's rejections start first and a burst of bad
@@ -392,13 +421,17 @@ class Intake:
             await self.answers.wait_until_current(ANSWERS_CURRENT)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before giving partitions up: let their jobs finish (bounded), commit, forget them."""
+        """Before giving partitions up: let their jobs finish (they end by their own deadline,
+        ``revoke_wait`` at most, which the group's rebalance timeout covers), commit, forget
+        them.  A job stopped half-way would run again from the start on the next owner."""
         self._generation += 1
         running = {key for key in self._jobs if key[0] in revoked}
         if running:
             log.info("rebalance: waiting for %d running job(s) of revoked partitions", len(running))
-        await self._settle(running, self.shutdown_grace)
-        await self._commit(only=revoked)
+        await self._settle(running, self.revoke_wait)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_STEP):
+                await self._commit(only=revoked)
         self.tracker.forget(revoked)
 
     async def _settle(self, keys: set[tuple[TopicPartition, int]], grace: float) -> None:
@@ -429,6 +462,7 @@ class Intake:
         try:
             await self.source.commit(positions)
         except BrokerError as exc:
-            log.warning("commit failed (%s); will retry", exc)
+            self._commits.wrong(exc)
             return
+        self._commits.right()
         self.tracker.committed(positions)

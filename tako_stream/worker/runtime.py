@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import aiodocker
+import aiohttp
 import faust
 from mode import Service
 
@@ -18,7 +21,8 @@ from tako_stream.core.errors import SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.dlq import DLQView
 from tako_stream.kafka.reader import tail
-from tako_stream.kafka.topics import TopicDirectory, ensure_topics
+from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
+from tako_stream.logs import Condition
 from tako_stream.metrics import BREAKER_VALUES, Metric, Metrics, gauge
 from tako_stream.sandbox.docker import DockerSandbox
 from tako_stream.sandbox.pool import SandboxPool, WarmPool
@@ -29,10 +33,16 @@ from tako_stream.worker.breaker.shared import BreakerStates
 from tako_stream.worker.breaker.state import State
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
-from tako_stream.worker.intake import Intake
+from tako_stream.worker.intake import STOP_STEP, Intake
 from tako_stream.worker.stream import KafkaSink, KafkaSource
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two checks that the broker answers (and longest one may take).
+BROKER_CHECK = 5.0
+
+#: Exit code of a worker that stopped without committing every answer it sent (EX_TEMPFAIL).
+EXIT_UNCOMMITTED = 75
 
 #: Seconds a starting worker waits to know the cancels on the control topic and the answers
 #: published lately: a broker slow to answer must not keep it from starting.
@@ -68,12 +78,20 @@ class Runtime(Service):
         self.metrics.add_gauges(self._gauges)
         #: Set once faust has joined its group and recovered the breaker table.
         self.app_started = False
+        #: The process's exit code: EXIT_UNCOMMITTED when answers sent could not be committed
+        #: (they will be delivered again to the partitions' next owner).
+        self.exit_code = 0
+        self.stopped = False
+        self.broker = Condition("the Kafka broker is unreachable", log)
 
     async def on_start(self) -> None:
         s = self.settings
-        self.docker = aiodocker.Docker()
+        self.docker = aiodocker.Docker(timeout=aiohttp.ClientTimeout(total=s.docker_timeout))
         self.sandbox = DockerSandbox(
-            self.docker, worker_id=s.worker_id, timeout_grace=s.timeout_grace
+            self.docker,
+            worker_id=s.worker_id,
+            timeout_grace=s.timeout_grace,
+            api_timeout=s.docker_timeout,
         )
         try:
             await self.sandbox.ping()
@@ -102,15 +120,18 @@ class Runtime(Service):
             breaker=self.breaker,
         )
         await ensure_topics(s)
-        # Know the cancels already on the control topic, and the answers published lately,
-        # before taking jobs.
-        control = self.cancellations
+        # Know the cancels already on the control topic, the answers published lately ...
+        control, states = self.cancellations, self.breaker_states
         answers = AnsweredIndex(s)
         self.add_future(tail(s, s.control_topic, control.apply, control.caught_up))
+        self.add_future(tail(s, s.breaker_changelog_topic, states.apply, states.caught_up))
         self.add_future(answers.run())
+        # ... and the breaker's state: a worker taking jobs before it knows the breaker is open
+        # would try a failing engine, and its failures would not open it sooner.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CATCH_UP):
                 await control.caught_up.wait()
+                await states.caught_up.wait()
                 await answers.caught_up.wait()
         self.intake = Intake(
             KafkaSource(s),
@@ -125,24 +146,66 @@ class Runtime(Service):
             rejection_budget=s.rejection_budget,
             publish_timeout=s.publish_timeout,
             shutdown_grace=s.shutdown_grace,
+            revoke_wait=s.revoke_wait,
             commit_interval=s.commit_interval,
         )
         self.intake.on_answered = self.metrics.observe
         await self.intake.start()
         self.add_future(self._ping_docker())
+        self.add_future(self._watch_broker())
         self.add_future(dlq.follow(s, self.dlq))
-        self.add_future(tail(s, s.breaker_changelog_topic, self.breaker_states.apply))
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
-        if self.intake is not None:
-            await self.intake.stop()
-        if self.warm is not None:
-            await self.warm.drain()
-        if self.sandbox is not None:
-            await self.sandbox.drain()  # removals run in the background: wait for all of them
+        if self.intake is not None and not await self.intake.stop():
+            self.exit_code = EXIT_UNCOMMITTED
+        await self.remove_containers()
         if self.docker is not None:
             await self.docker.close()
+        self.stopped = True
+
+    def watch_shutdown(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Exit the process ``seconds`` from now if it has not exited by then, whatever it is
+        waiting for (faust's own stop waits for a broker that may never answer): its containers
+        removed first (at most ``STOP_STEP``), exit code ``EXIT_UNCOMMITTED`` unless this
+        runtime had stopped having committed everything."""
+
+        def fire() -> None:
+            code = self.exit_code if self.stopped else EXIT_UNCOMMITTED
+            log.error("still stopping after %gs: exiting now (code %d)", seconds, code)
+            if not self.stopped:
+                cleanup = asyncio.run_coroutine_threadsafe(self.remove_containers(), loop)
+                with contextlib.suppress(Exception):
+                    cleanup.result(STOP_STEP + 1)
+            logging.shutdown()
+            os._exit(code)
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+
+    async def remove_containers(self) -> None:
+        """Remove every container this worker started (bounded: with the daemon away, the next
+        worker starting on this host reaps them)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_STEP):
+                if self.warm is not None:
+                    await self.warm.drain()
+        if self.sandbox is not None:
+            await self.sandbox.drain(STOP_STEP)  # removals run in the background
+
+    async def _watch_broker(self) -> None:
+        """Ask the broker for metadata every few seconds: its clients retry quietly (or loudly,
+        a line per attempt) and say nothing a health check could use."""
+        while True:
+            try:
+                async with asyncio.timeout(BROKER_CHECK):
+                    await partitions(self.settings, self.settings.requests_topic)
+            except Exception as exc:
+                self.broker.wrong(f"no answer to a metadata request ({exc!r})")
+            else:
+                self.broker.right()
+            await asyncio.sleep(BROKER_CHECK)
 
     async def _ping_docker(self) -> None:
         """Feed the breaker without traffic: a dead daemon is noticed, a live one closes it."""
@@ -200,10 +263,13 @@ class Runtime(Service):
         intake = self.intake
         rebalancing = bool(getattr(self.app, "rebalancing", False))
         recovering = not self.app_started
-        healthy = self.docker_available and state.state is State.CLOSED
+        healthy = self.docker_available and self.broker.ok and state.state is State.CLOSED
+        since = self.broker.since
         return {
             "status": "healthy" if healthy else "degraded",
             "docker_available": self.docker_available,
+            "broker_available": self.broker.ok,
+            "broker_unavailable_since": since.isoformat() if since else None,
             "circuit_breaker": {
                 "state": state.state.value,
                 "failure_count": state.failure_count,

@@ -70,6 +70,12 @@ class KafkaSource:
             max_poll_interval_ms=int((300 + s.timeout_grace) * 2 * 1000),
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
+            # A member gets this long to rejoin a rebalance, and revocation waits for running
+            # jobs (Settings.revoke_wait): left at the session timeout (aiokafka's default),
+            # a worker waiting for a 30 s job would be dropped from the group, its jobs run a
+            # second time elsewhere, and its late join start the next rebalance.
+            rebalance_timeout_ms=int((s.revoke_wait + 15) * 1000),
+            group_instance_id=s.worker_id if s.kafka_static_membership else None,
             # Short fetch waits by default: a request must not sit on the broker for the default
             # 500 ms (the embedded broker holds a fetch for the whole wait even once data arrives).
             fetch_max_wait_ms=s.kafka_fetch_wait_ms,

@@ -152,3 +152,46 @@ async def test_a_failing_publish_never_raises(table: FakeTable) -> None:
 
     breaker = Breaker(endpoint="e", config=CONFIG, worker_id="w", read=table.read, publish=broken)
     await breaker.record(Outcome.FAILURE, source="job")
+
+
+def test_pings_do_not_erase_job_failures() -> None:
+    """Create and start failing while /info answers: the pings in between must not reset the
+    count, or such an engine would never open the breaker."""
+    events = []
+    for n in range(5):
+        events.append(
+            BreakerEvent(
+                endpoint="e",
+                outcome=F,
+                at=T0 + timedelta(seconds=2 * n),
+                worker_id="w",
+                source="job",
+            )
+        )
+        events.append(
+            BreakerEvent(
+                endpoint="e",
+                outcome=S,
+                at=T0 + timedelta(seconds=2 * n + 1),
+                worker_id="w",
+                source="ping",
+            )
+        )
+    assert run(events[:-1]).state is State.OPEN
+
+
+def test_a_ping_ends_a_run_of_ping_failures_and_a_job_ends_any() -> None:
+    def event(outcome: Outcome, seconds: float, source: str) -> BreakerEvent:
+        return BreakerEvent(
+            endpoint="e",
+            outcome=outcome,
+            at=T0 + timedelta(seconds=seconds),
+            worker_id="w",
+            source=source,
+        )
+
+    pinged = run([event(F, 0, "ping"), event(F, 1, "ping"), event(S, 2, "ping")])
+    assert pinged.state is State.CLOSED and pinged.failure_count == 0
+    jobs = run([event(F, 0, "job"), event(S, 1, "ping")])
+    assert jobs.failure_count == 1
+    assert run([event(F, 0, "job"), event(S, 1, "ping"), event(S, 2, "job")]).failure_count == 0

@@ -16,6 +16,7 @@ recovery, so readers other than the writer never see a transition (faust-streami
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -58,6 +59,8 @@ class BreakerStates:
         self.view: KeyedView[BreakerState] = KeyedView(
             BreakerState.model_validate_json, name="breaker states"
         )
+        #: Set once the changelog has been read up to where it ended when reading started.
+        self.caught_up = asyncio.Event()
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         self.view.apply(key, value)

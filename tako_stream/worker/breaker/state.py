@@ -53,6 +53,8 @@ class BreakerState(BaseModel):
     success_count: int = 0
     last_failure: datetime | None = None
     last_error: str | None = None
+    #: What reported the last failure: "job" or "ping".
+    failure_source: str | None = None
     opened_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -72,7 +74,7 @@ def fold(state: BreakerState | None, event: BreakerEvent, config: BreakerConfig)
     current = (state or BreakerState(endpoint=event.endpoint)).effective(event.at, config)
     update: dict[str, object] = {"updated_at": event.at}
     if event.outcome is Outcome.FAILURE:
-        update.update(last_failure=event.at, last_error=event.detail)
+        update.update(last_failure=event.at, last_error=event.detail, failure_source=event.source)
         if current.state is State.HALF_OPEN:
             update.update(state=State.OPEN, opened_at=event.at, success_count=0)
             update["failure_count"] = current.failure_count + 1
@@ -91,6 +93,10 @@ def fold(state: BreakerState | None, event: BreakerEvent, config: BreakerConfig)
             else:
                 update.update(state=State.HALF_OPEN, success_count=successes)
         elif current.state is State.CLOSED:
+            if event.source == "ping" and current.failure_source == "job":
+                # The daemon answering /info says nothing of create and start failing: only a
+                # job that ran ends a run of job failures (a ping ends a run of ping failures).
+                return current.model_copy(update={"updated_at": event.at})
             update.update(failure_count=0, success_count=current.success_count + 1)
         else:
             # A success reported while open comes from a job that started before the breaker
