@@ -83,6 +83,7 @@ class Runtime(Service):
         self.exit_code = 0
         self.stopped = False
         self.broker = Condition("the Kafka broker is unreachable", log)
+        self.engine = Condition("the Docker engine does not answer", log)
 
     async def on_start(self) -> None:
         s = self.settings
@@ -217,9 +218,11 @@ class Runtime(Service):
                 await self.sandbox.ping()
             except SandboxUnavailableError as exc:
                 self.docker_available = False
+                self.engine.wrong(exc)
                 await self.breaker.record(Outcome.FAILURE, source="ping", detail=str(exc))
             else:
                 self.docker_available = True
+                self.engine.right()
                 await self.breaker.record(Outcome.SUCCESS, source="ping")
 
     def _gauges(self) -> Iterable[Metric]:
