@@ -224,6 +224,14 @@ class Intake:
                 log.warning("%s took more than %gs; going on", what, STOP_STEP)
         return committed
 
+    async def abandon(self) -> None:
+        """Stop every job now (their containers are removed), for a stop that ran out of time."""
+        self._accepting = False
+        tasks = list(self._jobs.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _commit_within(self, seconds: float) -> bool:
         """Commit what can be (the broker may be gone: bounded); whether nothing is left."""
         with contextlib.suppress(TimeoutError):

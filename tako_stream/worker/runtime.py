@@ -175,7 +175,7 @@ class Runtime(Service):
             code = self.exit_code if self.stopped else EXIT_UNCOMMITTED
             log.error("still stopping after %gs: exiting now (code %d)", seconds, code)
             if not self.stopped:
-                cleanup = asyncio.run_coroutine_threadsafe(self.remove_containers(), loop)
+                cleanup = asyncio.run_coroutine_threadsafe(self._abandon(), loop)
                 with contextlib.suppress(Exception):
                     cleanup.result(STOP_STEP + 1)
             logging.shutdown()
@@ -184,6 +184,11 @@ class Runtime(Service):
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
         timer.start()
+
+    async def _abandon(self) -> None:
+        if self.intake is not None:
+            await self.intake.abandon()
+        await self.remove_containers()
 
     async def remove_containers(self) -> None:
         """Remove every container this worker started (bounded: with the daemon away, the next
