@@ -117,9 +117,9 @@ class Stack:
             TAKO_WEB_PORT=str(port),
             TAKO_WEB_HOST="127.0.0.1",
             TAKO_SHUTDOWN_GRACE="20",
-            **self.extra_env,
-            **env,
         )
+        child_env.update(self.extra_env)  # a test's own settings win over the defaults above
+        child_env.update(env)
         log_path = self.workdir / f"{worker_id}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
