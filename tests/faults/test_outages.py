@@ -150,7 +150,9 @@ async def test_a_missing_image_never_opens_the_breaker(new_stack: Stack, tmp_pat
     job_types = tmp_path / "job_types.toml"
     job_types.write_text("\n".join(lines) + "\n")
     assert "ghost" not in types
-    worker = new_stack.start_worker(TAKO_JOB_TYPES_FILE=str(job_types), **BREAKER_ENV)
+    # No pings: a successful one would reset the count and hide what the job failures did.
+    env = {**BREAKER_ENV, "TAKO_BREAKER_PING_INTERVAL": "3600"}
+    worker = new_stack.start_worker(TAKO_JOB_TYPES_FILE=str(job_types), **env)
     await worker.wait_ready()
     ghosts = [{**job(n, 0, str(uuid.uuid4())), "job_type": "ghost"} for n in range(5)]
     found = await new_stack.run_jobs(ghosts)
