@@ -99,18 +99,36 @@ async def test_a_hung_daemon_opens_the_breaker_and_frees_every_slot(
     found = await new_stack.run_jobs(requests, timeout=150)
     for result in found.values():
         assert result.error is not None and result.error.type == "service_unavailable", result
-    health = await health_of(worker)
-    assert health["circuit_breaker"]["state"] == "open" and health["in_flight"] == 0
-    store = await dlq.read_store(new_stack.settings)
-    assert {r["execution_id"] for r in requests} <= {e.execution_id for e in store.records()}
+    await until(
+        "the breaker is open and no job holds a slot",
+        30,
+        _health(worker, lambda h: h["circuit_breaker"]["state"] == "open" and h["in_flight"] == 0),
+    )
+    await until("every job is dead-lettered", 30, _dead_lettered(new_stack, found))
     proxy.set_down(False)
     await until("the breaker closes again", 120, _closed(worker))
 
 
 def _closed(worker: WorkerProcess) -> Any:
+    return _health(worker, lambda h: h["circuit_breaker"]["state"] != "open")
+
+
+def _health(worker: WorkerProcess, test: Any) -> Any:
+    """A check that the worker's /health passes ``test``."""
+
     async def check() -> bool:
         health = await worker.health()
-        return bool(health and health["circuit_breaker"]["state"] != "open")
+        return bool(health and test(health))
+
+    return check
+
+
+def _dead_lettered(stack: Stack, ids: Any) -> Any:
+    """A check that every id in ``ids`` has a DLQ entry (they follow their results)."""
+
+    async def check() -> bool:
+        store = await dlq.read_store(stack.settings)
+        return set(ids) <= {e.execution_id for e in store.records()}
 
     return check
 
@@ -134,10 +152,13 @@ async def test_a_daemon_lost_mid_job_is_service_unavailable(
     (result,) = answers.results[execution_id]
     assert result.error is not None and result.error.type == "service_unavailable", result
     assert result.attempts >= 1
-    health = await health_of(worker)
-    assert health["circuit_breaker"]["failure_count"] >= 1
-    store = await dlq.read_store(new_stack.settings)
-    assert execution_id in {e.execution_id for e in store.records()}
+    # The breaker heard of it (its events travel through the table's changelog: a moment).
+    await until(
+        "the breaker counts the failure",
+        30,
+        _health(worker, lambda h: h["circuit_breaker"]["failure_count"] >= 1),
+    )
+    await until("the job is dead-lettered", 30, _dead_lettered(new_stack, [execution_id]))
     proxy.set_down(False)
 
 
