@@ -212,16 +212,19 @@ class Intake:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._settle(set(self._jobs), self.shutdown_grace)
         committed = await self._commit_within(STOP_STEP)
-        for step, what in (
-            (self.source.stop(), "stopping the consumer"),
-            (self.sink.stop(), "stopping the producer"),
-            (self.executor.pool.sandbox.drain(STOP_STEP), "removing containers"),
-        ):
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("stopping the consumer", self.source.stop),
+            ("stopping the producer", self.sink.stop),
+            ("removing containers", lambda: self.executor.pool.sandbox.drain(STOP_STEP)),
+        ]
+        for what, step in steps:  # each on its own: one failing must not skip the others
             try:
                 async with asyncio.timeout(STOP_STEP):
-                    await step
+                    await step()
             except TimeoutError:
                 log.warning("%s took more than %gs; going on", what, STOP_STEP)
+            except Exception as exc:
+                log.warning("%s failed (%r); going on", what, exc)
         return committed
 
     async def abandon(self) -> None:

@@ -620,3 +620,15 @@ async def test_byte_budget_is_first_come_first_served_and_survives_cancelled_wai
     # more than the whole budget: capped at it, so it waits for all of it rather than forever
     assert await bounded(budget.acquire(100), "the whole budget") == 10
     assert budget.free == 0
+
+
+async def test_a_failing_step_of_stopping_does_not_skip_the_others() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+
+        async def broken() -> None:
+            raise RuntimeError("the broker went away")
+
+        rig.source.stop = broken  # type: ignore[method-assign]
+        assert await bounded(rig.intake.stop(), "the stop") is True
+        assert rig.sink.stopped and rig.sandbox.drains == 1
+        rig.source.stopped = True  # for the rig's own clean-up
