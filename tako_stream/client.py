@@ -312,7 +312,11 @@ class Client:
     async def _lookup(self, execution_id: str) -> ExecutionResult | None:
         """Its latest result already on the topic, read from its key's partition."""
         record = await latest(self.settings, self.settings.results_topic, execution_id)
-        return _parse_result(record.value) if record is not None else None
+        if record is None:
+            return None
+        # Kept like a followed one: the next question about this job (a cancel after a wait,
+        # say) must not depend on a second read of the topic finishing in time.
+        return self._recent.apply(record.key, record.value)
 
     def seen(self) -> list[ExecutionResult]:
         """The results this client has read, oldest first (at most ``keep``)."""

@@ -410,7 +410,9 @@ def main() -> None:
         "stderr_tail": tail.decode("utf-8", "replace"),
         "exception": exc_names.decode("utf-8", "replace").split(),
         "result_error": result_error,
-        "cancelled": cancelled,
+        # A cancel whose SIGTERM raced the job's own exit did not end it: the job's own exit
+        # code stands.  Only a job ended by a signal (or still running at the deadline) was.
+        "cancelled": cancelled and (status is None or os.WIFSIGNALED(status)),
     }
     emit(REPORT, to_json(report).encode("utf-8", "replace"))
 
