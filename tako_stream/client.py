@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 
 from tako_stream.core.errors import CancelRefused
 from tako_stream.core.models import (
@@ -117,11 +118,12 @@ class Producer:
         key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None,
         topic: str | None = None,
-    ) -> None:
-        """Send bytes as they are: for replays, and for tests of malformed messages."""
-        await self._producer.send_and_wait(
+    ) -> RecordMetadata:
+        """Send bytes as they are (replays, tests of malformed messages); where they landed."""
+        meta: RecordMetadata = await self._producer.send_and_wait(
             topic or self._settings.requests_topic, value=value, key=key, headers=headers or []
         )
+        return meta
 
 
 class Client:

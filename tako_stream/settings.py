@@ -185,8 +185,15 @@ class Settings(BaseSettings):
     #: The HTTP gateway (``tako-stream gateway``): Tako VM's REST API over Kafka.
     gateway_host: str = "0.0.0.0"
     gateway_port: int = Field(default=8000, ge=0, le=65535)
-    #: Results the gateway keeps in memory for ``/executions`` (the oldest are forgotten).
-    gateway_keep: int = Field(default=100_000, ge=1)
+    #: Where the gateway keeps its store (a SQLite file per cluster and results topic): the
+    #: topics materialised, so a restart reads only what is new.  Each gateway needs its own.
+    gateway_state_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".local" / "state" / "tako-stream"
+    )
+    #: Memory the store's page cache may use, in MiB (the file itself grows with the topics).
+    gateway_cache_mb: int = Field(default=64, ge=4, le=4096)
+    #: Seconds a request that needs the store waits for it to catch up before answering 503.
+    gateway_ready_wait: float = Field(default=10.0, ge=0)
     #: Seconds a sync ``POST /execute`` waits beyond the job's own timeout before answering 504.
     gateway_wait_margin: float = Field(default=60.0, ge=0)
     #: Seconds a cancelled job gets between SIGTERM and SIGKILL.

@@ -47,7 +47,8 @@ from tako_stream.worker.breaker.handle import Breaker
 from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, fold
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
-from tako_stream.worker.intake import Assigned, Intake, Revoked
+from tako_stream.worker.intake import Intake
+from tako_stream.worker.seams import Assigned, Revoked
 
 T = TypeVar("T")
 
@@ -791,6 +792,9 @@ class FakeAnswers:
 
     def answered(self, execution_id: str, position: str) -> bool:
         return self.positions.get(execution_id) == position
+
+    def has_answer(self, execution_id: str) -> bool:
+        return execution_id in self.positions
 
     def record(self, execution_id: str, position: str) -> None:
         self.positions[execution_id] = position

@@ -24,6 +24,9 @@ from tako_stream.core.errors import ErrorType, Status
 
 #: Header carrying the correlation id on requests, results and DLQ records.
 CORRELATION_HEADER = "x-correlation-id"
+#: Header of an idempotent request (the gateway's ``idempotency_key``): the digest of the payload
+#: it was submitted with.  Its execution id comes from the key, so repeats share the id.
+PAYLOAD_HEADER = "x-tako-payload-sha256"
 
 MAX_CODE_CHARS = 100_000
 MAX_INPUT_BYTES = 1024 * 1024

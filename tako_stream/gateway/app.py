@@ -15,7 +15,7 @@ from aiohttp import web
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.gateway import openapi
 from tako_stream.gateway.routes import ROUTES, Handler, Routes, error_response
-from tako_stream.gateway.views import ClusterView
+from tako_stream.gateway.views import ClusterView, NotReady
 from tako_stream.kafka.codec import new_id
 from tako_stream.logs import configure, job_context
 from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
@@ -68,6 +68,8 @@ class Gateway:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = error_response(request, exc.status, exc.reason)
+            except NotReady as exc:
+                response = error_response(request, 503, str(exc))
             except Exception:
                 log.exception("gateway error on %s %s", request.method, request.path)
                 response = error_response(request, 500, "internal error")
@@ -85,11 +87,10 @@ class Gateway:
             {(): BREAKER_VALUES[state.state]},
             [],
         )
-        yield gauge("tako_dlq_size", "Entries in the DLQ topic now.", {(): len(self.view.dlq)}, [])
         yield gauge(
-            "tako_executions_known",
-            "Finished executions in this gateway's view of the results topic.",
-            {(): self.view.client.known_count},
+            "tako_gateway_ready",
+            "1 once the gateway's store has caught up with the topics.",
+            {(): int(self.view.ready.is_set())},
             [],
         )
 

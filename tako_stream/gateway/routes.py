@@ -11,10 +11,13 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiokafka import TopicPartition
+from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel, ValidationError
 
 from tako_stream import __version__, dlq
@@ -22,6 +25,8 @@ from tako_stream.core.errors import CancelRefused, InvalidRequestError
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.core.models import (
     CORRELATION_HEADER,
+    PAYLOAD_HEADER,
+    CancelRequest,
     DLQRecord,
     ExecutionRequest,
     ExecutionResult,
@@ -36,15 +41,14 @@ from tako_stream.gateway.shapes import (
     payload_digest,
     sync_response,
 )
+from tako_stream.gateway.store import sortable
 from tako_stream.gateway.views import ClusterView
-from tako_stream.kafka.codec import new_id
-from tako_stream.kafka.reader import latest
+from tako_stream.kafka.codec import dumps, new_id
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.state import State
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_HEADER = "x-tako-payload-sha256"
 #: Idempotency keys map to execution ids in this namespace, so every gateway agrees on them.
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
 
@@ -151,6 +155,13 @@ ROUTES: tuple[Route, ...] = (
         {200: ("It", JobType), 404: ERROR},
     ),
     Route("GET", "/health", "health", "Gateway health", {200: ANY}),
+    Route(
+        "GET",
+        "/ready",
+        "ready",
+        "Readiness: 200 once the gateway's store has caught up with the topics",
+        {200: ANY, 503: ANY},
+    ),
     Route("GET", "/dlq", "dlq_list", "DLQ entries", {200: ANY}),
     Route("GET", "/dlq/stats", "dlq_stats", "DLQ totals by error type", {200: ANY}),
     Route("GET", "/dlq/{id}", "dlq_get", "One DLQ entry", {200: ("It", DLQRecord), 404: ERROR}),
@@ -196,7 +207,6 @@ class Routes:
         self.settings = settings
         self.job_types = job_types
         self.view = view
-        self.client = view.client
         self._openapi = openapi
         self._metrics = metrics
 
@@ -230,15 +240,16 @@ class Routes:
 
     async def _produce(
         self, request: web.Request, body: ExecutionRequest, extra_headers: list[tuple[str, bytes]]
-    ) -> str:
+    ) -> tuple[str, RecordMetadata]:
+        """Produce the request; its execution id and where it landed."""
         fields = body.model_dump(mode="json", exclude_none=True)
         fields.pop("idempotency_key", None)
         fields.setdefault("execution_id", new_id())
         headers = [(CORRELATION_HEADER, request["correlation_id"].encode()), *extra_headers]
-        await self.client.send_raw(
+        landed = await self.view.producer.send_raw(
             orjson.dumps(fields), key=fields["execution_id"].encode(), headers=headers
         )
-        return str(fields["execution_id"])
+        return str(fields["execution_id"]), landed
 
     async def execute(self, request: web.Request) -> web.StreamResponse:
         """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
@@ -246,11 +257,11 @@ class Routes:
         if isinstance(parsed, web.Response):
             return parsed
         body, _ = parsed
-        execution_id = await self._produce(request, body, [])
+        execution_id, _ = await self._produce(request, body, [])
         limits = self.job_types.limits(body)
         wait = limits.timeout + self.settings.timeout_grace + self.settings.gateway_wait_margin
         try:
-            result = await self.client.result(execution_id, timeout=wait)
+            result = await self.view.result(execution_id, timeout=wait)
         except TimeoutError:
             return error_response(request, 504, f"no result for {execution_id} within {wait:g}s")
         return json_response(sync_response(result))
@@ -262,36 +273,42 @@ class Routes:
         body, raw = parsed
         if not isinstance(body, AsyncExecuteBody):
             raise TypeError("execute_async validates an AsyncExecuteBody")
-        headers: list[tuple[str, bytes]] = []
-        if body.idempotency_key is not None:
-            digest = payload_digest(raw)
-            execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
-            if body.execution_id not in (None, execution_id):
-                return error_response(
-                    request, 422, "execution_id cannot be given with idempotency_key"
-                )
-            earlier = await latest(self.settings, self.settings.requests_topic, execution_id)
-            if earlier is not None:
-                seen = dict(earlier.headers or ()).get(PAYLOAD_HEADER, b"").decode()
-                if seen != digest:
-                    return error_response(
-                        request, 409, "idempotency_key was used before with another payload"
-                    )
-                status = self.view.status(execution_id)
-                return json_response(JobAccepted(job_id=execution_id, status=status))
+        if body.idempotency_key is None:
+            execution_id, _ = await self._produce(request, body, [])
+            return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+        digest = payload_digest(raw)
+        execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
+        if body.execution_id not in (None, execution_id):
+            return error_response(request, 422, "execution_id cannot be given with idempotency_key")
+        known = (await self.view.job(execution_id)).request
+        if known is None:
+            # Every gateway derives the same id from the key, so all their submits of one key
+            # land in one partition: the first there is the job (workers skip the others), and
+            # this gateway reads back which one that was.
             body = body.model_copy(update={"execution_id": execution_id})
-            headers.append((PAYLOAD_HEADER, digest.encode()))
-        execution_id = await self._produce(request, body, headers)
-        return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+            _, landed = await self._produce(request, body, [(PAYLOAD_HEADER, digest.encode())])
+            tp = TopicPartition(landed.topic, landed.partition)
+            await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
+            known = (await self.view.job(execution_id)).request
+            if known is not None and (known.partition, known.offset) == (
+                tp.partition,
+                landed.offset,
+            ):
+                return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+        if known is None or known.digest != digest:
+            return error_response(request, 409, "idempotency_key was used with another payload")
+        state, result, _ = await self.view.find(execution_id)
+        status = result.status.value if result is not None else state
+        return json_response(JobAccepted(job_id=execution_id, status=status))
 
     # -- reading ---------------------------------------------------------------------------
     async def job(self, request: web.Request) -> web.StreamResponse:
         execution_id = request.match_info["id"]
-        state, result = await self.view.find(execution_id)
+        state, result, job = await self.view.find(execution_id)
         if result is not None:
             return json_response(job_record(result))
         if state in ("queued", "running"):
-            return json_response(self.view.pending(execution_id, state))
+            return json_response(self.view.pending(execution_id, state, job))
         return error_response(request, 404, f"no job {execution_id}")
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
@@ -302,16 +319,26 @@ class Routes:
             wait, timeout = _wait_query(request)
         except ValueError:
             return error_response(request, 422, "timeout must be a number of seconds")
-        state, result = await self.view.find(execution_id)
+        state, result, _ = await self.view.find(execution_id)
         if state == "unknown":
             return error_response(request, 404, f"no job {execution_id}")
         if result is not None:
             return error_response(request, 409, str(CancelRefused(execution_id, result)))
-        await self.client.request_cancel(execution_id, correlation_id=request["correlation_id"])
+        cancel = CancelRequest(
+            execution_id=execution_id,
+            requested_at=datetime.now(UTC),
+            correlation_id=request["correlation_id"],
+        )
+        await self.view.producer.send_raw(
+            dumps(cancel),
+            key=execution_id.encode(),
+            headers=[(CORRELATION_HEADER, request["correlation_id"].encode())],
+            topic=self.settings.control_topic,
+        )
         log.info("cancel requested for %s (%s)", execution_id, state)
         if wait:
             with contextlib.suppress(TimeoutError):
-                result = await self.client.result(execution_id, timeout=timeout)
+                result = await self.view.result(execution_id, timeout=timeout)
             if result is not None:
                 return json_response(job_record(result))
         return json_response({"job_id": execution_id, "status": "cancelling", "was": state}, 202)
@@ -323,20 +350,21 @@ class Routes:
             wait, timeout = _wait_query(request)
         except ValueError:
             return error_response(request, 422, "timeout must be a number of seconds")
-        state, result = await self.view.find(execution_id)
+        state, result, _ = await self.view.find(execution_id)
         if state == "unknown":
             return error_response(request, 404, f"no job {execution_id}")
         if result is None and wait:
             with contextlib.suppress(TimeoutError):
-                result = await self.client.result(execution_id, timeout=timeout)
+                result = await self.view.result(execution_id, timeout=timeout)
         if result is None:
-            status = self.view.status(execution_id)
-            return json_response({"job_id": execution_id, "status": status}, 202)
+            state, result, _ = await self.view.find(execution_id)
+        if result is None:
+            return json_response({"job_id": execution_id, "status": state}, 202)
         return json_response(job_record(result))
 
     async def execution(self, request: web.Request) -> web.StreamResponse:
         execution_id = request.match_info["id"]
-        state, result = await self.view.find(execution_id)
+        state, result, _ = await self.view.find(execution_id)
         if result is None:
             return error_response(request, 404, f"no finished execution {execution_id} ({state})")
         return json_response(result)
@@ -351,23 +379,19 @@ class Routes:
                 raise ValueError
         except ValueError:
             return error_response(request, 422, "limit must be 1..1000 and offset ≥ 0")
-        status = request.query.get("status")
-        job_type = request.query.get("job_type")
-        items = [
-            r
-            for r in reversed(self.client.seen())
-            if (status is None or r.status.value == status)
-            and (job_type is None or r.job_type == job_type)
-        ]
-        page = items[offset : offset + limit]
-        return json_response(
-            {
-                "total": len(items),
-                "limit": limit,
-                "offset": offset,
-                "items": [r.model_dump(mode="json") for r in page],
-            }
+        total, page = await self.view.executions(
+            limit=limit,
+            offset=offset,
+            status=request.query.get("status"),
+            job_type=request.query.get("job_type"),
         )
+        body = b'{"total":%d,"limit":%d,"offset":%d,"items":[%s]}' % (
+            total,
+            limit,
+            offset,
+            b",".join(page),  # the stored results, as the results topic holds them
+        )
+        return web.Response(body=body, content_type="application/json")
 
     async def list_job_types(self, request: web.Request) -> web.StreamResponse:
         return json_response([t.model_dump(mode="json") for t in self.job_types.values()])
@@ -383,7 +407,8 @@ class Routes:
         every gateway agrees with every worker), and whether the broker answers."""
         broker = await self.view.broker_available()
         state = self.view.breakers.worst()
-        healthy = broker and state.state is State.CLOSED
+        ready = self.view.ready.is_set()
+        healthy = broker and ready and state.state is State.CLOSED
         return json_response(
             {
                 "status": "healthy" if healthy else "degraded",
@@ -398,40 +423,62 @@ class Routes:
                 "broker_unavailable_since": (
                     self.view.broker.since.isoformat() if self.view.broker.since else None
                 ),
+                "ready": ready,
                 "version": __version__,
-                "executions_known": self.client.known_count,
-                "dlq": self.view.dlq.stats(),
+                "executions_known": await self.view.known(),
+                "dlq": await self.view.dead_letter_stats(),
             },
             200 if broker else 503,
         )
 
     # -- DLQ -------------------------------------------------------------------------------
     async def dlq_stats(self, request: web.Request) -> web.StreamResponse:
-        return json_response(self.view.dlq.stats())
+        return json_response(await self.view.dead_letter_stats())
 
     async def dlq_list(self, request: web.Request) -> web.StreamResponse:
         try:
             since = dlq.parse_time(request.query.get("since"))
             until = dlq.parse_time(request.query.get("until"))
+            limit = min(int(request.query.get("limit", "1000")), 10_000)
         except ValueError as exc:
             return error_response(request, 422, str(exc))
-        store = await dlq.read_store(self.settings, keep_originals=False)
-        entries = store.select(error_type=request.query.get("error_type"), since=since, until=until)
-        return json_response(
-            {"total": len(entries), "entries": [e.model_dump(mode="json") for e in entries]}
+        total, entries = await self.view.dead_letters(
+            error_type=request.query.get("error_type"),
+            since=sortable(since) if since else None,
+            until=sortable(until) if until else None,
+            limit=limit,
         )
+        body = b'{"total":%d,"entries":[%s]}' % (total, b",".join(entries))
+        return web.Response(body=body, content_type="application/json")
 
     async def dlq_get(self, request: web.Request) -> web.StreamResponse:
-        entry = await dlq.lookup(self.settings, self.view.dlq, request.match_info["id"])
+        entry = await self.view.dead_letter(request.match_info["id"])
         if entry is None:
             return error_response(request, 404, f"no DLQ entry {request.match_info['id']}")
-        return json_response(entry)
+        return web.Response(body=entry, content_type="application/json")
 
     async def dlq_delete(self, request: web.Request) -> web.StreamResponse:
         dlq_id = request.match_info["id"]
-        if not await dlq.remove(self.settings, self.view.dlq, dlq_id):
+        entry = await self.view.dead_letter(dlq_id)
+        if entry is None:
             return error_response(request, 404, f"no DLQ entry {dlq_id}")
+        record = DLQRecord.model_validate_json(entry)
+        landed = await self.view.producer.send_raw(
+            None,
+            key=dlq_id.encode(),
+            headers=dlq.tombstone_headers(record),
+            topic=self.settings.dlq_topic,
+        )
+        tp = TopicPartition(landed.topic, landed.partition)
+        with contextlib.suppress(TimeoutError):  # read back, so a GET now agrees
+            await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
         return json_response({"deleted": dlq_id})
+
+    async def ready(self, request: web.Request) -> web.StreamResponse:
+        """200 once the store has caught up with the topics, 503 before."""
+        if self.view.ready.is_set():
+            return json_response({"ready": True})
+        return json_response({"ready": False}, 503)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return json_response(self._openapi())

@@ -1,65 +1,84 @@
-"""What the gateway knows of the cluster, all of it read from topics.
+"""What the gateway knows of the cluster, all of it read from topics into its local store.
 
-Results come from the results topic (read from the beginning into a bounded local view, through
-a ``Client``), a running job is one a worker announced on the status topic, a queued one has
-its request on the requests topic and neither, the breakers come from their table's changelog
-and the DLQ from its topic.  Nothing is kept that Kafka does not hold, so any number of gateways
-can run side by side.
+One group-less reader follows the results, status, requests and DLQ topics and applies every
+batch to the store (``gateway.store``) in the store's writer thread; the breakers come from
+their table's changelog.  Each gateway has its own store, so any number run side by side.
+
+The store resumes from the positions it saved, so a restart reads only what is new.  Until it
+has read up to the end offsets seen when it started, the gateway is not ready: requests that
+need the store wait for it a little, then answer 503, never a wrong 404.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from tako_stream import dlq
-from tako_stream.client import Client
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
-from tako_stream.core.models import ExecutionResult, JobStatus
-from tako_stream.kafka.reader import latest, tail
+from tako_stream.core.models import ExecutionResult
+from tako_stream.gateway.store import Job, Store
+from tako_stream.kafka.reader import TopicReader, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
-from tako_stream.kafka.view import KeyedView
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.shared import BreakerStates
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 State = Literal["done", "running", "queued", "unknown"]
 
 #: Seconds the broker has to answer a health check.
 BROKER_CHECK = 5.0
+#: Reader threads for the store: lookups of concurrent HTTP requests run side by side.
+READERS = 4
+
+
+class NotReady(Exception):
+    """The store has not caught up with the topics yet: answer 503, not a wrong 404."""
+
+
+def store_path(settings: Settings) -> Path:
+    """The store's file: one per cluster and results topic, in the gateway's state directory."""
+    cluster = hashlib.sha256(
+        f"{settings.kafka_bootstrap_servers}|{settings.results_topic}".encode()
+    ).hexdigest()[:16]
+    return settings.gateway_state_dir / f"gateway-{cluster}.sqlite3"
 
 
 class ClusterView:
-    """Results, running jobs, breakers and dead letters, kept up to date from their topics."""
+    """The store and what keeps it current; results can be waited for."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = Client(settings, keep=settings.gateway_keep, history=True)
-        self.dlq = dlq.DLQView()
-        #: Jobs a worker said it is running (the status topic), the newest ``gateway_keep``.
-        self.running: KeyedView[JobStatus] = KeyedView(
-            JobStatus.model_validate_json,
-            keep=settings.gateway_keep,
-            name="status topic",
-            key_of=lambda status: status.execution_id,
-        )
+        self.store = Store(store_path(settings), cache_mb=settings.gateway_cache_mb)
+        self.producer = Producer(settings)
         self.breakers = BreakerStates(settings.breaker)
         self.topics = TopicDirectory(settings)
         self.broker = Condition("the Kafka broker is unreachable", log)
+        self.ready = asyncio.Event()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tako-store-writer")
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="tako-store-reader")
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         s = self.settings
         await ensure_topics(s)
-        await self.client.start()
+        await self.producer.__aenter__()
         self._tasks = [
-            asyncio.create_task(dlq.follow(s, self.dlq)),
+            asyncio.create_task(self._materialise()),
             asyncio.create_task(tail(s, s.breaker_changelog_topic, self.breakers.apply)),
-            asyncio.create_task(tail(s, s.status_topic, self.running.apply)),
         ]
 
     async def stop(self) -> None:
@@ -67,35 +86,153 @@ class ClusterView:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.client.close()
+        await self.producer.__aexit__()
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.store.close)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
 
-    def status(self, execution_id: str) -> str:
-        """The job's status as far as this gateway has read: its result's, or running/queued."""
-        result = self.client.known(execution_id)
-        if result is not None:
-            return result.status.value
-        return "running" if execution_id in self.running else "queued"
+    # -- keeping the store current --------------------------------------------------------------
 
-    async def find(self, execution_id: str) -> tuple[State, ExecutionResult | None]:
-        """("done", result), ("running" | "queued", None) or ("unknown", None)."""
-        result = self.client.known(execution_id)
-        if result is not None:
-            return "done", result
-        with contextlib.suppress(TimeoutError):
-            return "done", await self.client.result(execution_id, timeout=0.05)
-        if execution_id in self.running:
-            return "running", None
-        request = await latest(self.settings, self.settings.requests_topic, execution_id)
-        return ("queued", None) if request is not None else ("unknown", None)
+    async def _materialise(self) -> None:
+        """Follow the four topics into the store forever; a broker fault starts over from the
+        stored positions."""
+        failing = Condition("reading the topics into the gateway's store", log)
+        ends: dict[TopicPartition, int] | None = None
+        while True:
+            try:
+                ends = await self._follow(failing, ends)
+            except (KafkaError, LookupError, OSError) as exc:
+                failing.wrong(exc)
+                await asyncio.sleep(1)
 
-    def pending(self, execution_id: str, state: State) -> dict[str, Any]:
+    async def _follow(
+        self, failing: Condition, ends: dict[TopicPartition, int] | None
+    ) -> dict[TopicPartition, int]:
+        s = self.settings
+        topics = (s.results_topic, s.status_topic, s.requests_topic, s.dlq_topic)
+        tps = [tp for topic in topics for tp in await partitions(s, topic, wait=5)]
+        if not tps:
+            raise LookupError("the service's topics do not exist yet")
+        stored = await self._write(self.store.positions)
+        async with TopicReader(s, s.results_topic, only=tps) as reader:
+            failing.right()
+            await reader.from_offsets({tp: stored.get((tp.topic, tp.partition), 0) for tp in tps})
+            if ends is None:  # readiness: the end offsets seen at the first start
+                ends = await reader.end_offsets()
+            while True:
+                if not self.ready.is_set() and await reader.reached(ends):
+                    log.info("the store has caught up with the topics: ready")
+                    self.ready.set()
+                records = await reader.fetch(timeout=1.0)
+                if records:
+                    answered = await self._write(self.store.apply, records, s.topics)
+                    self._wake(answered)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    def _wake(self, answered: list[str]) -> None:
+        for execution_id in answered:
+            for future in self._waiters.pop(execution_id, []):
+                if not future.done():
+                    future.set_result(None)  # the waiter reads its result from the store
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def until_ready(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the store to catch up; ``NotReady`` otherwise."""
+        if self.ready.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ready.wait()
+        except TimeoutError:
+            raise NotReady("the gateway is still reading the topics into its store") from None
+
+    async def job(self, execution_id: str) -> Job:
+        await self.until_ready(self.settings.gateway_ready_wait)
+        return await self._read(self.store.job, execution_id)
+
+    async def find(self, execution_id: str) -> tuple[State, ExecutionResult | None, Job]:
+        """("done", result), ("running" | "queued", None) or ("unknown", None), and the row."""
+        job = await self.job(execution_id)
+        if job.result is not None:
+            return "done", ExecutionResult.model_validate_json(job.result), job
+        if job.running is not None:
+            return "running", None, job
+        return ("queued" if job.request is not None else "unknown"), None, job
+
+    async def result(self, execution_id: str, timeout: float) -> ExecutionResult:
+        """The job's result, waiting up to ``timeout`` seconds; ``TimeoutError`` after."""
+        async with asyncio.timeout(timeout):
+            while True:
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(execution_id, []).append(future)
+                try:
+                    _, result, _ = await self.find(execution_id)
+                    if result is not None:
+                        return result
+                    await future
+                finally:
+                    waiting = self._waiters.get(execution_id, [])
+                    if future in waiting:
+                        waiting.remove(future)
+                    if not waiting:
+                        self._waiters.pop(execution_id, None)
+
+    def pending(self, execution_id: str, state: State, job: Job) -> dict[str, Any]:
         """A job without a result, in the shape of ``GET /jobs/{id}``."""
         record: dict[str, Any] = {"job_id": execution_id, "execution_id": execution_id}
         record["status"] = state
-        status = self.running.get(execution_id) if state == "running" else None
-        if status is not None:
-            record |= {"worker_id": status.worker_id, "started_at": status.at.isoformat()}
+        if job.running is not None:
+            record |= {"worker_id": job.running[0], "started_at": job.running[1]}
         return record
+
+    async def executions(
+        self, *, limit: int, offset: int, status: str | None, job_type: str | None
+    ) -> tuple[int, list[bytes]]:
+        await self.until_ready(self.settings.gateway_ready_wait)
+        return await self._read(
+            lambda: self.store.executions(
+                limit=limit, offset=offset, status=status, job_type=job_type
+            )
+        )
+
+    async def known(self) -> int:
+        return await self._read(self.store.known)
+
+    async def dead_letter_stats(self) -> dict[str, Any]:
+        """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
+        counts = await self._read(self.store.dead_letter_counts)
+        return {"total": sum(counts.values()), "by_error_type": counts}
+
+    async def dead_letters(
+        self, *, error_type: str | None, since: str | None, until: str | None, limit: int
+    ) -> tuple[int, list[bytes]]:
+        await self.until_ready(self.settings.gateway_ready_wait)
+        return await self._read(
+            lambda: self.store.dead_letters(
+                error_type=error_type, since=since, until=until, limit=limit
+            )
+        )
+
+    async def dead_letter(self, dlq_id: str) -> bytes | None:
+        await self.until_ready(self.settings.gateway_ready_wait)
+        return await self._read(self.store.dead_letter, dlq_id)
+
+    async def wait_for_position(self, tp: TopicPartition, offset: int, timeout: float) -> None:
+        """Until the store has read ``tp`` past ``offset`` (a record this gateway produced)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                positions = await self._read(self.store.positions)
+                if positions.get((tp.topic, tp.partition), 0) > offset:
+                    return
+                await asyncio.sleep(0.02)
+
+    # -- the rest -------------------------------------------------------------------------------
 
     async def reply_to_problem(self, topic: str | None) -> str | None:
         """Why a request's ``reply_to`` would be refused by the workers, or None (also when the

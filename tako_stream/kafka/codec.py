@@ -67,7 +67,8 @@ def correlation_id(headers: Headers | None) -> str:
     return new_id()
 
 
-def _usable_id(value: object) -> str | None:
+def usable_id(value: object) -> str | None:
+    """``value`` as an execution id if it is one (text or UTF-8 bytes of the allowed form)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -118,14 +119,14 @@ def decode_request(
     (the intake passes one derived from the record's position, so a re-delivery of the same
     record gets the same id), then to a new UUID."""
     if value is None:
-        raise InvalidRequestError(["request: message has no value"], _usable_id(key))
+        raise InvalidRequestError(["request: message has no value"], usable_id(key))
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError([_json_problem(value, exc)], _usable_id(key)) from None
+        raise InvalidRequestError([_json_problem(value, exc)], usable_id(key)) from None
     if not isinstance(body, dict):
         raise InvalidRequestError(
-            [f"request: expected a JSON object, got {type(body).__name__}"], _usable_id(key)
+            [f"request: expected a JSON object, got {type(body).__name__}"], usable_id(key)
         )
     # Unknown fields are named here rather than by pydantic, which would build one error per
     # field (seconds of CPU, and megabytes of message, for a request with 200,000 of them).
@@ -139,9 +140,9 @@ def decode_request(
         errors = _describe(exc.errors(include_url=False)) + errors
     if errors:
         raise InvalidRequestError(
-            _bounded(errors), _usable_id(body.get("execution_id")) or _usable_id(key)
+            _bounded(errors), usable_id(body.get("execution_id")) or usable_id(key)
         ) from None
     if request.execution_id is None:
-        execution_id = _usable_id(key) or fallback_id or new_id()
+        execution_id = usable_id(key) or fallback_id or new_id()
         request = request.model_copy(update={"execution_id": execution_id})
     return request

@@ -52,12 +52,7 @@ class Incoming:
 
     @property
     def position_id(self) -> str:
-        """An id derived from where the record is (the same at every delivery), usable as an
-        execution id: ``topic:partition:offset``, the topic hashed when the whole is too long."""
-        topic = self.topic
-        if len(topic) > 80:
-            topic = hashlib.sha256(topic.encode()).hexdigest()[:32]
-        return f"{topic}:{self.partition}:{self.offset}"
+        return position_id(self.topic, self.partition, self.offset)
 
     @property
     def tp(self) -> TopicPartition:
@@ -71,3 +66,11 @@ class Incoming:
             offset=self.offset,
             timestamp_ms=self.timestamp_ms,
         )
+
+
+def position_id(topic: str, partition: int, offset: int) -> str:
+    """An id derived from where a record is (the same at every delivery), usable as an
+    execution id: ``topic:partition:offset``, the topic hashed when the whole is too long."""
+    if len(topic) > 80:
+        topic = hashlib.sha256(topic.encode()).hexdigest()[:32]
+    return f"{topic}:{partition}:{offset}"

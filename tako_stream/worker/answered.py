@@ -50,6 +50,10 @@ class AnsweredIndex:
         """Whether the request record at ``position`` was answered under ``execution_id``."""
         return self._positions.get(execution_id) == position
 
+    def has_answer(self, execution_id: str) -> bool:
+        """Whether ``execution_id`` has an answer, whichever record it answered."""
+        return execution_id in self._positions
+
     def record(self, execution_id: str, position: str) -> None:
         """Note an answer this worker just published (before the index reads it back)."""
         self._positions.put(execution_id, position)

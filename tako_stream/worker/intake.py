@@ -21,16 +21,22 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from aiokafka import TopicPartition
 
 from tako_stream.core.errors import BrokerError, InvalidRequestError
-from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult, JobStatus
-from tako_stream.kafka.codec import correlation_id, decode_request, dumps
-from tako_stream.kafka.message import Headers, Incoming
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    PAYLOAD_HEADER,
+    ExecutionRequest,
+    ExecutionResult,
+    JobStatus,
+)
+from tako_stream.kafka.codec import correlation_id, decode_request, dumps, header
+from tako_stream.kafka.message import Incoming
 from tako_stream.logs import Condition, job_context
 from tako_stream.settings import ReplyTo, Topics
 from tako_stream.worker.budget import ByteBudget
@@ -38,14 +44,10 @@ from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
 from tako_stream.worker.offsets import OffsetTracker
 from tako_stream.worker.publish import Publisher
+from tako_stream.worker.seams import Answers, Sink, Source, TopicExists
 from tako_stream.worker.verdict import Job, Verdict, answer, now
 
 log = logging.getLogger(__name__)
-
-Revoked = Callable[[set[TopicPartition]], Awaitable[None]]
-Assigned = Callable[[set[TopicPartition]], Awaitable[None]]
-#: Whether a topic exists (``BrokerError`` when the broker cannot tell).
-TopicExists = Callable[[str], Awaitable[bool]]
 
 #: Seconds a worker given new partitions waits for the answered index to read every result
 #: published so far, before taking their records.
@@ -54,53 +56,6 @@ ANSWERS_CURRENT = 15.0
 #: consumer and the producer, removing containers): a broker that is gone must not keep a
 #: stopping worker alive.
 STOP_STEP = 3.0
-
-
-class Source(Protocol):
-    """Where requests come from: partitions this worker owns, and their committed positions."""
-
-    async def start(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
-        """Start consuming; ``on_revoked`` runs before partitions are handed to another,
-        ``on_assigned`` once new ones are this worker's, before any of their records."""
-        ...
-
-    async def fetch(self, timeout: float) -> list[Incoming]:
-        """The next records ([] after ``timeout``); ``BrokerError`` when the broker fails."""
-        ...
-
-    def assignment(self) -> set[TopicPartition]: ...
-
-    async def commit(self, positions: dict[TopicPartition, int]) -> None:
-        """Store positions (the next offset to read); ``BrokerError`` when it failed."""
-        ...
-
-    async def stop(self) -> None: ...
-
-
-class Answers(Protocol):
-    """Which request records already have their answer on the results topic (see
-    ``worker.answered``)."""
-
-    def answered(self, execution_id: str, position: str) -> bool: ...
-
-    def record(self, execution_id: str, position: str) -> None: ...
-
-    async def wait_until_current(self, timeout: float) -> bool: ...
-
-
-class Sink(Protocol):
-    """Where answers go: returns once the broker acknowledged the message."""
-
-    async def start(self) -> None: ...
-
-    async def send(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> None:
-        """``PublishRefusedError`` when the broker refuses it for good, ``BrokerError`` when
-        it did not answer."""
-        ...
-
-    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -171,6 +126,8 @@ class Intake:
         self.commit_interval = commit_interval
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._jobs: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
+        #: Execution ids of the requests being run (to skip repeats of idempotent ones).
+        self._running_ids: Counter[str] = Counter()
         self._capacity = asyncio.Semaphore(capacity)
         self._rejections = ByteBudget(rejection_budget)
         self._announcing: set[asyncio.Task[None]] = set()
@@ -303,69 +260,94 @@ class Intake:
         """
         corr = correlation_id(message.headers)
         execution_id = decoded.execution_id or message.position_id
+        skip = None
         if self.answers.answered(execution_id, message.position_id):
+            skip = "already answered (delivered again after a failure): not run again"
+        elif header(message.headers, PAYLOAD_HEADER) is not None and (
+            execution_id in self._running_ids or self.answers.has_answer(execution_id)
+        ):
+            # An idempotent submit that lost the race: its key's first request is the job.
+            skip = "a repeat of an idempotent request that is running or answered: skipped"
+        if skip is not None:
             with job_context(execution_id, corr):
-                log.info("already answered (delivered again after a failure): not run again")
+                log.info(skip)
             self.tracker.finish(message.tp, message.offset)
             return
+        with job_context(execution_id, corr), self._running(execution_id):
+            final = await self._answer(message, decoded, execution_id, corr)
+        self.tracker.finish(message.tp, message.offset)
+        self.answered += 1
+        if self.on_answered is not None and final is not None:
+            since = time.time() - message.timestamp_ms / 1000 if message.timestamp_ms else None
+            self.on_answered(final, since)
+
+    async def _answer(
+        self,
+        message: Incoming,
+        decoded: ExecutionRequest | Rejection,
+        execution_id: str,
+        corr: str,
+    ) -> ExecutionResult | None:
+        """Run (or reject) and publish; the answer on the results topic, if any could be."""
         first_failure = now()
         queued = (
             max(0.0, time.time() - message.timestamp_ms / 1000) if message.timestamp_ms else None
         )
         reply_to: str | None = None
         if isinstance(decoded, Rejection):
-            with job_context(execution_id, corr):
-                log.info("invalid request: %s", "; ".join(decoded.problems))
-                job = Job(execution_id, corr, self.worker_id)
-                result = answer(job, Verdict.rejected(decoded.problems))
+            log.info("invalid request: %s", "; ".join(decoded.problems))
+            result = answer(
+                Job(execution_id, corr, self.worker_id), Verdict.rejected(decoded.problems)
+            )
         else:
             request = decoded
-            with job_context(execution_id, corr):
-                problem = await self._reply_to_problem(request.reply_to)
-                if problem is not None:  # answered here only: never copied to that topic
-                    log.info("invalid request: %s", problem)
-                    job = Job(
-                        execution_id,
-                        corr,
-                        self.worker_id,
-                        request.job_type,
-                        request.metadata,
-                        queued,
-                    )
-                    result = answer(job, Verdict.rejected([problem]))
-                else:
-                    reply_to = request.reply_to
-                    result = await self._run(request, execution_id, corr, queued)
-        with job_context(execution_id, corr):
+            problem = await self._reply_to_problem(request.reply_to)
+            if problem is not None:  # answered here only: never copied to that topic
+                log.info("invalid request: %s", problem)
+                job = Job(
+                    execution_id, corr, self.worker_id, request.job_type, request.metadata, queued
+                )
+                result = answer(job, Verdict.rejected([problem]))
+            else:
+                reply_to = request.reply_to
+                result = await self._run(request, execution_id, corr, queued)
+        try:
+            final = await self.publisher.publish(
+                message, result, reply_to=reply_to, first_failure_at=first_failure
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours while answering: answer that instead
+            log.exception("internal error while publishing the answer")
             try:
                 final = await self.publisher.publish(
-                    message, result, reply_to=reply_to, first_failure_at=first_failure
+                    message,
+                    answer(Job(execution_id, corr, self.worker_id), Verdict.internal(exc)),
+                    first_failure_at=first_failure,
                 )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug of ours while answering: answer that instead
-                log.exception("internal error while publishing the answer")
-                job = Job(execution_id, corr, self.worker_id)
-                try:
-                    final = await self.publisher.publish(
-                        message, answer(job, Verdict.internal(exc)), first_failure_at=first_failure
-                    )
-                except Exception:  # nothing more can be done; the partition must move on
-                    log.exception("could not publish any answer; the record is skipped")
-                    final = None
-            if final is not None:
-                self.answers.record(execution_id, message.position_id)
-            log.info(
-                "answered: status=%s error=%s in %.3fs",
-                final.status.value if final else "unpublished",
-                final.error.type.value if final and final.error else None,
-                final.execution_time if final else 0.0,
-            )
-        self.tracker.finish(message.tp, message.offset)
-        self.answered += 1
-        if self.on_answered is not None and final is not None:
-            since = time.time() - message.timestamp_ms / 1000 if message.timestamp_ms else None
-            self.on_answered(final, since)
+            except Exception:  # nothing more can be done; the partition must move on
+                log.exception("could not publish any answer; the record is skipped")
+                final = None
+        if final is not None:
+            self.answers.record(execution_id, message.position_id)
+        log.info(
+            "answered: status=%s error=%s in %.3fs",
+            final.status.value if final else "unpublished",
+            final.error.type.value if final and final.error else None,
+            final.execution_time if final else 0.0,
+        )
+        return final
+
+    @contextlib.contextmanager
+    def _running(self, execution_id: str) -> Iterator[None]:
+        """Note ``execution_id`` as being run (or answered) here for the block."""
+        self._running_ids[execution_id] += 1
+        try:
+            yield
+        finally:
+            self._running_ids[execution_id] -= 1
+            if self._running_ids[execution_id] <= 0:
+                del self._running_ids[execution_id]
 
     async def _run(
         self, request: ExecutionRequest, execution_id: str, corr: str, queued: float | None

@@ -25,7 +25,7 @@ from tako_stream.core.errors import BrokerError, PublishRefusedError
 from tako_stream.kafka.clients import consumer, producer_options
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.settings import Settings
-from tako_stream.worker.intake import Assigned, Revoked
+from tako_stream.worker.seams import Assigned, Revoked
 
 log = logging.getLogger(__name__)
 

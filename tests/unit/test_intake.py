@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
-from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest, ExecutionResult
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    PAYLOAD_HEADER,
+    ExecutionRequest,
+    ExecutionResult,
+)
 from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.intake import Rejection, decode, rejection_cost
 from tests.fakes import (
@@ -632,3 +637,24 @@ async def test_a_failing_step_of_stopping_does_not_skip_the_others() -> None:
         assert await bounded(rig.intake.stop(), "the stop") is True
         assert rig.sink.stopped and rig.sandbox.drains == 1
         rig.source.stopped = True  # for the rig's own clean-up
+
+
+async def test_repeats_of_an_idempotent_request_are_skipped_while_it_runs_or_once_answered() -> (
+    None
+):
+    """Two gateways racing on one idempotency key both produce; the key's first request is the
+    job and the workers skip the rest (the gateways tell their clients which one won)."""
+    idempotent = [(PAYLOAD_HEADER, b"digest-a")]
+    async with intake_rig(partitions=(0,), capacity=4, pool_size=4) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        rig.source.add(request_bytes(execution_id="key-1"), headers=idempotent)
+        rig.source.add(request_bytes("print('other')", execution_id="key-1"), headers=idempotent)
+        await rig.sandbox.wait_running(1)
+        await rig.source.wait_committed(0, 0)
+        release.set()
+        await rig.source.wait_committed(0, 2)
+        rig.source.add(request_bytes(execution_id="key-1"), headers=idempotent)  # after it
+        await rig.source.wait_committed(0, 3)
+        assert len(rig.sandbox.runs) == 1
+        assert [r.execution_id for r in rig.sink.results()] == ["key-1"]

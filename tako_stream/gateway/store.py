@@ -1,0 +1,328 @@
+"""The gateway's state on disk: results, queued and running jobs and dead letters, in SQLite.
+
+The store is a materialised view of four topics, as a Kafka Streams KTable or a faust table on
+RocksDB is: every batch read from them is applied together with the positions it reached, in
+one transaction, so a restart resumes where the store left off instead of reading the topics
+again.  Lookups by execution id are point reads on a primary key, whatever partition (and so
+whatever partitioner) a record came through; ``/executions`` pages through an index on
+``finished_at``.  Memory is SQLite's page cache and one batch, whatever the topics' size.
+
+Connections are not shared between threads: the writer has its own, each reader thread its own
+(WAL mode lets readers run while the writer writes).  Callers run these methods in threads
+(``gateway.views``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from tako_stream.core.models import PAYLOAD_HEADER
+from tako_stream.dlq import summarise
+from tako_stream.kafka.codec import header, usable_id
+from tako_stream.kafka.message import position_id
+from tako_stream.kafka.reader import Record
+from tako_stream.settings import Topics
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    execution_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    job_type TEXT,
+    finished_at TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_by_time ON results (finished_at DESC);
+CREATE INDEX IF NOT EXISTS results_by_status ON results (status, finished_at DESC);
+CREATE INDEX IF NOT EXISTS results_by_type ON results (job_type, finished_at DESC);
+CREATE TABLE IF NOT EXISTS running (
+    execution_id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL,
+    started_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    execution_id TEXT PRIMARY KEY,
+    digest TEXT,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    produced_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    dlq_id TEXT PRIMARY KEY,
+    error_type TEXT NOT NULL,
+    last_failure_at TEXT NOT NULL,
+    summary BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (last_failure_at);
+CREATE TABLE IF NOT EXISTS positions (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    """The first request record seen for an execution id (the one workers run)."""
+
+    digest: str | None
+    partition: int
+    offset: int
+    produced_ms: int | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the store knows of one execution id."""
+
+    result: bytes | None = None
+    running: tuple[str, str] | None = None  # (worker_id, started_at)
+    request: Request | None = None
+
+
+class Store:
+    """A SQLite database file; ``writer()`` and ``reader()`` give this thread's connection."""
+
+    def __init__(self, path: Path, *, cache_mb: int) -> None:
+        self.path = path
+        self.cache_mb = cache_mb
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last batches,
+        db.execute(f"PRAGMA cache_size=-{self.cache_mb * 1024}")  # which are read again
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- writing (the materialiser's thread) --------------------------------------------------
+
+    def apply(self, records: Iterable[Record], topics: Topics) -> list[str]:
+        """Fold a batch in, with the positions it reached, atomically; the execution ids that
+        got a result."""
+        db = self._db()
+        answered: list[str] = []
+        reached: dict[tuple[str, int], int] = {}
+        db.execute("BEGIN")
+        try:
+            for record in records:
+                reached[(record.topic, record.partition)] = record.offset + 1
+                if record.topic == topics.results:
+                    if self._result(db, record):
+                        answered.append(record.key.decode("utf-8", "replace") if record.key else "")
+                elif record.topic == topics.status:
+                    self._status(db, record)
+                elif record.topic == topics.requests:
+                    self._request(db, record)
+                elif record.topic == topics.dlq:
+                    self._dead_letter(db, record)
+            db.executemany(
+                "INSERT INTO positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
+                "DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+                [(t, p, o) for (t, p), o in reached.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return answered
+
+    def _result(self, db: sqlite3.Connection, record: Record) -> bool:
+        if record.key is None:
+            return False
+        execution_id = record.key.decode("utf-8", "replace")
+        if record.value is None:
+            db.execute("DELETE FROM results WHERE execution_id = ?", (execution_id,))
+            return False
+        try:
+            body = orjson.loads(record.value)
+            status, finished_at = str(body["status"]), sortable(body["finished_at"])
+            job_type = body.get("job_type")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return False  # not a result: another producer's noise, skipped
+        db.execute(
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
+            (execution_id, status, job_type, finished_at, record.value),
+        )
+        # A finished job is not running any more, whatever the status topic says later.
+        db.execute("DELETE FROM running WHERE execution_id = ?", (execution_id,))
+        return True
+
+    def _status(self, db: sqlite3.Connection, record: Record) -> None:
+        if record.key is None:
+            return
+        execution_id = record.key.decode("utf-8", "replace")
+        if record.value is None:
+            db.execute("DELETE FROM running WHERE execution_id = ?", (execution_id,))
+            return
+        try:
+            body = orjson.loads(record.value)
+            worker_id, started_at = str(body["worker_id"]), str(body["at"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        db.execute(
+            "INSERT OR REPLACE INTO running "
+            "SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM results WHERE execution_id = ?)",
+            (execution_id, worker_id, started_at, execution_id),
+        )
+
+    def _request(self, db: sqlite3.Connection, record: Record) -> None:
+        execution_id = _request_id(record)
+        digest = header(record.headers, PAYLOAD_HEADER)
+        db.execute(  # the first record for an id is the one that counts
+            "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?)",
+            (
+                execution_id,
+                digest.decode("ascii", "replace") if digest else None,
+                record.partition,
+                record.offset,
+                record.timestamp,
+            ),
+        )
+
+    def _dead_letter(self, db: sqlite3.Connection, record: Record) -> None:
+        if record.key is None:
+            return
+        dlq_id = record.key.decode("utf-8", "replace")
+        if record.value is None:
+            db.execute("DELETE FROM dead_letters WHERE dlq_id = ?", (dlq_id,))
+            return
+        try:
+            error_type, summary = summarise(record.value)
+            last_failure_at = sortable(orjson.loads(summary)["last_failure_at"])
+        except (ValueError, KeyError, TypeError):
+            return
+        db.execute(
+            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?)",
+            (dlq_id, error_type.value, last_failure_at, summary),
+        )
+
+    # -- reading (any thread) -----------------------------------------------------------------
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        rows = self._db().execute("SELECT topic, partition, next_offset FROM positions")
+        return {(t, p): o for t, p, o in rows}
+
+    def job(self, execution_id: str) -> Job:
+        db = self._db()
+        row = db.execute(
+            "SELECT body FROM results WHERE execution_id = ?", (execution_id,)
+        ).fetchone()
+        if row is not None:
+            return Job(result=row[0])
+        running = db.execute(
+            "SELECT worker_id, started_at FROM running WHERE execution_id = ?", (execution_id,)
+        ).fetchone()
+        request = self.request(execution_id)
+        return Job(running=(running[0], running[1]) if running else None, request=request)
+
+    def request(self, execution_id: str) -> Request | None:
+        query = "SELECT digest, partition, offset, produced_ms FROM requests WHERE execution_id = ?"
+        row = self._db().execute(query, (execution_id,)).fetchone()
+        return Request(*row) if row else None
+
+    def executions(
+        self, *, limit: int, offset: int, status: str | None, job_type: str | None
+    ) -> tuple[int, list[bytes]]:
+        """(how many match, the page's result bodies), newest first."""
+        where, args = _filters(status=status, job_type=job_type)
+        db = self._db()
+        total = db.execute(f"SELECT COUNT(*) FROM results{where}", args).fetchone()[0]
+        rows = db.execute(
+            f"SELECT body FROM results{where} ORDER BY finished_at DESC LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+        return int(total), [row[0] for row in rows]
+
+    def known(self) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def dead_letter(self, dlq_id: str) -> bytes | None:
+        row = (
+            self._db()
+            .execute("SELECT summary FROM dead_letters WHERE dlq_id = ?", (dlq_id,))
+            .fetchone()
+        )
+        return bytes(row[0]) if row else None
+
+    def dead_letters(
+        self, *, error_type: str | None, since: str | None, until: str | None, limit: int
+    ) -> tuple[int, list[bytes]]:
+        """(how many match, the oldest ``limit`` of them)."""
+        clauses, args = [], []
+        for sql, value in (
+            ("error_type = ?", error_type),
+            ("last_failure_at >= ?", since),
+            ("last_failure_at <= ?", until),
+        ):
+            if value is not None:
+                clauses.append(sql)
+                args.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        db = self._db()
+        total = db.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0]
+        rows = db.execute(
+            f"SELECT summary FROM dead_letters{where} ORDER BY last_failure_at LIMIT ?",
+            (*args, limit),
+        )
+        return int(total), [bytes(row[0]) for row in rows]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        rows = self._db().execute(
+            "SELECT error_type, COUNT(*) FROM dead_letters GROUP BY error_type ORDER BY error_type"
+        )
+        return {t: int(n) for t, n in rows}
+
+
+def _filters(**equal: str | None) -> tuple[str, tuple[str, ...]]:
+    pairs = [(column, value) for column, value in equal.items() if value is not None]
+    if not pairs:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{c} = ?" for c, _ in pairs), tuple(v for _, v in pairs)
+
+
+def _request_id(record: Record) -> str:
+    """A request's execution id, as a worker takes it: the body's, else the key, else its
+    position; the body is parsed only when it names one (a cheap check first)."""
+    if record.value is not None and b'"execution_id"' in record.value:
+        try:
+            found = usable_id(orjson.loads(record.value).get("execution_id"))
+        except (orjson.JSONDecodeError, AttributeError):
+            found = None
+        if found is not None:
+            return found
+    return usable_id(record.key) or position_id(record.topic, record.partition, record.offset)
+
+
+def sortable(moment: str | datetime) -> str:
+    """A time as text that sorts as the time does (fixed width, UTC, microseconds always)."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,68 @@
+"""The intake's seams: where requests come from, where answers go, what was answered.
+
+Kafka implements ``Source`` and ``Sink`` (``worker.stream``), the results topic ``Answers``
+(``worker.answered``); the unit tests implement all three in memory (``tests/fakes.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiokafka import TopicPartition
+
+from tako_stream.kafka.message import Headers, Incoming
+
+Revoked = Callable[[set[TopicPartition]], Awaitable[None]]
+Assigned = Callable[[set[TopicPartition]], Awaitable[None]]
+#: Whether a topic exists (``BrokerError`` when the broker cannot tell).
+TopicExists = Callable[[str], Awaitable[bool]]
+
+
+class Source(Protocol):
+    """Where requests come from: partitions this worker owns, and their committed positions."""
+
+    async def start(self, on_revoked: Revoked, on_assigned: Assigned) -> None:
+        """Start consuming; ``on_revoked`` runs before partitions are handed to another,
+        ``on_assigned`` once new ones are this worker's, before any of their records."""
+        ...
+
+    async def fetch(self, timeout: float) -> list[Incoming]:
+        """The next records ([] after ``timeout``); ``BrokerError`` when the broker fails."""
+        ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    async def commit(self, positions: dict[TopicPartition, int]) -> None:
+        """Store positions (the next offset to read); ``BrokerError`` when it failed."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+class Answers(Protocol):
+    """Which request records already have their answer on the results topic (see
+    ``worker.answered``)."""
+
+    def answered(self, execution_id: str, position: str) -> bool: ...
+
+    def has_answer(self, execution_id: str) -> bool: ...
+
+    def record(self, execution_id: str, position: str) -> None: ...
+
+    async def wait_until_current(self, timeout: float) -> bool: ...
+
+
+class Sink(Protocol):
+    """Where answers go: returns once the broker acknowledged the message."""
+
+    async def start(self) -> None: ...
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> None:
+        """``PublishRefusedError`` when the broker refuses it for good, ``BrokerError`` when
+        it did not answer."""
+        ...
+
+    async def stop(self) -> None: ...

@@ -1,0 +1,150 @@
+"""The gateway's store: topics folded into SQLite, point reads, paging, superseded states."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.models import PAYLOAD_HEADER, ErrorInfo, ExecutionResult, JobStatus
+from tako_stream.gateway.store import Store, sortable
+from tako_stream.kafka.codec import dumps
+from tests.fakes import TOPICS
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+OFFSETS: dict[tuple[str, int], int] = {}
+
+
+def record(
+    topic: str,
+    key: str | None,
+    value: bytes | None,
+    *,
+    partition: int = 0,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> Any:
+    offset = OFFSETS.get((topic, partition), 0)
+    OFFSETS[(topic, partition)] = offset + 1
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=1_700_000_000_000,
+        timestamp_type=0,
+        key=key.encode() if key is not None else None,
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=0,
+        headers=headers or [],
+    )
+
+
+def result(
+    execution_id: str, seconds: float, status: Status = Status.SUCCEEDED, **more: Any
+) -> bytes:
+    return dumps(
+        ExecutionResult(
+            execution_id=execution_id,
+            correlation_id="c",
+            status=status,
+            success=status is Status.SUCCEEDED,
+            worker_id="w",
+            finished_at=T0 + timedelta(seconds=seconds),
+            **more,
+        )
+    )
+
+
+def running(execution_id: str) -> bytes:
+    return dumps(JobStatus(execution_id=execution_id, worker_id="w1", correlation_id="c", at=T0))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    OFFSETS.clear()
+    return Store(tmp_path / "state.sqlite3", cache_mb=4)
+
+
+def test_a_job_moves_from_queued_to_running_to_done_and_never_back(store: Store) -> None:
+    store.apply([record(TOPICS.requests, "j1", b'{"code": "print(1)"}')], TOPICS)
+    job = store.job("j1")
+    assert job.request is not None and job.running is None and job.result is None
+    store.apply([record(TOPICS.status, "j1", running("j1"))], TOPICS)
+    assert store.job("j1").running == ("w1", T0.isoformat().replace("+00:00", "Z"))
+    store.apply([record(TOPICS.results, "j1", result("j1", 1))], TOPICS)
+    assert store.job("j1").result is not None and store.job("j1").running is None
+    # a late "running" (the status topic is another topic: no order with the results) is ignored
+    store.apply([record(TOPICS.status, "j1", running("j1"))], TOPICS)
+    assert store.job("j1").running is None and store.job("j1").result is not None
+
+
+def test_unknown_ids_are_unknown_and_lookups_do_not_depend_on_the_partition(store: Store) -> None:
+    store.apply([record(TOPICS.results, "far", result("far", 1), partition=7)], TOPICS)
+    assert store.job("far").result is not None
+    unknown = store.job("nope")
+    assert unknown.result is None and unknown.running is None and unknown.request is None
+
+
+def test_executions_page_newest_first_with_filters(store: Store) -> None:
+    records = []
+    for n in range(10):  # failed: multiples of 3; job type "default": odd n
+        fields: dict[str, Any] = {"job_type": "default" if n % 2 else "data-processing"}
+        status = Status.SUCCEEDED
+        if n % 3 == 0:
+            status = Status.FAILED
+            fields["error"] = ErrorInfo(type=ErrorType.DIVISION_ERROR, message="x")
+        records.append(record(TOPICS.results, f"e{n}", result(f"e{n}", n, status, **fields)))
+    store.apply(records, TOPICS)
+    total, page = store.executions(limit=3, offset=0, status=None, job_type=None)
+    assert total == 10
+    assert [orjson.loads(b)["execution_id"] for b in page] == ["e9", "e8", "e7"]
+    total, page = store.executions(limit=2, offset=1, status="failed", job_type=None)
+    assert total == 4 and [orjson.loads(b)["execution_id"] for b in page] == ["e6", "e3"]
+    total, page = store.executions(limit=10, offset=0, status="succeeded", job_type="default")
+    assert total == 3 and [orjson.loads(b)["execution_id"] for b in page] == ["e7", "e5", "e1"]
+
+
+def test_the_first_request_for_an_id_is_the_one_that_counts(store: Store) -> None:
+    first = [(PAYLOAD_HEADER, b"digest-a")]
+    second = [(PAYLOAD_HEADER, b"digest-b")]
+    store.apply(
+        [
+            record(TOPICS.requests, "k", b'{"code": "1"}', headers=first),
+            record(TOPICS.requests, "k", b'{"code": "2"}', headers=second),
+        ],
+        TOPICS,
+    )
+    request = store.request("k")
+    assert request is not None and request.digest == "digest-a" and request.offset == 0
+
+
+def test_positions_are_saved_with_the_batch(store: Store, tmp_path: Path) -> None:
+    store.apply([record(TOPICS.results, f"p{n}", result(f"p{n}", n)) for n in range(5)], TOPICS)
+    again = Store(tmp_path / "state.sqlite3", cache_mb=4)  # a restart
+    assert again.positions() == {(TOPICS.results, 0): 5}
+    assert again.known() == 5
+
+
+def test_a_tombstone_deletes_and_noise_is_skipped(store: Store) -> None:
+    store.apply(
+        [
+            record(TOPICS.results, "gone", result("gone", 1)),
+            record(TOPICS.results, "gone", None),
+            record(TOPICS.results, "junk", b"not json"),
+            record(TOPICS.results, None, result("keyless", 1)),
+        ],
+        TOPICS,
+    )
+    assert store.known() == 0
+
+
+def test_times_sort_as_times() -> None:
+    assert sortable("2026-01-01T00:00:00Z") < sortable("2026-01-01T00:00:00.5Z")
+    assert sortable("2026-01-01T00:00:00.5Z") < sortable("2026-01-01T00:00:01Z")
+    assert sortable(T0) == "2026-01-01T00:00:00.000000Z"
