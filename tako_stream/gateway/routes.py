@@ -426,6 +426,7 @@ class Routes:
                 "ready": ready,
                 "version": __version__,
                 "executions_known": await self.view.known(),
+                "records_read": self.view.records_read,
                 "dlq": await self.view.dead_letter_stats(),
             },
             200 if broker else 503,

@@ -14,6 +14,7 @@ Connections are not shared between threads: the writer has its own, each reader 
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -64,9 +65,13 @@ CREATE TABLE IF NOT EXISTS positions (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL,
+    last_record TEXT NOT NULL,
     PRIMARY KEY (topic, partition)
 );
 """
+
+#: The tables a reset empties (all of them: they are rebuilt from the topics).
+TABLES = ("results", "running", "requests", "dead_letters", "positions")
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,11 @@ class Store:
         got a result."""
         db = self._db()
         answered: list[str] = []
-        reached: dict[tuple[str, int], int] = {}
+        reached: dict[tuple[str, int], tuple[int, str]] = {}
         db.execute("BEGIN")
         try:
             for record in records:
-                reached[(record.topic, record.partition)] = record.offset + 1
+                reached[(record.topic, record.partition)] = (record.offset + 1, fingerprint(record))
                 if record.topic == topics.results:
                     if self._result(db, record):
                         answered.append(record.key.decode("utf-8", "replace") if record.key else "")
@@ -142,9 +147,8 @@ class Store:
                 elif record.topic == topics.dlq:
                     self._dead_letter(db, record)
             db.executemany(
-                "INSERT INTO positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
-                "DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-                [(t, p, o) for (t, p), o in reached.items()],
+                "INSERT OR REPLACE INTO positions VALUES (?, ?, ?, ?)",
+                [(t, p, o, last) for (t, p), (o, last) in reached.items()],
             )
             db.execute("COMMIT")
         except BaseException:
@@ -227,6 +231,22 @@ class Store:
     def positions(self) -> dict[tuple[str, int], int]:
         rows = self._db().execute("SELECT topic, partition, next_offset FROM positions")
         return {(t, p): o for t, p, o in rows}
+
+    def last_records(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """Per partition: the offset and fingerprint of the last record read."""
+        rows = self._db().execute(
+            "SELECT topic, partition, next_offset, last_record FROM positions"
+        )
+        return {(t, p): (o - 1, f) for t, p, o, f in rows}
+
+    def reset(self) -> None:
+        """Forget everything: the topics were recreated (a broker that keeps nothing on disk,
+        restarted), so the store is rebuilt from them."""
+        db = self._db()
+        db.execute("BEGIN")
+        for table in TABLES:
+            db.execute(f"DELETE FROM {table}")
+        db.execute("COMMIT")
 
     def job(self, execution_id: str) -> Job:
         db = self._db()
@@ -317,6 +337,12 @@ def _request_id(record: Record) -> str:
         if found is not None:
             return found
     return usable_id(record.key) or position_id(record.topic, record.partition, record.offset)
+
+
+def fingerprint(record: Record) -> str:
+    """What identifies a record at its offset: its timestamp and a digest of its key."""
+    key = hashlib.sha1(record.key or b"", usedforsecurity=False).hexdigest()[:16]
+    return f"{record.timestamp}:{key}"
 
 
 def sortable(moment: str | datetime) -> str:

@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
-from tako_stream.gateway.store import Job, Store
+from tako_stream.gateway.store import Job, Store, fingerprint
 from tako_stream.kafka.reader import TopicReader, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.logs import Condition
@@ -70,6 +70,9 @@ class ClusterView:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tako-store-writer")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="tako-store-reader")
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Records read from the topics since this process started (a restart reads only the
+        #: new ones).
+        self.records_read = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -107,26 +110,44 @@ class ClusterView:
 
     async def _follow(
         self, failing: Condition, ends: dict[TopicPartition, int] | None
-    ) -> dict[TopicPartition, int]:
+    ) -> dict[TopicPartition, int] | None:
+        """Read until a fault (raised) or a reset (None: start over, readiness anew)."""
         s = self.settings
         topics = (s.results_topic, s.status_topic, s.requests_topic, s.dlq_topic)
         tps = [tp for topic in topics for tp in await partitions(s, topic, wait=5)]
         if not tps:
             raise LookupError("the service's topics do not exist yet")
-        stored = await self._write(self.store.positions)
+        last = await self._write(self.store.last_records)
         async with TopicReader(s, s.results_topic, only=tps) as reader:
             failing.right()
-            await reader.from_offsets({tp: stored.get((tp.topic, tp.partition), 0) for tp in tps})
+            now = await reader.end_offsets()
+            if any(now.get(TopicPartition(*key), 0) == 0 for key in last):
+                await self._reset("a topic the store had read is empty now")
+                last, ends = {}, None
+            # Each partition again from its last record read, to check it is still there.
+            checks = {TopicPartition(*key): seen for key, seen in last.items()}
+            await reader.from_offsets({tp: checks[tp][0] if tp in checks else 0 for tp in tps})
             if ends is None:  # readiness: the end offsets seen at the first start
-                ends = await reader.end_offsets()
+                ends = now
             while True:
                 if not self.ready.is_set() and await reader.reached(ends):
                     log.info("the store has caught up with the topics: ready")
                     self.ready.set()
                 records = await reader.fetch(timeout=1.0)
+                for record in records:
+                    check = checks.pop(TopicPartition(record.topic, record.partition), None)
+                    if check is not None and check != (record.offset, fingerprint(record)):
+                        await self._reset(f"{record.topic}[{record.partition}] was recreated")
+                        return None
                 if records:
                     answered = await self._write(self.store.apply, records, s.topics)
+                    self.records_read += len(records)
                     self._wake(answered)
+
+    async def _reset(self, why: str) -> None:
+        log.warning("the gateway's store is out of date (%s): reading the topics again", why)
+        self.ready.clear()
+        await self._write(self.store.reset)
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)

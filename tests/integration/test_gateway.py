@@ -73,6 +73,7 @@ async def gw(
         "TAKO_GATEWAY_PORT": str(port),
         "TAKO_GATEWAY_HOST": "127.0.0.1",
         "TAKO_WORKER_ID": f"gateway-{stack.tag}",
+        "TAKO_GATEWAY_STATE_DIR": str(workdir / "gateway-state"),
     }
     log = workdir / "gateway.log"
     proc = start_gateway(env, log)

@@ -1,0 +1,250 @@
+"""The gateway's store against the real broker: it resumes, it gates, it finds, it agrees.
+
+Results and statuses are produced straight to the topics here (as workers would), so the
+tests control exactly what the store has to read; jobs run by a real worker where it matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tako_stream.core.errors import Status
+from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult, JobStatus
+from tako_stream.kafka.clients import producer_options
+from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.topics import ensure_topics
+from tests.integration.stack import Stack, free_port
+
+pytestmark = [pytest.mark.integration]
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Gateway:
+    def __init__(self, stack: Stack, state_dir: Path, name: str) -> None:
+        self.stack = stack
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = stack.workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **env: str) -> None:
+        child = {
+            **os.environ,
+            **{f"TAKO_{k.upper()}": str(v) for k, v in self.stack.env_settings().items()},
+            "TAKO_GATEWAY_PORT": str(self.port),
+            "TAKO_GATEWAY_HOST": "127.0.0.1",
+            "TAKO_GATEWAY_STATE_DIR": str(self.state_dir),
+            **env,
+        }
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tako_stream", "gateway"],
+                env=child,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method, self.url + path, timeout=aiohttp.ClientTimeout(total=120), **kw
+            ) as resp,
+        ):
+            return resp.status, await resp.json()
+
+    async def up(self) -> None:
+        """Until it answers at all (not necessarily ready)."""
+        for _ in range(240):
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            try:
+                await self.call("GET", "/health")
+                return
+            except (aiohttp.ClientError, OSError):
+                await asyncio.sleep(0.25)
+        raise AssertionError(f"gateway not up:\n{self.log.read_text()}")
+
+    async def ready(self) -> dict[str, Any]:
+        for _ in range(600):
+            _, health = await self.call("GET", "/health")
+            if health.get("ready"):
+                return dict(health)
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"gateway not ready:\n{self.log.read_text()}")
+
+
+@contextmanager
+def gateways(stack: Stack, *names: str) -> Iterator[list[Gateway]]:
+    started = [Gateway(stack, stack.workdir / f"{name}-state", name) for name in names]
+    try:
+        yield started
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+def result(execution_id: str, seconds: float) -> bytes:
+    return dumps(
+        ExecutionResult(
+            execution_id=execution_id,
+            correlation_id="c",
+            status=Status.SUCCEEDED,
+            success=True,
+            stdout=f"{execution_id}\n",
+            worker_id="test",
+            finished_at=T0 + timedelta(seconds=seconds),
+        )
+    )
+
+
+@asynccontextmanager
+async def producer(stack: Stack) -> AsyncIterator[AIOKafkaProducer]:
+    await ensure_topics(stack.settings)
+    async with AIOKafkaProducer(**producer_options(stack.settings)) as kafka:
+        yield kafka
+
+
+async def produce_results(stack: Stack, ids: list[str], first: int = 0) -> None:
+    async with producer(stack) as kafka:
+        sent = [
+            await kafka.send(stack.settings.results_topic, result(i, first + n), key=i.encode())
+            for n, i in enumerate(ids)
+        ]
+        for future in sent:
+            await future
+
+
+async def test_a_restart_resumes_from_the_stored_positions(new_stack: Stack) -> None:
+    first = [f"r{n}-{new_stack.tag}" for n in range(300)]
+    await produce_results(new_stack, first)
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        health = await gateway.ready()
+        assert health["executions_known"] == 300 and health["records_read"] >= 300
+        gateway.stop()
+        later = [f"s{n}-{new_stack.tag}" for n in range(20)]
+        await produce_results(new_stack, later, first=1000)
+        gateway.start()
+        await gateway.up()
+        health = await gateway.ready()
+        assert health["executions_known"] == 320
+        # Only what is new (and the last record of each partition, read again to check that
+        # the topic is the one the store knows) was read.
+        assert health["records_read"] <= 20 + new_stack.settings.topic_partitions * 4, health
+        status, job = await gateway.call("GET", f"/jobs/{first[0]}")
+        assert status == 200 and job["status"] == "succeeded" and job["stdout"] == f"{first[0]}\n"
+        status, page = await gateway.call("GET", "/executions?limit=3")
+        assert [item["execution_id"] for item in page["items"]] == later[::-1][:3]
+
+
+async def test_requests_before_catch_up_never_get_a_wrong_404(new_stack: Stack) -> None:
+    ids = [f"c{n}-{new_stack.tag}" for n in range(20_000)]
+    await produce_results(new_stack, ids)
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start(TAKO_GATEWAY_READY_WAIT="0")
+        await gateway.up()
+        seen = []
+        for _ in range(2000):
+            status, _ = await gateway.call("GET", f"/jobs/{ids[-1]}")
+            seen.append(status)
+            if status == 200:
+                break
+        assert seen[-1] == 200 and set(seen) <= {200, 503}, seen
+        status, _ = await gateway.call("GET", "/ready")
+        assert status == 200
+
+
+async def test_jobs_are_found_whatever_partition_the_producer_chose(new_stack: Stack) -> None:
+    """A librdkafka client hashes keys with CRC32, not murmur2: the record lands elsewhere
+    than aiokafka would put it, and is still found (point reads do not guess partitions)."""
+    worker = new_stack.start_worker()
+    await worker.wait_ready()
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        await gateway.ready()
+        execution_id = f"crc-{new_stack.tag}"
+        async with producer(new_stack) as kafka:
+            await kafka.send_and_wait(
+                new_stack.settings.requests_topic,
+                dumps({"execution_id": execution_id, "code": "print('anywhere')"}),
+                key=execution_id.encode(),
+                partition=3,  # wherever CRC32 would put it; not where murmur2 does
+                headers=[(CORRELATION_HEADER, b"crc")],
+            )
+        status, record = await gateway.call(
+            "GET", f"/jobs/{execution_id}/result?wait=true&timeout=120"
+        )
+        assert status == 200 and record["stdout"] == "anywhere\n", record
+
+
+async def test_a_finished_job_never_reads_running(new_stack: Stack) -> None:
+    execution_id = f"late-{new_stack.tag}"
+    status = dumps(JobStatus(execution_id=execution_id, worker_id="w", correlation_id="c", at=T0))
+    async with producer(new_stack) as kafka:
+        await kafka.send_and_wait(
+            new_stack.settings.status_topic, status, key=execution_id.encode()
+        )
+    await produce_results(new_stack, [execution_id])
+    async with producer(new_stack) as kafka:  # a late "running", as a re-run would announce
+        await kafka.send_and_wait(
+            new_stack.settings.status_topic, status, key=execution_id.encode()
+        )
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        await gateway.ready()
+        code, job = await gateway.call("GET", f"/jobs/{execution_id}")
+        assert code == 200 and job["status"] == "succeeded", job
+
+
+async def test_racing_idempotent_submits_give_one_job_and_one_409(new_stack: Stack) -> None:
+    worker = new_stack.start_worker()
+    await worker.wait_ready()
+    with gateways(new_stack, "a", "b") as (a, b):
+        for gateway in (a, b):
+            gateway.start()
+            await gateway.up()
+            await gateway.ready()
+        key = f"order-{new_stack.tag}"
+        answers = await asyncio.gather(
+            a.call("POST", "/execute/async", json={"code": "print('a')", "idempotency_key": key}),
+            b.call("POST", "/execute/async", json={"code": "print('b')", "idempotency_key": key}),
+        )
+        codes = sorted(code for code, _ in answers)
+        assert codes in ([202, 409], [200, 409]), answers
+        (winner,) = [body for code, body in answers if code != 409]
+        code, record = await a.call("GET", f"/jobs/{winner['job_id']}/result?wait=true&timeout=120")
+        assert code == 200 and record["success"]
+        await asyncio.sleep(3)  # a second run would be answered by now
+        # Both gateways agree on the one answer.
+        for gateway in (a, b):
+            code, page = await gateway.call("GET", "/executions?limit=10")
+            assert [i["execution_id"] for i in page["items"]].count(winner["job_id"]) == 1
+            code, job = await gateway.call("GET", f"/jobs/{winner['job_id']}")
+            assert job["stdout"] == record["stdout"]
