@@ -280,7 +280,7 @@ class Routes:
         execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
         if body.execution_id not in (None, execution_id):
             return error_response(request, 422, "execution_id cannot be given with idempotency_key")
-        known = (await self.view.job(execution_id)).request
+        known = await self.view.request(execution_id)
         if known is None:
             # Every gateway derives the same id from the key, so all their submits of one key
             # land in one partition: the first there is the job (workers skip the others), and
@@ -289,7 +289,7 @@ class Routes:
             _, landed = await self._produce(request, body, [(PAYLOAD_HEADER, digest.encode())])
             tp = TopicPartition(landed.topic, landed.partition)
             await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
-            known = (await self.view.job(execution_id)).request
+            known = await self.view.request(execution_id)
             if known is not None and (known.partition, known.offset) == (
                 tp.partition,
                 landed.offset,

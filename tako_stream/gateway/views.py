@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
-from tako_stream.gateway.store import Job, Store, fingerprint
+from tako_stream.gateway.store import Job, Request, Store, fingerprint
 from tako_stream.kafka.reader import TopicReader, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.logs import Condition
@@ -176,6 +176,11 @@ class ClusterView:
     async def job(self, execution_id: str) -> Job:
         await self.until_ready(self.settings.gateway_ready_wait)
         return await self._read(self.store.job, execution_id)
+
+    async def request(self, execution_id: str) -> Request | None:
+        """The first request record for ``execution_id`` (the job's, for an idempotency key)."""
+        await self.until_ready(self.settings.gateway_ready_wait)
+        return await self._read(self.store.request, execution_id)
 
     async def find(self, execution_id: str) -> tuple[State, ExecutionResult | None, Job]:
         """("done", result), ("running" | "queued", None) or ("unknown", None), and the row."""
