@@ -251,6 +251,13 @@ class Routes:
         )
         return str(fields["execution_id"]), landed
 
+    async def _read_back(self, landed: RecordMetadata) -> None:
+        """Until this gateway's store has read a record it produced, so what it answers next
+        (``GET /jobs/{id}`` right after a 202, say) knows of it; bounded."""
+        tp = TopicPartition(landed.topic, landed.partition)
+        with contextlib.suppress(TimeoutError):
+            await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
+
     async def execute(self, request: web.Request) -> web.StreamResponse:
         """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
         parsed = await self._body(request, ExecutionRequest)
@@ -274,7 +281,8 @@ class Routes:
         if not isinstance(body, AsyncExecuteBody):
             raise TypeError("execute_async validates an AsyncExecuteBody")
         if body.idempotency_key is None:
-            execution_id, _ = await self._produce(request, body, [])
+            execution_id, landed = await self._produce(request, body, [])
+            await self._read_back(landed)
             return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
         digest = payload_digest(raw)
         execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
@@ -287,13 +295,10 @@ class Routes:
             # this gateway reads back which one that was.
             body = body.model_copy(update={"execution_id": execution_id})
             _, landed = await self._produce(request, body, [(PAYLOAD_HEADER, digest.encode())])
-            tp = TopicPartition(landed.topic, landed.partition)
-            await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
+            await self._read_back(landed)
             known = await self.view.request(execution_id)
-            if known is not None and (known.partition, known.offset) == (
-                tp.partition,
-                landed.offset,
-            ):
+            ours = (landed.partition, landed.offset)
+            if known is not None and (known.partition, known.offset) == ours:
                 return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
         if known is None or known.digest != digest:
             return error_response(request, 409, "idempotency_key was used with another payload")
@@ -470,9 +475,7 @@ class Routes:
             headers=dlq.tombstone_headers(record),
             topic=self.settings.dlq_topic,
         )
-        tp = TopicPartition(landed.topic, landed.partition)
-        with contextlib.suppress(TimeoutError):  # read back, so a GET now agrees
-            await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
+        await self._read_back(landed)  # so a GET now agrees
         return json_response({"deleted": dlq_id})
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
