@@ -14,7 +14,8 @@ from aiohttp import web
 
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.gateway import openapi
-from tako_stream.gateway.routes import ROUTES, Handler, Routes, error_response
+from tako_stream.gateway.api import ROUTES
+from tako_stream.gateway.routes import Handler, Routes, error_response
 from tako_stream.gateway.views import ClusterView, NotReady
 from tako_stream.kafka.codec import new_id
 from tako_stream.logs import configure, job_context

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from tako_stream import __version__
-from tako_stream.gateway.routes import ROUTES, Route
+from tako_stream.gateway.api import ROUTES, Route
 
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 

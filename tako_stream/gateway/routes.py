@@ -1,8 +1,4 @@
-"""The gateway's routes: Tako VM's REST API over Kafka, declared once in ``ROUTES``.
-
-``ROUTES`` is what the aiohttp application registers and what the OpenAPI document is generated
-from, so the two cannot drift apart.
-"""
+"""The gateway's handlers: Tako VM's REST API over Kafka (the routes are in ``api``)."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,14 +24,11 @@ from tako_stream.core.models import (
     CancelRequest,
     DLQRecord,
     ExecutionRequest,
-    ExecutionResult,
-    JobType,
 )
+from tako_stream.gateway.api import Route
 from tako_stream.gateway.shapes import (
     AsyncExecuteBody,
-    ErrorBody,
     JobAccepted,
-    SyncResponse,
     job_record,
     payload_digest,
     sync_response,
@@ -53,128 +45,6 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: A response's description and body model (None: any JSON object).
-Response = tuple[str, type[BaseModel] | None]
-ERROR: Response = ("Error: {detail, correlation_id}", ErrorBody)
-ANY: Response = ("A JSON object", None)
-
-
-@dataclass(frozen=True)
-class Route:
-    """One operation: where it is, which ``Routes`` method serves it, and what it answers."""
-
-    method: str
-    path: str
-    handler: str
-    summary: str
-    responses: dict[int, Response]
-    body: type[BaseModel] | None = None
-    #: Query parameters: name and JSON type.
-    query: tuple[tuple[str, str], ...] = ()
-    documented: bool = True
-
-
-_WAIT = (("wait", "boolean"), ("timeout", "number"))
-
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "POST",
-        "/execute",
-        "execute",
-        "Run code and wait for its result",
-        {200: ("Finished (successfully or not)", SyncResponse), 422: ERROR, 504: ERROR},
-        body=ExecutionRequest,
-    ),
-    Route(
-        "POST",
-        "/execute/async",
-        "execute_async",
-        "Queue code; idempotent with idempotency_key",
-        {
-            202: ("Queued", JobAccepted),
-            200: ("Known idempotency key", JobAccepted),
-            409: ERROR,
-            422: ERROR,
-        },
-        body=AsyncExecuteBody,
-    ),
-    Route(
-        "GET",
-        "/jobs/{id}",
-        "job",
-        "A job's status, with its result once finished",
-        {200: ("The job", None), 404: ERROR},
-    ),
-    Route(
-        "GET",
-        "/jobs/{id}/result",
-        "job_result",
-        "A job's result; wait=true&timeout=N waits for it",
-        {200: ("Finished", ExecutionResult), 202: ("Not finished yet", None), 404: ERROR},
-        query=_WAIT,
-    ),
-    Route(
-        "POST",
-        "/jobs/{id}/cancel",
-        "cancel",
-        "Cancel a queued or running job; wait=true&timeout=N waits for it",
-        {
-            202: ("Cancel requested", None),
-            200: ("Ended (with wait=true)", ExecutionResult),
-            404: ERROR,
-            409: ("Already finished: {detail, correlation_id}", ErrorBody),
-        },
-        query=_WAIT,
-    ),
-    Route(
-        "GET",
-        "/executions",
-        "executions",
-        "Finished executions, newest first",
-        {200: ("A page", None), 422: ERROR},
-        query=(
-            ("limit", "integer"),
-            ("offset", "integer"),
-            ("status", "string"),
-            ("job_type", "string"),
-        ),
-    ),
-    Route(
-        "GET",
-        "/executions/{id}",
-        "execution",
-        "One finished execution",
-        {200: ("It", ExecutionResult), 404: ERROR},
-    ),
-    Route("GET", "/job-types", "list_job_types", "Job types", {200: ANY}),
-    Route(
-        "GET",
-        "/job-types/{name}",
-        "get_job_type",
-        "One job type",
-        {200: ("It", JobType), 404: ERROR},
-    ),
-    Route("GET", "/health", "health", "Gateway health", {200: ANY}),
-    Route(
-        "GET",
-        "/ready",
-        "ready",
-        "Readiness: 200 once the gateway's store has caught up with the topics",
-        {200: ANY, 503: ANY},
-    ),
-    Route("GET", "/dlq", "dlq_list", "DLQ entries", {200: ANY}),
-    Route("GET", "/dlq/stats", "dlq_stats", "DLQ totals by error type", {200: ANY}),
-    Route("GET", "/dlq/{id}", "dlq_get", "One DLQ entry", {200: ("It", DLQRecord), 404: ERROR}),
-    Route(
-        "DELETE",
-        "/dlq/{id}",
-        "dlq_delete",
-        "Delete a DLQ entry (a tombstone on the DLQ topic)",
-        {200: ANY, 404: ERROR},
-    ),
-    Route("GET", "/openapi.json", "openapi", "This document", {200: ANY}, documented=False),
-    Route("GET", "/metrics", "serve_metrics", "Prometheus metrics", {200: ANY}, documented=False),
-)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
