@@ -88,6 +88,7 @@ class Gateway:
             {(): BREAKER_VALUES[state.state]},
             [],
         )
+        yield gauge("tako_dlq_size", "Entries in the DLQ topic now.", {(): self.view.dlq_size}, [])
         yield gauge(
             "tako_gateway_ready",
             "1 once the gateway's store has caught up with the topics.",

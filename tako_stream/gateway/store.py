@@ -228,10 +228,6 @@ class Store:
 
     # -- reading (any thread) -----------------------------------------------------------------
 
-    def positions(self) -> dict[tuple[str, int], int]:
-        rows = self._db().execute("SELECT topic, partition, next_offset FROM positions")
-        return {(t, p): o for t, p, o in rows}
-
     def last_records(self) -> dict[tuple[str, int], tuple[int, str]]:
         """Per partition: the offset and fingerprint of the last record read."""
         rows = self._db().execute(
@@ -311,6 +307,10 @@ class Store:
             (*args, limit),
         )
         return int(total), [bytes(row[0]) for row in rows]
+
+    def dead_letter_total(self) -> int:
+        (count,) = self._db().execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        return int(count)
 
     def dead_letter_counts(self) -> dict[str, int]:
         rows = self._db().execute(

@@ -73,6 +73,17 @@ class ClusterView:
         #: Records read from the topics since this process started (a restart reads only the
         #: new ones).
         self.records_read = 0
+        #: Entries in the DLQ, counted after each batch that touched it (the gauge cannot wait).
+        self.dlq_size = 0
+        #: Per partition, the next offset whose record is not in the store yet: what a catch-up
+        #: round compares with the end offsets (the reader's own position runs ahead of it while
+        #: a fetched batch is being written).
+        self._applied: dict[TopicPartition, int] = {}
+        self._reader: TopicReader | None = None
+        self._advanced = asyncio.Event()  # set (and replaced) each time ``_applied`` moves
+        self._rounds = asyncio.Lock()
+        self._rounds_started = 0
+        self._rounds_done = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -129,20 +140,43 @@ class ClusterView:
             await reader.from_offsets({tp: checks[tp][0] if tp in checks else 0 for tp in tps})
             if ends is None:  # readiness: the end offsets seen at the first start
                 ends = now
-            while True:
-                if not self.ready.is_set() and await reader.reached(ends):
-                    log.info("the store has caught up with the topics: ready")
-                    self.ready.set()
-                records = await reader.fetch(timeout=1.0)
-                for record in records:
-                    check = checks.pop(TopicPartition(record.topic, record.partition), None)
-                    if check is not None and check != (record.offset, fingerprint(record)):
-                        await self._reset(f"{record.topic}[{record.partition}] was recreated")
-                        return None
-                if records:
-                    answered = await self._write(self.store.apply, records, s.topics)
-                    self.records_read += len(records)
-                    self._wake(answered)
+            self.dlq_size = await self._write(self.store.dead_letter_total)
+            self._reader = reader
+            try:
+                await self._read_on(reader, tps, checks, ends)
+            finally:
+                self._reader = None
+            return None
+
+    async def _read_on(
+        self,
+        reader: TopicReader,
+        tps: list[TopicPartition],
+        checks: dict[TopicPartition, tuple[int, str]],
+        ends: dict[TopicPartition, int],
+    ) -> None:
+        """Apply batch after batch; return on a reset (the topics were recreated)."""
+        s = self.settings
+        while True:
+            if not self.ready.is_set() and await reader.reached(ends):
+                log.info("the store has caught up with the topics: ready")
+                self.ready.set()
+            records = await reader.fetch(timeout=1.0)
+            for record in records:
+                check = checks.pop(TopicPartition(record.topic, record.partition), None)
+                if check is not None and check != (record.offset, fingerprint(record)):
+                    await self._reset(f"{record.topic}[{record.partition}] was recreated")
+                    return None
+            if records:
+                answered = await self._write(self.store.apply, records, s.topics)
+                self.records_read += len(records)
+                if any(record.topic == s.dlq_topic for record in records):
+                    self.dlq_size = await self._write(self.store.dead_letter_total)
+                self._wake(answered)
+            # Everything fetched so far is written: the reader's positions are applied ones.
+            self._applied = {tp: await reader.position(tp) for tp in tps}
+            self._advanced.set()
+            self._advanced = asyncio.Event()
 
     async def _reset(self, why: str) -> None:
         log.warning("the gateway's store is out of date (%s): reading the topics again", why)
@@ -182,9 +216,42 @@ class ClusterView:
         await self.until_ready(self.settings.gateway_ready_wait)
         return await self._read(self.store.request, execution_id)
 
+    async def caught_up(self, timeout: float) -> None:
+        """Until the store holds every record on the topics as of this call (one produced by
+        anyone before it, say); ``NotReady`` after ``timeout``.
+
+        Callers share rounds, as in a group commit: each round asks the broker for the end
+        offsets once, and a caller waits for the first round that started after it came, so
+        any number of concurrent callers cost at most two rounds and one request per round.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                wanted = self._rounds_started + 1
+                async with self._rounds:
+                    if self._rounds_done >= wanted:
+                        return
+                    self._rounds_started += 1
+                    round_ = self._rounds_started
+                    reader = self._reader
+                    if reader is None:
+                        raise NotReady("the gateway is not reading the topics now")
+                    ends = await reader.end_offsets()
+                    while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
+                        await self._advanced.wait()
+                    self._rounds_done = round_
+        except TimeoutError:
+            raise NotReady("the gateway's store is behind the topics") from None
+
     async def find(self, execution_id: str) -> tuple[State, ExecutionResult | None, Job]:
-        """("done", result), ("running" | "queued", None) or ("unknown", None), and the row."""
+        """("done", result), ("running" | "queued", None) or ("unknown", None), and the row.
+
+        An id the store does not know is looked up again once the store holds everything on
+        the topics now: a job produced a moment ago by another client is not a wrong 404.
+        """
         job = await self.job(execution_id)
+        if job.result is None and job.running is None and job.request is None:
+            await self.caught_up(self.settings.gateway_ready_wait)
+            job = await self._read(self.store.job, execution_id)
         if job.result is not None:
             return "done", ExecutionResult.model_validate_json(job.result), job
         if job.running is not None:
@@ -252,11 +319,8 @@ class ClusterView:
     async def wait_for_position(self, tp: TopicPartition, offset: int, timeout: float) -> None:
         """Until the store has read ``tp`` past ``offset`` (a record this gateway produced)."""
         async with asyncio.timeout(timeout):
-            while True:
-                positions = await self._read(self.store.positions)
-                if positions.get((tp.topic, tp.partition), 0) > offset:
-                    return
-                await asyncio.sleep(0.02)
+            while self._applied.get(tp, 0) <= offset:
+                await self._advanced.wait()
 
     # -- the rest -------------------------------------------------------------------------------
 
