@@ -228,6 +228,11 @@ class Store:
 
     # -- reading (any thread) -----------------------------------------------------------------
 
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Per partition, the next offset to read (saved with the batch that reached it)."""
+        rows = self._db().execute("SELECT topic, partition, next_offset FROM positions")
+        return {(t, p): o for t, p, o in rows}
+
     def last_records(self) -> dict[tuple[str, int], tuple[int, str]]:
         """Per partition: the offset and fingerprint of the last record read."""
         rows = self._db().execute(
