@@ -27,7 +27,7 @@ from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
 from tako_stream.gateway.store import Job, Request, Store, fingerprint
-from tako_stream.kafka.reader import TopicReader, tail
+from tako_stream.kafka.reader import EndOffsets, TopicReader, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
@@ -79,11 +79,14 @@ class ClusterView:
         #: round compares with the end offsets (the reader's own position runs ahead of it while
         #: a fetched batch is being written).
         self._applied: dict[TopicPartition, int] = {}
-        self._reader: TopicReader | None = None
+        #: The partitions being read into the store, while they are (None otherwise).
+        self._reading: list[TopicPartition] | None = None
+        self._end_offsets = EndOffsets(settings)
         self._advanced = asyncio.Event()  # set (and replaced) each time ``_applied`` moves
-        self._rounds = asyncio.Lock()
-        self._rounds_started = 0
-        self._rounds_done = 0
+        #: The catch-up round still taking callers (its question to the broker not asked yet).
+        self._open_round: asyncio.Future[Exception | None] | None = None
+        self._round_tasks: set[asyncio.Task[None]] = set()
+        self._asking = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -96,11 +99,12 @@ class ClusterView:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._round_tasks]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.producer.__aexit__()
+        await self._end_offsets.stop()
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.close)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
@@ -141,11 +145,11 @@ class ClusterView:
             if ends is None:  # readiness: the end offsets seen at the first start
                 ends = now
             self.dlq_size = await self._write(self.store.dead_letter_total)
-            self._reader = reader
+            self._reading = tps
             try:
                 await self._read_on(reader, tps, checks, ends)
             finally:
-                self._reader = None
+                self._reading = None
             return None
 
     async def _read_on(
@@ -220,27 +224,46 @@ class ClusterView:
         """Until the store holds every record on the topics as of this call (one produced by
         anyone before it, say); ``NotReady`` after ``timeout``.
 
-        Callers share rounds, as in a group commit: each round asks the broker for the end
-        offsets once, and a caller waits for the first round that started after it came, so
-        any number of concurrent callers cost at most two rounds and one request per round.
+        Callers share rounds, as in a group commit: one question about the end offsets is in
+        flight at a time, and the callers that come meanwhile form the next round, asked as soon
+        as the current one is answered.  Every caller's round is asked after it came, and any
+        number of concurrent callers cost at most two questions' time (the embedded broker
+        takes longer to answer the more records it holds; parallel questions only queue).
         """
+        round_ = self._open_round
+        if round_ is None:
+            round_ = self._open_round = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._catch_up_round(round_, timeout))
+            self._round_tasks.add(task)
+            task.add_done_callback(self._round_tasks.discard)
         try:
             async with asyncio.timeout(timeout):
-                wanted = self._rounds_started + 1
-                async with self._rounds:
-                    if self._rounds_done >= wanted:
-                        return
-                    self._rounds_started += 1
-                    round_ = self._rounds_started
-                    reader = self._reader
-                    if reader is None:
-                        raise NotReady("the gateway is not reading the topics now")
-                    ends = await reader.end_offsets()
-                    while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
-                        await self._advanced.wait()
-                    self._rounds_done = round_
+                failed = await asyncio.shield(round_)
         except TimeoutError:
             raise NotReady("the gateway's store is behind the topics") from None
+        if failed is not None:
+            raise NotReady(f"the gateway cannot tell where the topics end now ({failed})")
+
+    async def _catch_up_round(self, done: asyncio.Future[Exception | None], timeout: float) -> None:
+        """One round: its outcome is handed over as a value, so no exception goes unread."""
+        outcome: Exception | None = RuntimeError("the gateway is stopping")
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._asking:  # the previous round's question answered
+                    self._open_round = None  # from here on, newcomers need a later round
+                    if self._reading is None:
+                        raise LookupError("the topics are not being read now")
+                    ends = await self._end_offsets(self._reading)
+                while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
+                    await self._advanced.wait()
+            outcome = None
+        except (TimeoutError, KafkaError, LookupError, OSError) as exc:
+            outcome = exc
+        finally:
+            if self._open_round is done:
+                self._open_round = None
+            if not done.done():
+                done.set_result(outcome)
 
     async def find(self, execution_id: str) -> tuple[State, ExecutionResult | None, Job]:
         """("done", result), ("running" | "queued", None) or ("unknown", None), and the row.

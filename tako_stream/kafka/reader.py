@@ -141,6 +141,41 @@ class TopicReader:
                 each(record)
 
 
+class EndOffsets:
+    """Asks the broker where partitions end, on a connection of its own.
+
+    A broker answers the requests of one connection in order, so on a reader's connection this
+    question would wait behind the reader's long-polling fetch (its whole ``fetch_max_wait``).
+    This consumer is assigned nothing and so never fetches; it connects on first use and again
+    after a fault.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __call__(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._consumer is None:
+            started = consumer(self.settings)
+            try:
+                await started.start()
+            except BaseException:
+                await started.stop()
+                raise
+            self._consumer = started
+        try:
+            offsets: dict[TopicPartition, int] = await self._consumer.end_offsets(tps)
+        except (KafkaError, OSError):
+            await self.stop()
+            raise
+        return offsets
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            consumer_, self._consumer = self._consumer, None
+            await consumer_.stop()
+
+
 async def tail(
     settings: Settings, topic: str, apply: Apply, caught_up: asyncio.Event | None = None
 ) -> None:
