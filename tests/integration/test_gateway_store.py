@@ -107,7 +107,7 @@ def gateways(stack: Stack, *names: str) -> Iterator[list[Gateway]]:
             gateway.stop()
 
 
-def result(execution_id: str, seconds: float) -> bytes:
+def result(execution_id: str, seconds: float, pad: int = 0) -> bytes:
     return dumps(
         ExecutionResult(
             execution_id=execution_id,
@@ -115,6 +115,7 @@ def result(execution_id: str, seconds: float) -> bytes:
             status=Status.SUCCEEDED,
             success=True,
             stdout=f"{execution_id}\n",
+            output={"pad": "x" * pad} if pad else None,
             worker_id="test",
             finished_at=T0 + timedelta(seconds=seconds),
         )
@@ -128,10 +129,12 @@ async def producer(stack: Stack) -> AsyncIterator[AIOKafkaProducer]:
         yield kafka
 
 
-async def produce_results(stack: Stack, ids: list[str], first: int = 0) -> None:
+async def produce_results(stack: Stack, ids: list[str], first: int = 0, pad: int = 0) -> None:
     async with producer(stack) as kafka:
         sent = [
-            await kafka.send(stack.settings.results_topic, result(i, first + n), key=i.encode())
+            await kafka.send(
+                stack.settings.results_topic, result(i, first + n, pad), key=i.encode()
+            )
             for n, i in enumerate(ids)
         ]
         for future in sent:
@@ -248,3 +251,17 @@ async def test_racing_idempotent_submits_give_one_job_and_one_409(new_stack: Sta
             assert [i["execution_id"] for i in page["items"]].count(winner["job_id"]) == 1
             code, job = await gateway.call("GET", f"/jobs/{winner['job_id']}")
             assert job["stdout"] == record["stdout"]
+
+
+async def test_every_result_is_served_whatever_the_cache_holds(new_stack: Stack) -> None:
+    """The store's page cache is bounded (4 MB here, against 20 MB of results): results that
+    no cache holds any more are read from the store, never answered 404."""
+    ids = [f"e{n}-{new_stack.tag}" for n in range(10_000)]
+    await produce_results(new_stack, ids, pad=2000)
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start(TAKO_GATEWAY_CACHE_MB="4")
+        await gateway.up()
+        await gateway.ready()
+        for execution_id in [*ids[::97], ids[0], ids[-1]]:
+            status, job = await gateway.call("GET", f"/jobs/{execution_id}")
+            assert status == 200 and job["stdout"] == f"{execution_id}\n", (execution_id, job)
