@@ -2,7 +2,11 @@
 against a `docker run --rm` baseline measured in the same run.  Prints figures and ratios and
 writes them as JSON.  Timings are reported, never asserted.
 
-    scripts/bench [--quick] [--out FILE] [--concurrency N]
+    scripts/bench [--quick] [--out FILE] [--concurrency N] [--gvisor | --no-gvisor]
+
+Besides the `docker run` baseline, the engine's own churn ceiling (``bench_engine``): hardened
+one-shot containers through the Engine API, as many at a time as our workers run.  With gVisor
+registered (and by default outside --quick), the same series for a job type under ``runsc``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
+from bench_engine import (  # noqa: E402
+    GVISOR,
+    churn_ceiling,
+    gvisor_job_types,
+    runtime_available,
+)
 
 from tako_stream.client import Producer, ResultReader  # noqa: E402
 from tako_stream.core.models import ExecutionResult  # noqa: E402
@@ -62,8 +72,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def latency(stack: Stack, count: int) -> list[float]:
-    """Produce one trivial job at a time; seconds from produce to result consumed."""
+async def latency(stack: Stack, count: int, gap: float = GAP) -> list[float]:
+    """Produce one trivial job at a time, ``gap`` seconds after the last answer (0: back to
+    back, as a client waiting for each answer does); seconds from produce to result consumed."""
     settings = stack.settings
     times: list[float] = []
     async with ResultReader(settings) as reader, Producer(settings) as producer:
@@ -75,7 +86,7 @@ async def latency(stack: Stack, count: int) -> list[float]:
             if execution_id not in found or not found[execution_id].success:
                 raise RuntimeError(f"benchmark job failed: {found.get(execution_id)}")
             times.append(time.perf_counter() - started)
-            await asyncio.sleep(GAP)
+            await asyncio.sleep(gap)
     return times
 
 
@@ -149,7 +160,16 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds of each, for CI")
     parser.add_argument("--out", default="bench-results.json")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--gvisor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the gVisor series (default: outside --quick, when runsc is registered)",
+    )
     args = parser.parse_args()
+    gvisor = runtime_available(GVISOR) and (
+        args.gvisor if args.gvisor is not None else not args.quick
+    )
     n_latency, n_burst, n_kafka = (10, 16, 300) if args.quick else (50, 200, 5000)
     conc = args.concurrency
 
@@ -173,10 +193,23 @@ async def main() -> int:
         quiet = {"TAKO_LOG_LEVEL": "WARNING", "TAKO_POOL_SIZE": pool}
         warm_worker = warm.start_worker("bench-warm", TAKO_WARM_POOL_SIZE=pool, **quiet)
         cold_worker = cold.start_worker("bench-cold", TAKO_WARM_POOL_SIZE="0", **quiet)
+        workers = [warm_worker, cold_worker]
+        gv: Stack | None = None
+        if gvisor:
+            gv = Stack(bootstrap=bootstrap, workdir=workdir, mode="warm")
+            stacks.append(gv)
+            workers.append(
+                gv.start_worker(
+                    "bench-gvisor",
+                    TAKO_WARM_POOL_SIZE=pool,
+                    TAKO_JOB_TYPES_FILE=str(gvisor_job_types()),
+                    **quiet,
+                )
+            )
         print("bench: starting workers (consumer groups take a while to form)...", flush=True)
-        await asyncio.gather(warm_worker.wait_ready(300), cold_worker.wait_ready(300))
-        await latency(warm, 2)  # first-use costs (image cache, connections) out of the way
-        await latency(cold, 2)
+        await asyncio.gather(*(worker.wait_ready(300) for worker in workers))
+        for stack in stacks:  # first-use costs (image cache, connections) out of the way
+            await latency(stack, 2)
         await asyncio.sleep(2)
         results: dict[str, Any] = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
@@ -187,6 +220,8 @@ async def main() -> int:
         print(f"bench: latency, one job at a time, {GAP:g} s apart", flush=True)
         results["latency_warm"] = summary(await latency(warm, n_latency))
         results["latency_cold"] = summary(await latency(cold, n_latency))
+        print("bench: latency, back to back (the next job when the last answer arrives)")
+        results["back_to_back_warm"] = summary(await latency(warm, n_latency * 2, gap=0))
         print(f"bench: throughput, {n_burst} jobs at once, {conc} containers at a time", flush=True)
         results["throughput_warm"] = await burst(warm, n_burst, valid=True, worker=warm_worker)
         results["throughput_cold"] = await burst(cold, n_burst, valid=True)
@@ -196,6 +231,16 @@ async def main() -> int:
         print("bench: baseline, docker run --rm", flush=True)
         results["baseline_serial"] = docker_run(n_latency, 1)
         results["baseline_concurrent"] = docker_run(n_burst, conc)
+        print(f"bench: the engine's churn ceiling, {conc} hardened containers at a time")
+        results["ceiling"] = await churn_ceiling(n_burst, conc)
+        if gv is not None:
+            print("bench: gVisor (runsc): latency, back to back, throughput, ceiling", flush=True)
+            results["gvisor"] = {
+                "latency_warm": summary(await latency(gv, n_latency)),
+                "back_to_back_warm": summary(await latency(gv, n_latency * 2, gap=0)),
+                "throughput_warm": await burst(gv, n_burst, valid=True, worker=workers[2]),
+                "ceiling": await churn_ceiling(n_burst, conc, runtime=GVISOR),
+            }
     finally:
         for stack in stacks:
             stack.stop_all()
@@ -211,14 +256,28 @@ async def main() -> int:
         / results["baseline_concurrent"]["jobs_per_s"],
         "throughput_cold_vs_docker_run": results["throughput_cold"]["jobs_per_s"]
         / results["baseline_concurrent"]["jobs_per_s"],
+        "throughput_warm_vs_ceiling": results["throughput_warm"]["jobs_per_s"]
+        / results["ceiling"]["jobs_per_s"],
+        "throughput_cold_vs_ceiling": results["throughput_cold"]["jobs_per_s"]
+        / results["ceiling"]["jobs_per_s"],
     }
+    if "gvisor" in results:
+        g = results["gvisor"]
+        results["ratios"]["gvisor_throughput_warm_vs_runsc_ceiling"] = (
+            g["throughput_warm"]["jobs_per_s"] / g["ceiling"]["jobs_per_s"]
+        )
     Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))  # noqa: ASYNC240
 
     ms = lambda s: f"{s * 1000:7.1f} ms"  # noqa: E731
     lw, lc, bs = results["latency_warm"], results["latency_cold"], results["baseline_serial"]
     print()
     print(f"{'end-to-end latency, trivial job':34} {'p50':>10} {'p95':>10} {'p99':>10}")
-    for name, s in (("tako-stream warm", lw), ("tako-stream cold", lc)):
+    series = [("tako-stream warm", lw), ("tako-stream cold", lc)]
+    series.append(("tako-stream warm, back to back", results["back_to_back_warm"]))
+    if "gvisor" in results:
+        series.append(("gVisor warm", results["gvisor"]["latency_warm"]))
+        series.append(("gVisor warm, back to back", results["gvisor"]["back_to_back_warm"]))
+    for name, s in series:
         print(f"  {name:32} {ms(s['p50']):>10} {ms(s['p95']):>10} {ms(s['p99']):>10}")
     b = bs["latency"]
     print(
@@ -230,14 +289,19 @@ async def main() -> int:
         ("tako-stream warm", "throughput_warm"),
         ("tako-stream cold", "throughput_cold"),
         ("docker run --rm (baseline)", "baseline_concurrent"),
+        ("engine churn ceiling", "ceiling"),
     ):
         print(f"  {name:32} {results[key]['jobs_per_s']:7.2f} jobs/s")
+    if "gvisor" in results:
+        g = results["gvisor"]
+        print(f"  {'gVisor warm':32} {g['throughput_warm']['jobs_per_s']:7.2f} jobs/s")
+        print(f"  {'engine churn ceiling, runsc':32} {g['ceiling']['jobs_per_s']:7.2f} jobs/s")
     print(f"\nKafka path (no container)          {results['kafka_path']['jobs_per_s']:7.0f} req/s")
     print(
         f"worker RSS idle / under load       {results['worker_rss_idle_mb']:5.0f} MB / "
         f"{results['worker_rss_under_load_mb']:.0f} MB"
     )
-    print("\nratios (ours / baseline)")
+    print("\nratios (ours / baseline or ceiling)")
     for key, value in results["ratios"].items():
         print(f"  {key:40} {value:6.2f}")
     print(f"\nwritten to {args.out}")
