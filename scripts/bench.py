@@ -193,21 +193,8 @@ async def main() -> int:
         quiet = {"TAKO_LOG_LEVEL": "WARNING", "TAKO_POOL_SIZE": pool}
         warm_worker = warm.start_worker("bench-warm", TAKO_WARM_POOL_SIZE=pool, **quiet)
         cold_worker = cold.start_worker("bench-cold", TAKO_WARM_POOL_SIZE="0", **quiet)
-        workers = [warm_worker, cold_worker]
-        gv: Stack | None = None
-        if gvisor:
-            gv = Stack(bootstrap=bootstrap, workdir=workdir, mode="warm")
-            stacks.append(gv)
-            workers.append(
-                gv.start_worker(
-                    "bench-gvisor",
-                    TAKO_WARM_POOL_SIZE=pool,
-                    TAKO_JOB_TYPES_FILE=str(gvisor_job_types()),
-                    **quiet,
-                )
-            )
         print("bench: starting workers (consumer groups take a while to form)...", flush=True)
-        await asyncio.gather(*(worker.wait_ready(300) for worker in workers))
+        await asyncio.gather(warm_worker.wait_ready(300), cold_worker.wait_ready(300))
         for stack in stacks:  # first-use costs (image cache, connections) out of the way
             await latency(stack, 2)
         await asyncio.sleep(2)
@@ -233,12 +220,26 @@ async def main() -> int:
         results["baseline_concurrent"] = docker_run(n_burst, conc)
         print(f"bench: the engine's churn ceiling, {conc} hardened containers at a time")
         results["ceiling"] = await churn_ceiling(n_burst, conc)
-        if gv is not None:
+        if gvisor:
+            # Alone: idle gVisor sandboxes cost CPU, which would weigh on the runc figures.
+            for stack in stacks:
+                stack.stop_all()
             print("bench: gVisor (runsc): latency, back to back, throughput, ceiling", flush=True)
+            gv = Stack(bootstrap=bootstrap, workdir=workdir, mode="warm")
+            stacks.append(gv)
+            gv_worker = gv.start_worker(
+                "bench-gvisor",
+                TAKO_WARM_POOL_SIZE=pool,
+                TAKO_JOB_TYPES_FILE=str(gvisor_job_types()),
+                **quiet,
+            )
+            await gv_worker.wait_ready(300)
+            await latency(gv, 2)
+            await asyncio.sleep(2)
             results["gvisor"] = {
                 "latency_warm": summary(await latency(gv, n_latency)),
                 "back_to_back_warm": summary(await latency(gv, n_latency * 2, gap=0)),
-                "throughput_warm": await burst(gv, n_burst, valid=True, worker=workers[2]),
+                "throughput_warm": await burst(gv, n_burst, valid=True, worker=gv_worker),
                 "ceiling": await churn_ceiling(n_burst, conc, runtime=GVISOR),
             }
     finally:
