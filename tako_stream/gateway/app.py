@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 CORRELATION_HTTP_HEADER = "X-Correlation-ID"
 
 
+#: On every answer, as Tako VM sends them: no MIME sniffing of job output, no framing.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
+
+
 class Gateway:
     """The aiohttp application: the routes, correlation ids, metrics and the view's lifecycle."""
 
@@ -75,6 +79,7 @@ class Gateway:
                 log.exception("gateway error on %s %s", request.method, request.path)
                 response = error_response(request, 500, "internal error")
         response.headers[CORRELATION_HTTP_HEADER] = request["correlation_id"]
+        response.headers.update(SECURITY_HEADERS)
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "unmatched"
         self.metrics.http.labels(request.method, path, str(response.status)).inc()

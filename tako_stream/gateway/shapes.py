@@ -18,9 +18,12 @@ class AsyncExecuteBody(ExecutionRequest):
 
     idempotency_key: str | None = Field(
         default=None,
-        min_length=1,
-        max_length=256,
-        description="Same key and payload: the same job. Same key, another payload: 409.",
+        # Tako VM's rule: a key is an identifier, not free text (it names a job everywhere).
+        min_length=8,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="8-255 letters, digits, '-' and '_'. Same key and payload: the same job. "
+        "Same key, another payload: 409.",
     )
 
 

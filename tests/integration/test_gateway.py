@@ -309,3 +309,17 @@ async def test_gateway_metrics_count_requests_by_route(gw: Gateway) -> None:
     assert samples[("tako_http_requests_total", missing)] >= 1
     assert samples[("tako_breaker_state", frozenset())] == 0
     assert ("tako_dlq_size", frozenset()) in samples
+
+
+async def test_every_answer_carries_tako_vms_security_headers_and_keys_are_checked(
+    gw: Gateway,
+) -> None:
+    for method, path, kw in (
+        ("GET", "/health", {}),
+        ("GET", "/jobs/no-such-job", {}),
+        ("POST", "/execute/async", {"json": {"code": "print(1)", "idempotency_key": "bad key!"}}),
+    ):
+        status, body, headers = await gw.call(method, path, **kw)
+        assert headers["X-Content-Type-Options"] == "nosniff", (path, status)
+        assert headers["X-Frame-Options"] == "DENY", (path, status)
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "idempotency_key"], body

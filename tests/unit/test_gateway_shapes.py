@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+from pydantic import ValidationError
+
 from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.models import ErrorInfo, ExecutionResult
 from tako_stream.gateway.openapi import document as openapi_document
-from tako_stream.gateway.shapes import payload_digest, sync_response
+from tako_stream.gateway.shapes import AsyncExecuteBody, payload_digest, sync_response
 from tako_stream.settings import Settings
 
 
@@ -78,3 +81,26 @@ def test_openapi_lists_every_route_and_resolves_its_refs() -> None:
 
     walk(doc)
     assert refs and refs <= set(schemas), refs - set(schemas)
+
+
+@pytest.mark.parametrize(
+    ("key", "valid"),
+    [
+        ("order-12", True),
+        ("A_b-9" * 51, True),  # 255 characters
+        ("short-1", False),  # 7 characters
+        ("x" * 256, False),
+        ("order 1234", False),
+        ("order/1234", False),
+        ("ordér-1234", False),
+        ("", False),
+    ],
+)
+def test_idempotency_keys_follow_tako_vms_rule(key: str, valid: bool) -> None:
+    """8-255 letters, digits, '-' and '_', as Tako VM accepts them; anything else is a 422."""
+    body = {"code": "print(1)", "idempotency_key": key}
+    if valid:
+        assert AsyncExecuteBody.model_validate(body).idempotency_key == key
+    else:
+        with pytest.raises(ValidationError):
+            AsyncExecuteBody.model_validate(body)
