@@ -58,12 +58,23 @@ class JobTypes(Mapping[str, JobType]):
         return len(self._types)
 
     def limits(self, request: ExecutionRequest) -> Limits:
-        """The container's limits, or ``InvalidRequestError`` naming what the job type forbids."""
-        job_type = self.get(request.job_type)
+        """The container's limits, or ``InvalidRequestError`` naming what the job type forbids.
+
+        ``job_type`` may pin a version as Tako VM's ``name@version`` does: ``latest`` or the
+        tag of the job type's image (``default@1``); a job is never run on another version
+        than the one it asked for."""
+        name, pinned, version = request.job_type.partition("@")
+        job_type = self.get(name)
         if job_type is None:
             known = ", ".join(sorted(self))
             raise InvalidRequestError(
-                [f"job_type: unknown job type {request.job_type!r} (known: {known})"],
+                [f"job_type: unknown job type {name!r} (known: {known})"],
+                request.execution_id,
+            )
+        if pinned and version not in versions(job_type):
+            have = " or ".join(versions(job_type))
+            raise InvalidRequestError(
+                [f"job_type: {name!r} has no version {version!r} here (only {have})"],
                 request.execution_id,
             )
         problems = []
@@ -84,6 +95,13 @@ class JobTypes(Mapping[str, JobType]):
         if problems:
             raise InvalidRequestError(problems, request.execution_id)
         return replace(default_limits(job_type), memory=memory, timeout=timeout)
+
+
+def versions(job_type: JobType) -> tuple[str, ...]:
+    """The versions a request may pin a job type to: ``latest`` and its image's tag."""
+    repository = job_type.image.rsplit("/", 1)[-1]
+    tag = repository.partition(":")[2] or "latest"
+    return ("latest",) if tag == "latest" else ("latest", tag)
 
 
 def default_limits(job_type: JobType) -> Limits:

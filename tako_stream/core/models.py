@@ -105,7 +105,13 @@ class ExecutionRequest(BaseModel):
         le=MAX_TIMEOUT,
         description="Wall-clock seconds; the job type's default when absent.",
     )
-    job_type: str = Field(default="default", min_length=1, max_length=64)
+    job_type: str = Field(
+        default="default",
+        min_length=1,
+        max_length=128,
+        description="A job type's name, optionally pinned to a version: 'default@1', "
+        "'default@latest' (Tako VM's 'name@version').",
+    )
     memory_limit: MemoryLimit | None = Field(
         default=None, description="Docker-style size, e.g. '256m', up to the job type's maximum."
     )

@@ -28,7 +28,11 @@ CORRELATION_HTTP_HEADER = "X-Correlation-ID"
 
 
 #: On every answer, as Tako VM sends them: no MIME sniffing of job output, no framing.
-SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "X-XSS-Protection": "1; mode=block",
+}
 
 
 class Gateway:

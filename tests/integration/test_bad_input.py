@@ -193,7 +193,7 @@ def corpus(tag: str) -> list[Case]:
     # -- Job types and reply topics
     add("unknown job type", _body(job_type="gpu"), ("job_type", "unknown job type 'gpu'"))
     add("job type path", _body(job_type="../../etc"), ("job_type", "unknown job type"))
-    add("job type too long", _body(job_type="j" * 10_000), ("job_type", "at most 64"))
+    add("job type too long", _body(job_type="j" * 10_000), ("job_type", "at most 128"))
     add("reply_to ..", _body(reply_to=".."), ("reply_to", "not a valid Kafka topic"))
     add("reply_to internal", _body(reply_to="__consumer_offsets"), ("reply_to", "internal"))
     add("reply_to with slash", _body(reply_to="a/b"), ("reply_to",))

@@ -322,4 +322,5 @@ async def test_every_answer_carries_tako_vms_security_headers_and_keys_are_check
         status, body, headers = await gw.call(method, path, **kw)
         assert headers["X-Content-Type-Options"] == "nosniff", (path, status)
         assert headers["X-Frame-Options"] == "DENY", (path, status)
+        assert headers["X-XSS-Protection"] == "1; mode=block", (path, status)
     assert status == 422 and body["detail"][0]["loc"] == ["body", "idempotency_key"], body
