@@ -194,6 +194,11 @@ def corpus(tag: str) -> list[Case]:
     add("unknown job type", _body(job_type="gpu"), ("job_type", "unknown job type 'gpu'"))
     add("job type path", _body(job_type="../../etc"), ("job_type", "unknown job type"))
     add("job type too long", _body(job_type="j" * 10_000), ("job_type", "at most 128"))
+    add(
+        "job type pinned to a version not here",
+        _body(job_type="default@2"),
+        ("job_type", "has no version '2' here"),
+    )
     add("reply_to ..", _body(reply_to=".."), ("reply_to", "not a valid Kafka topic"))
     add("reply_to internal", _body(reply_to="__consumer_offsets"), ("reply_to", "internal"))
     add("reply_to with slash", _body(reply_to="a/b"), ("reply_to",))

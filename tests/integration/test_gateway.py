@@ -324,3 +324,17 @@ async def test_every_answer_carries_tako_vms_security_headers_and_keys_are_check
         assert headers["X-Frame-Options"] == "DENY", (path, status)
         assert headers["X-XSS-Protection"] == "1; mode=block", (path, status)
     assert status == 422 and body["detail"][0]["loc"] == ["body", "idempotency_key"], body
+
+
+async def test_a_job_type_pinned_to_its_version_runs_and_another_version_is_a_422(
+    gw: Gateway,
+) -> None:
+    status, body, _ = await gw.call(
+        "POST", "/execute", json={"code": "print('pinned')", "job_type": "default@1"}
+    )
+    assert status == 200 and body["success"] and body["stdout"] == "pinned\n", body
+    assert body["job_type"] == "default@1"
+    status, body, _ = await gw.call(
+        "POST", "/execute", json={"code": "print(1)", "job_type": "default@2"}
+    )
+    assert status == 422 and "has no version '2'" in str(body["detail"]), body
