@@ -82,6 +82,14 @@ TopicName = Annotated[
     AfterValidator(_usable_topic),
 ]
 MemoryLimit = Annotated[str, AfterValidator(_check_size)]
+#: Tako VM's rule: a key is an identifier, not free text (it names a job everywhere).
+IdempotencyKey = Annotated[
+    str, StringConstraints(min_length=8, max_length=255, pattern=r"^[A-Za-z0-9_-]+$")
+]
+#: A requirement as pip writes one: a distribution name, optional extras and version specifiers.
+Requirement = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Relationship = Literal["rerun", "fork"]
+MAX_REQUIREMENTS = 50
 
 
 class ExecutionRequest(BaseModel):
@@ -121,6 +129,37 @@ class ExecutionRequest(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Passed through untouched to the result."
     )
+    requirements: list[Requirement] | None = Field(
+        default=None,
+        max_length=MAX_REQUIREMENTS,
+        description="Python distributions the job needs, e.g. ['numpy>=1.20'] (Tako VM's field). "
+        "Nothing is installed at run time: the job type's image must already satisfy them, "
+        "else the result is a dependency_error naming what is missing.",
+    )
+    startup_timeout: int | None = Field(
+        default=None,
+        ge=10,
+        le=600,
+        description="Seconds the container may take to start (Tako VM's 10-600); the job "
+        "type's default when absent.",
+    )
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None,
+        description="The key this job was submitted with through the gateway (8-255 letters, "
+        "digits, '-' and '_'); its execution id derives from it. Carried to the result.",
+    )
+    parent_execution_id: ExecutionId | None = Field(
+        default=None, description="The execution this one reruns or forks (lineage)."
+    )
+    relationship: Relationship | None = Field(
+        default=None, description="'rerun' (same code and input) or 'fork' (new code)."
+    )
+
+    @model_validator(mode="after")
+    def _lineage(self) -> ExecutionRequest:
+        if (self.parent_execution_id is None) != (self.relationship is None):
+            raise ValueError("parent_execution_id and relationship come together")
+        return self
 
     @field_validator("input_data")
     @classmethod
@@ -180,6 +219,15 @@ class Timing(BaseModel):
     warm: bool = Field(default=False, description="Ran in a container started ahead of time.")
 
 
+class ResourceUsage(BaseModel):
+    """What the job's processes used (Tako VM's ``resource_usage``; Judge0 and Piston report the
+    same figures)."""
+
+    max_rss_mb: float | None = Field(default=None, description="Peak resident memory, MiB.")
+    cpu_time_ms: int | None = Field(default=None, description="User + system CPU time, ms.")
+    wall_time_ms: int | None = Field(default=None, description="Wall-clock time of the job, ms.")
+
+
 class ExecutionResult(BaseModel):
     """The one terminal answer to a request, on the results topic (key = execution_id)."""
 
@@ -207,6 +255,22 @@ class ExecutionResult(BaseModel):
     reply_to_error: str | None = Field(
         default=None, description="Why the copy to the request's reply_to topic failed, if it did."
     )
+    resource_usage: ResourceUsage | None = Field(
+        default=None, description="What the job's processes used; absent when it never ran."
+    )
+    job_ref: str | None = Field(
+        default=None, description="The job type and version that ran it: 'name@version'."
+    )
+    code_hash: str | None = Field(
+        default=None, description="SHA-256 (hex) of the code's UTF-8 bytes."
+    )
+    input_hash: str | None = Field(
+        default=None,
+        description="SHA-256 (hex) of input_data as canonical JSON (sorted keys, no spaces).",
+    )
+    idempotency_key: str | None = None
+    parent_execution_id: str | None = None
+    relationship: Relationship | None = None
 
 
 class SourcePosition(BaseModel):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from tako_stream.core.models import DLQRecord, ExecutionRequest, ExecutionResult, JobType
-from tako_stream.gateway.shapes import AsyncExecuteBody, ErrorBody, JobAccepted, SyncResponse
+from tako_stream.gateway.shapes import ErrorBody, JobAccepted, SyncResponse
 
 #: A response's description and body model (None: any JSON object).
 Response = tuple[str, type[BaseModel] | None]
@@ -56,7 +56,7 @@ ROUTES: tuple[Route, ...] = (
             409: ERROR,
             422: ERROR,
         },
-        body=AsyncExecuteBody,
+        body=ExecutionRequest,
     ),
     Route(
         "GET",

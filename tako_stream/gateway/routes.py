@@ -27,7 +27,6 @@ from tako_stream.core.models import (
 )
 from tako_stream.gateway.api import Route
 from tako_stream.gateway.shapes import (
-    AsyncExecuteBody,
     JobAccepted,
     job_record,
     payload_digest,
@@ -113,7 +112,6 @@ class Routes:
     ) -> tuple[str, RecordMetadata]:
         """Produce the request; its execution id and where it landed."""
         fields = body.model_dump(mode="json", exclude_none=True)
-        fields.pop("idempotency_key", None)
         fields.setdefault("execution_id", new_id())
         headers = [(CORRELATION_HEADER, request["correlation_id"].encode()), *extra_headers]
         landed = await self.view.producer.send_raw(
@@ -144,12 +142,10 @@ class Routes:
         return json_response(sync_response(result))
 
     async def execute_async(self, request: web.Request) -> web.StreamResponse:
-        parsed = await self._body(request, AsyncExecuteBody)
+        parsed = await self._body(request, ExecutionRequest)
         if isinstance(parsed, web.Response):
             return parsed
         body, raw = parsed
-        if not isinstance(body, AsyncExecuteBody):
-            raise TypeError("execute_async validates an AsyncExecuteBody")
         if body.idempotency_key is None:
             execution_id, landed = await self._produce(request, body, [])
             await self._read_back(landed)

@@ -6,25 +6,9 @@ import hashlib
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from tako_stream.core.models import ExecutionRequest, ExecutionResult
-
-
-class AsyncExecuteBody(ExecutionRequest):
-    """``POST /execute/async``: a request, and optionally the key that makes it idempotent."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"title": "AsyncExecuteBody"})
-
-    idempotency_key: str | None = Field(
-        default=None,
-        # Tako VM's rule: a key is an identifier, not free text (it names a job everywhere).
-        min_length=8,
-        max_length=255,
-        pattern=r"^[A-Za-z0-9_-]+$",
-        description="8-255 letters, digits, '-' and '_'. Same key and payload: the same job. "
-        "Same key, another payload: 409.",
-    )
+from tako_stream.core.models import ExecutionResult
 
 
 class SyncResponse(BaseModel):

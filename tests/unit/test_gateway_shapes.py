@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from tako_stream.core.errors import ErrorType, Status
-from tako_stream.core.models import ErrorInfo, ExecutionResult
+from tako_stream.core.models import ErrorInfo, ExecutionRequest, ExecutionResult
 from tako_stream.gateway.openapi import document as openapi_document
-from tako_stream.gateway.shapes import AsyncExecuteBody, payload_digest, sync_response
+from tako_stream.gateway.shapes import payload_digest, sync_response
 from tako_stream.settings import Settings
 
 
@@ -100,7 +100,7 @@ def test_idempotency_keys_follow_tako_vms_rule(key: str, valid: bool) -> None:
     """8-255 letters, digits, '-' and '_', as Tako VM accepts them; anything else is a 422."""
     body = {"code": "print(1)", "idempotency_key": key}
     if valid:
-        assert AsyncExecuteBody.model_validate(body).idempotency_key == key
+        assert ExecutionRequest.model_validate(body).idempotency_key == key
     else:
         with pytest.raises(ValidationError):
-            AsyncExecuteBody.model_validate(body)
+            ExecutionRequest.model_validate(body)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tako_stream.core import schemas
 from tako_stream.core.models import MESSAGE_MODELS, ExecutionRequest
@@ -22,6 +23,11 @@ VALID_REQUEST: dict[str, Any] = {
     "memory_limit": "256m",
     "reply_to": "my.replies",
     "metadata": {"trace": "abc"},
+    "requirements": ["json5>=0.9"],
+    "startup_timeout": 30,
+    "idempotency_key": "order-42-attempt",
+    "parent_execution_id": "job-41",
+    "relationship": "rerun",
 }
 
 
@@ -140,3 +146,30 @@ def test_output_schemas_match_model_fields(name: str, model_key: str) -> None:
     assert set(schema["properties"]) == set(model.model_fields)
     no_default = {name for name, field in model.model_fields.items() if field.is_required()}
     assert set(schema["required"]) == no_default
+
+
+@pytest.mark.parametrize(
+    ("fields", "valid"),
+    [
+        ({"requirements": ["numpy>=1.20"] * 50}, True),
+        ({"requirements": ["numpy"] * 51}, False),  # Tako VM: at most 50
+        ({"requirements": [""]}, False),
+        ({"startup_timeout": 10}, True),
+        ({"startup_timeout": 600}, True),
+        ({"startup_timeout": 9}, False),  # Tako VM: 10-600 s
+        ({"startup_timeout": 601}, False),
+        ({"parent_execution_id": "a", "relationship": "fork"}, True),
+        ({"parent_execution_id": "a"}, False),  # lineage is both or neither
+        ({"relationship": "rerun"}, False),
+        ({"parent_execution_id": "a", "relationship": "clone"}, False),
+        ({"idempotency_key": "short"}, False),
+        ({"idempotency_key": "a-valid_key-123"}, True),
+    ],
+)
+def test_tako_vm_request_fields(fields: dict[str, Any], valid: bool) -> None:
+    body = {"code": "print(1)", **fields}
+    if valid:
+        ExecutionRequest.model_validate(body)
+    else:
+        with pytest.raises(ValidationError):
+            ExecutionRequest.model_validate(body)
