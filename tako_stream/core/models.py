@@ -339,6 +339,9 @@ class JobType(BaseModel):
     max_timeout: float = Field(default=MAX_TIMEOUT, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
     pids_limit: int = Field(default=128, ge=8)
     runtime: str | None = Field(default=None, description="OCI runtime, e.g. 'runsc'.")
+    python_version: str = Field(
+        default="3", description="The image's Python, as scripts/build-images installs it."
+    )
     warm_pool_size: int | None = Field(
         default=None,
         ge=0,

@@ -10,8 +10,17 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from tako_stream.core.models import DLQRecord, ExecutionRequest, ExecutionResult, JobType
-from tako_stream.gateway.shapes import ErrorBody, JobAccepted, SyncResponse
+from tako_stream.core.models import DLQRecord, ExecutionRequest
+from tako_stream.gateway.shapes import (
+    Cancelled,
+    ErrorBody,
+    ForkBody,
+    JobAccepted,
+    JobStatusBody,
+    Page,
+    RerunBody,
+    SyncResponse,
+)
 
 #: A response's description and body model (None: any JSON object).
 Response = tuple[str, type[BaseModel] | None]
@@ -51,8 +60,7 @@ ROUTES: tuple[Route, ...] = (
         "execute_async",
         "Queue code; idempotent with idempotency_key",
         {
-            202: ("Queued", JobAccepted),
-            200: ("Known idempotency key", JobAccepted),
+            200: ("Queued, or the job an idempotency key already names", JobAccepted),
             409: ERROR,
             422: ERROR,
         },
@@ -62,57 +70,76 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/jobs/{id}",
         "job",
-        "A job's status, with its result once finished",
-        {200: ("The job", None), 404: ERROR},
+        "A job's status: pending (queue_position), running, or finished",
+        {200: ("The job", JobStatusBody), 404: ERROR},
     ),
     Route(
         "GET",
         "/jobs/{id}/result",
         "job_result",
-        "A job's result; wait=true&timeout=N waits for it",
-        {200: ("Finished", ExecutionResult), 202: ("Not finished yet", None), 404: ERROR},
-        query=_WAIT,
+        "A job's execution record; wait=true&timeout=N (1-300) waits for it",
+        {
+            200: ("The record (view=full: the full one), or the job still in progress", None),
+            404: ERROR,
+            408: ERROR,
+            422: ERROR,
+        },
+        query=(*_WAIT, ("view", "string")),
     ),
     Route(
         "POST",
         "/jobs/{id}/cancel",
         "cancel",
-        "Cancel a queued or running job; wait=true&timeout=N waits for it",
-        {
-            202: ("Cancel requested", None),
-            200: ("Ended (with wait=true)", ExecutionResult),
-            404: ERROR,
-            409: ("Already finished: {detail, correlation_id}", ErrorBody),
-        },
+        "Cancel a queued or running job; ours: wait=true&timeout=N waits for its result",
+        {200: ("Cancel sent", Cancelled), 404: ERROR},
         query=_WAIT,
+    ),
+    Route(
+        "POST",
+        "/jobs/{id}/rerun",
+        "rerun",
+        "A new job with a finished job's code and input (lineage: relationship 'rerun')",
+        {200: ("Queued", JobAccepted), 400: ERROR, 404: ERROR, 422: ERROR},
+        body=RerunBody,
+    ),
+    Route(
+        "POST",
+        "/jobs/{id}/fork",
+        "fork",
+        "A new job with new code on a job's input (lineage: relationship 'fork')",
+        {200: ("Queued", JobAccepted), 400: ERROR, 404: ERROR, 422: ERROR},
+        body=ForkBody,
     ),
     Route(
         "GET",
         "/executions",
         "executions",
         "Finished executions, newest first",
-        {200: ("A page", None), 422: ERROR},
+        {200: ("A page", Page), 422: ERROR},
         query=(
             ("limit", "integer"),
             ("offset", "integer"),
             ("status", "string"),
             ("job_type", "string"),
+            ("view", "string"),
         ),
     ),
     Route(
         "GET",
         "/executions/{id}",
         "execution",
-        "One finished execution",
-        {200: ("It", ExecutionResult), 404: ERROR},
+        "One finished execution (view=full: the full record)",
+        {200: ("It", None), 404: ERROR},
+        query=(("view", "string"),),
     ),
+    Route("GET", "/pool/stats", "pool_stats", "The cluster's queue", {200: ANY}),
     Route("GET", "/job-types", "list_job_types", "Job types", {200: ANY}),
     Route(
         "GET",
         "/job-types/{name}",
         "get_job_type",
         "One job type",
-        {200: ("It", JobType), 404: ERROR},
+        {200: ANY, 404: ERROR},
     ),
     Route("GET", "/health", "health", "Gateway health", {200: ANY}),
     Route(
@@ -122,7 +149,20 @@ ROUTES: tuple[Route, ...] = (
         "Readiness: 200 once the gateway's store has caught up with the topics",
         {200: ANY, 503: ANY},
     ),
-    Route("GET", "/dlq", "dlq_list", "DLQ entries", {200: ANY}),
+    Route(
+        "GET",
+        "/dlq",
+        "dlq_list",
+        "DLQ entries, oldest first",
+        {200: ("A page", Page), 422: ERROR},
+        query=(
+            ("error_type", "string"),
+            ("limit", "integer"),
+            ("offset", "integer"),
+            ("since", "string"),
+            ("until", "string"),
+        ),
+    ),
     Route("GET", "/dlq/stats", "dlq_stats", "DLQ totals by error type", {200: ANY}),
     Route("GET", "/dlq/{id}", "dlq_get", "One DLQ entry", {200: ("It", DLQRecord), 404: ERROR}),
     Route(

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -16,21 +16,31 @@ from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel, ValidationError
 
 from tako_stream import __version__, dlq
-from tako_stream.core.errors import CancelRefused, InvalidRequestError
-from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.errors import InvalidRequestError
+from tako_stream.core.jobtypes import JobTypes, versions
 from tako_stream.core.models import (
     CORRELATION_HEADER,
     PAYLOAD_HEADER,
     CancelRequest,
     DLQRecord,
     ExecutionRequest,
+    ExecutionResult,
+    JobType,
+    Relationship,
 )
 from tako_stream.gateway.api import Route
 from tako_stream.gateway.shapes import (
+    Cancelled,
+    ForkBody,
+    InProgress,
     JobAccepted,
-    job_record,
+    JobStatusBody,
+    RerunBody,
+    execution_record,
+    iso_ms,
     payload_digest,
     sync_response,
+    tako_status,
 )
 from tako_stream.gateway.store import sortable
 from tako_stream.gateway.views import ClusterView
@@ -44,6 +54,11 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+#: Tako VM's bounds: a result is waited for 1-300 s; a page holds up to 1000 items.
+MIN_WAIT, MAX_WAIT = 1.0, 300.0
+MAX_PAGE = 1000
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -54,6 +69,60 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def error_response(request: web.Request, status: int, detail: Any) -> web.Response:
     return json_response({"detail": detail, "correlation_id": request["correlation_id"]}, status)
+
+
+def job_type_body(job_type: JobType) -> dict[str, Any]:
+    """Tako VM's job type, then ours."""
+    return {
+        "name": job_type.name,
+        "requirements": [],
+        "python_version": job_type.python_version,
+        "memory_limit": job_type.memory,
+        "cpu_limit": job_type.cpus,
+        "timeout": round(job_type.timeout),
+        "session_enabled": False,
+        "gpu_enabled": False,
+        "gpu_vendor": None,
+        # The gateway does not see the engine (the workers fail closed on a missing image).
+        "image_exists": None,
+        "versions": list(versions(job_type)),
+        **job_type.model_dump(mode="json", exclude={"name", "python_version"}),
+    }
+
+
+def _problems(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _pending_status(state: str) -> str:
+    """Tako VM's name for a job not finished: ``pending`` while queued, else ``running``."""
+    return "pending" if state == "queued" else state
+
+
+def _page_query(request: web.Request) -> tuple[int, int] | web.Response:
+    """``limit`` (1-1000, 100 by default) and ``offset`` (≥ 0), else a 422."""
+    try:
+        limit = int(request.query.get("limit", "100"))
+        offset = int(request.query.get("offset", "0"))
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise ValueError
+    except ValueError:
+        return error_response(request, 422, f"limit must be 1..{MAX_PAGE} and offset ≥ 0")
+    return limit, offset
+
+
+def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, Any]:
+    return {
+        "items": items,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(items) < total,
+        "count": len(items),
+        "total": total,
+    }
 
 
 def _wait_query(request: web.Request) -> tuple[bool, float]:
@@ -81,30 +150,30 @@ class Routes:
 
     # -- submitting ------------------------------------------------------------------------
     async def _body(
-        self, request: web.Request, model: type[ExecutionRequest]
-    ) -> tuple[ExecutionRequest, dict[str, Any]] | web.Response:
-        """The validated body, or a 422 response naming every problem (FastAPI's shape)."""
+        self, request: web.Request, model: type[M], *, empty: bool = False
+    ) -> tuple[M, dict[str, Any]] | web.Response:
+        """The validated body, or a 422 response naming every problem (FastAPI's shape);
+        ``empty``: no body at all counts as ``{}``."""
+        data = await request.read()
         try:
-            raw = orjson.loads(await request.read())
+            raw = orjson.loads(data) if data.strip() or not empty else {}
         except orjson.JSONDecodeError as exc:
             return error_response(request, 422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}"}])
         if not isinstance(raw, dict):
             return error_response(request, 422, [{"loc": ["body"], "msg": "must be a JSON object"}])
         try:
             body = model.model_validate(raw)
-            self.job_types.limits(body)
+            if isinstance(body, ExecutionRequest):
+                self.job_types.limits(body)
         except ValidationError as exc:
-            problems = [
-                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
-                for e in exc.errors(include_url=False, include_input=False)
-            ]
-            return error_response(request, 422, problems)
+            return error_response(request, 422, _problems(exc))
         except InvalidRequestError as exc:
             problems = [{"loc": ["body", e.split(":")[0]], "msg": e} for e in exc.errors]
             return error_response(request, 422, problems)
-        problem = await self.view.reply_to_problem(body.reply_to)
-        if problem is not None:
-            return error_response(request, 422, [{"loc": ["body", "reply_to"], "msg": problem}])
+        if isinstance(body, ExecutionRequest):
+            problem = await self.view.reply_to_problem(body.reply_to)
+            if problem is not None:
+                return error_response(request, 422, [{"loc": ["body", "reply_to"], "msg": problem}])
         return body, raw
 
     async def _produce(
@@ -121,35 +190,20 @@ class Routes:
 
     async def _read_back(self, landed: RecordMetadata) -> None:
         """Until this gateway's store has read a record it produced, so what it answers next
-        (``GET /jobs/{id}`` right after a 202, say) knows of it; bounded."""
+        (``GET /jobs/{id}`` right after a submit, say) knows of it; bounded."""
         tp = TopicPartition(landed.topic, landed.partition)
         with contextlib.suppress(TimeoutError):
             await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
 
-    async def execute(self, request: web.Request) -> web.StreamResponse:
-        """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
-        parsed = await self._body(request, ExecutionRequest)
-        if isinstance(parsed, web.Response):
-            return parsed
-        body, _ = parsed
-        execution_id, _ = await self._produce(request, body, [])
-        limits = self.job_types.limits(body)
-        wait = limits.timeout + self.settings.timeout_grace + self.settings.gateway_wait_margin
-        try:
-            result = await self.view.result(execution_id, timeout=wait)
-        except TimeoutError:
-            return error_response(request, 504, f"no result for {execution_id} within {wait:g}s")
-        return json_response(sync_response(result))
-
-    async def execute_async(self, request: web.Request) -> web.StreamResponse:
-        parsed = await self._body(request, ExecutionRequest)
-        if isinstance(parsed, web.Response):
-            return parsed
-        body, raw = parsed
+    async def _submit(
+        self, request: web.Request, body: ExecutionRequest, raw: dict[str, Any]
+    ) -> JobAccepted | web.Response:
+        """Produce a request: ``queued``, or, for an idempotency key already used with this
+        payload, that job and its status now (409 for another payload)."""
         if body.idempotency_key is None:
             execution_id, landed = await self._produce(request, body, [])
             await self._read_back(landed)
-            return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+            return JobAccepted(job_id=execution_id, status="queued")
         digest = payload_digest(raw)
         execution_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, body.idempotency_key))
         if body.execution_id not in (None, execution_id):
@@ -165,36 +219,126 @@ class Routes:
             known = await self.view.request(execution_id)
             ours = (landed.partition, landed.offset)
             if known is not None and (known.partition, known.offset) == ours:
-                return json_response(JobAccepted(job_id=execution_id, status="queued"), 202)
+                return JobAccepted(job_id=execution_id, status="queued")
         if known is None or known.digest != digest:
-            return error_response(request, 409, "idempotency_key was used with another payload")
+            # Tako VM's words.
+            return error_response(request, 409, "Idempotency key reused with different payload")
         state, result, _ = await self.view.find(execution_id)
-        status = result.status.value if result is not None else state
-        return json_response(JobAccepted(job_id=execution_id, status=status))
+        status = tako_status(result) if result is not None else _pending_status(state)
+        log.info("idempotency hit: returning existing job %s", execution_id)
+        return JobAccepted(job_id=execution_id, status=status)
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
+        parsed = await self._body(request, ExecutionRequest)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, raw = parsed
+        accepted = await self._submit(request, body, raw)
+        if isinstance(accepted, web.Response):
+            return accepted
+        limits = self.job_types.limits(body)
+        wait = limits.timeout + self.settings.timeout_grace + self.settings.gateway_wait_margin
+        try:
+            result = await self.view.result(accepted.job_id, timeout=wait)
+        except TimeoutError:
+            return error_response(request, 504, f"no result for {accepted.job_id} within {wait:g}s")
+        return json_response(sync_response(result))
+
+    async def execute_async(self, request: web.Request) -> web.StreamResponse:
+        """Queue a job: 200 ``{job_id, status: "queued"}`` (Tako VM's answer); an idempotency
+        key seen before with the same payload answers that job and its status."""
+        parsed = await self._body(request, ExecutionRequest)
+        if isinstance(parsed, web.Response):
+            return parsed
+        accepted = await self._submit(request, *parsed)
+        return accepted if isinstance(accepted, web.Response) else json_response(accepted)
+
+    async def rerun(self, request: web.Request) -> web.StreamResponse:
+        """A new job with a finished one's code and input (and limits, unless overridden)."""
+        return await self._derive(request, RerunBody, "rerun")
+
+    async def fork(self, request: web.Request) -> web.StreamResponse:
+        """A new job with new code on a job's input (and limits, unless overridden)."""
+        return await self._derive(request, ForkBody, "fork")
+
+    async def _derive(
+        self, request: web.Request, model: type[RerunBody], relationship: Relationship
+    ) -> web.StreamResponse:
+        parsed = await self._body(request, model, empty=True)
+        if isinstance(parsed, web.Response):
+            return parsed
+        overrides, _ = parsed
+        parent_id = request.match_info["id"]
+        state, result, job = await self.view.find(parent_id)
+        if state == "unknown":
+            return error_response(request, 404, "Job not found")
+        if relationship == "rerun" and result is None:
+            return error_response(request, 400, "Cannot rerun job that hasn't completed")
+        original = await self.view.original_request(job.request) if job.request else None
+        if original is None:
+            return error_response(request, 400, "Original code not available for replay")
+        # The parent's request as produced, minus what names or routes that one job.
+        for field in ("execution_id", "idempotency_key", "reply_to"):
+            original.pop(field, None)
+        fields = {
+            **original,
+            **overrides.model_dump(exclude_none=True),
+            "parent_execution_id": parent_id,
+            "relationship": relationship,
+        }
+        try:
+            body = ExecutionRequest.model_validate(fields)
+            self.job_types.limits(body)
+        except ValidationError as exc:
+            return error_response(request, 422, _problems(exc))
+        except InvalidRequestError as exc:
+            return error_response(request, 422, exc.errors)
+        execution_id, landed = await self._produce(request, body, [])
+        await self._read_back(landed)
+        log.info("job %s created as %s of %s", execution_id, relationship, parent_id)
+        return json_response(JobAccepted(job_id=execution_id, status="queued"))
 
     # -- reading ---------------------------------------------------------------------------
     async def job(self, request: web.Request) -> web.StreamResponse:
+        """Tako VM's job status: pending (with its queue position), running, or finished."""
         execution_id = request.match_info["id"]
         state, result, job = await self.view.find(execution_id)
+        if state == "unknown":
+            return error_response(request, 404, "Job not found")
+        created = iso_ms(job.request.produced_ms) if job.request else None
         if result is not None:
-            return json_response(job_record(result))
-        if state in ("queued", "running"):
-            return json_response(self.view.pending(execution_id, state, job))
-        return error_response(request, 404, f"no job {execution_id}")
+            record = execution_record(result, created_at=created)
+            body = JobStatusBody(
+                job_id=execution_id,
+                status=record["status"],
+                created_at=record["created_at"],
+                duration_ms=record["duration_ms"],
+                queue_position=None,
+            )
+        else:
+            position = await self.view.queue_position(execution_id)
+            body = JobStatusBody(
+                job_id=execution_id,
+                status=_pending_status(state),
+                created_at=created,
+                duration_ms=None,
+                queue_position=position if state == "queued" else None,
+            )
+        return json_response(body)
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
-        """Cancel a queued or running job (202); 409 once it finished.  With ``wait=true``,
-        answers with the job's result when it arrives (``timeout`` seconds at most)."""
+        """Cancel a queued or running job: 200 ``{status: "cancelled", job_id}``; 404 when it
+        is unknown or already finished (Tako VM's answers).  Ours: with ``wait=true``, waits
+        up to ``timeout`` seconds for the job's result and adds its record as ``result``."""
         execution_id = request.match_info["id"]
         try:
             wait, timeout = _wait_query(request)
         except ValueError:
             return error_response(request, 422, "timeout must be a number of seconds")
         state, result, _ = await self.view.find(execution_id)
-        if state == "unknown":
-            return error_response(request, 404, f"no job {execution_id}")
-        if result is not None:
-            return error_response(request, 409, str(CancelRefused(execution_id, result)))
+        if state == "unknown" or result is not None:
+            return error_response(request, 404, "Job not found or already completed")
         cancel = CancelRequest(
             execution_id=execution_id,
             requested_at=datetime.now(UTC),
@@ -207,75 +351,106 @@ class Routes:
             topic=self.settings.control_topic,
         )
         log.info("cancel requested for %s (%s)", execution_id, state)
+        answer = Cancelled(job_id=execution_id)
         if wait:
             with contextlib.suppress(TimeoutError):
                 result = await self.view.result(execution_id, timeout=timeout)
             if result is not None:
-                return json_response(job_record(result))
-        return json_response({"job_id": execution_id, "status": "cancelling", "was": state}, 202)
+                answer.result = await self._record(result, full=False)
+        return json_response(answer.model_dump(mode="json", exclude_none=True))
+
+    async def _record(self, result: ExecutionResult, *, full: bool) -> dict[str, Any]:
+        job = await self.view.job(result.execution_id)
+        created = iso_ms(job.request.produced_ms) if job.request else None
+        return execution_record(result, created_at=created, full=full)
 
     async def job_result(self, request: web.Request) -> web.StreamResponse:
-        """The record once finished; with ``wait=true``, waits up to ``timeout`` seconds."""
+        """The execution record once finished (``view=full``: the full one); 200 with
+        ``{status, message, queue_position}`` while it is not; with ``wait=true``, waits up to
+        ``timeout`` seconds (1-300), then 408."""
         execution_id = request.match_info["id"]
         try:
             wait, timeout = _wait_query(request)
+            if not MIN_WAIT <= timeout <= MAX_WAIT:
+                raise ValueError
         except ValueError:
-            return error_response(request, 422, "timeout must be a number of seconds")
+            problem = {"loc": ["query", "timeout"], "msg": f"from {MIN_WAIT:g} to {MAX_WAIT:g} s"}
+            return error_response(request, 422, [problem])
+        full = request.query.get("view") == "full"
         state, result, _ = await self.view.find(execution_id)
         if state == "unknown":
-            return error_response(request, 404, f"no job {execution_id}")
+            return error_response(request, 404, "Job not found")
         if result is None and wait:
-            with contextlib.suppress(TimeoutError):
+            try:
                 result = await self.view.result(execution_id, timeout=timeout)
+            except TimeoutError:
+                return error_response(request, 408, "Timeout waiting for job")
         if result is None:
             state, result, _ = await self.view.find(execution_id)
         if result is None:
-            return json_response({"job_id": execution_id, "status": state}, 202)
-        return json_response(job_record(result))
+            position = await self.view.queue_position(execution_id)
+            body = InProgress(
+                job_id=execution_id,
+                status=_pending_status(state),
+                queue_position=position if state == "queued" else None,
+            )
+            return json_response(body)
+        return json_response(await self._record(result, full=full))
 
     async def execution(self, request: web.Request) -> web.StreamResponse:
         execution_id = request.match_info["id"]
-        state, result, _ = await self.view.find(execution_id)
+        _, result, _ = await self.view.find(execution_id)
         if result is None:
-            return error_response(request, 404, f"no finished execution {execution_id} ({state})")
-        return json_response(result)
+            return error_response(request, 404, "Execution not found")
+        return json_response(await self._record(result, full=request.query.get("view") == "full"))
 
     async def executions(self, request: web.Request) -> web.StreamResponse:
-        """Finished executions, newest first: ``limit`` (≤ 1000), ``offset``, ``status``,
-        ``job_type``."""
-        try:
-            limit = min(int(request.query.get("limit", "50")), 1000)
-            offset = int(request.query.get("offset", "0"))
-            if limit < 1 or offset < 0:
-                raise ValueError
-        except ValueError:
-            return error_response(request, 422, "limit must be 1..1000 and offset ≥ 0")
-        total, page = await self.view.executions(
+        """Finished executions, newest first, as Tako VM's page: ``limit`` (1-1000, 100 by
+        default), ``offset``, ``status``, ``job_type``, ``view=full``."""
+        page = _page_query(request)
+        if isinstance(page, web.Response):
+            return page
+        limit, offset = page
+        total, bodies = await self.view.executions(
             limit=limit,
             offset=offset,
             status=request.query.get("status"),
             job_type=request.query.get("job_type"),
         )
-        body = b'{"total":%d,"limit":%d,"offset":%d,"items":[%s]}' % (
-            total,
-            limit,
-            offset,
-            b",".join(page),  # the stored results, as the results topic holds them
-        )
-        return web.Response(body=body, content_type="application/json")
+        full = request.query.get("view") == "full"
+        items = []
+        for body in bodies:
+            result = ExecutionResult.model_validate_json(body)
+            items.append(await self._record(result, full=full))
+        return json_response(_paged(items, limit, offset, total))
+
+    async def pool_stats(self, request: web.Request) -> web.StreamResponse:
+        return json_response(await self._queue_stats())
+
+    async def _queue_stats(self) -> dict[str, int]:
+        """Tako VM's queue figures for the whole cluster, from the store."""
+        waiting, running = await self.view.queue_counts()
+        return {
+            "pending": waiting,
+            "running": running,
+            "max_workers": await self.view.worker_slots(),
+            "max_queue_size": 0,
+        }
 
     async def list_job_types(self, request: web.Request) -> web.StreamResponse:
-        return json_response([t.model_dump(mode="json") for t in self.job_types.values()])
+        return json_response([job_type_body(t) for t in self.job_types.values()])
 
     async def get_job_type(self, request: web.Request) -> web.StreamResponse:
-        job_type = self.job_types.get(request.match_info["name"])
+        name = request.match_info["name"]
+        job_type = self.job_types.get(name)
         if job_type is None:
-            return error_response(request, 404, f"no job type {request.match_info['name']}")
-        return json_response(job_type)
+            return error_response(request, 404, f"Job type '{name}' not found")
+        return json_response(job_type_body(job_type))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         """Tako VM's shape: the shared circuit breaker (read from its table's changelog, so
-        every gateway agrees with every worker), and whether the broker answers."""
+        every gateway agrees with every worker), the cluster's queue; ours: the broker and the
+        store."""
         broker = await self.view.broker_available()
         state = self.view.breakers.worst()
         ready = self.view.ready.is_set()
@@ -284,18 +459,26 @@ class Routes:
             {
                 "status": "healthy" if healthy else "degraded",
                 "docker_available": state.state is not State.OPEN,
+                # The gateway does not see the engine: whether a job type is configured to
+                # run under gVisor (the workers fail closed when the runtime is missing).
+                "gvisor_available": any(t.runtime == "runsc" for t in self.job_types.values()),
                 "circuit_breaker": {
                     "state": state.state.value,
                     "failure_count": state.failure_count,
                     "success_count": state.success_count,
-                    "last_failure": state.last_failure.isoformat() if state.last_failure else None,
+                    # Tako VM's number: seconds since the epoch.
+                    "last_failure": state.last_failure.timestamp() if state.last_failure else None,
                 },
+                "version": __version__,
+                # Tako VM's development/production switch has no counterpart here: every
+                # container is locked down the same way, whatever the deployment.
+                "production_mode": False,
+                "queue_stats": await self._queue_stats(),
                 "broker_available": broker,
                 "broker_unavailable_since": (
                     self.view.broker.since.isoformat() if self.view.broker.since else None
                 ),
                 "ready": ready,
-                "version": __version__,
                 "executions_known": await self.view.known(),
                 "records_read": self.view.records_read,
                 "dlq": await self.view.dead_letter_stats(),
@@ -308,10 +491,15 @@ class Routes:
         return json_response(await self.view.dead_letter_stats())
 
     async def dlq_list(self, request: web.Request) -> web.StreamResponse:
+        """DLQ entries, oldest first, as Tako VM's page (``error_type``, ``limit`` 1-1000 and
+        100 by default, ``offset``; ours: ``since`` and ``until``)."""
+        page = _page_query(request)
+        if isinstance(page, web.Response):
+            return page
+        limit, offset = page
         try:
             since = dlq.parse_time(request.query.get("since"))
             until = dlq.parse_time(request.query.get("until"))
-            limit = min(int(request.query.get("limit", "1000")), 10_000)
         except ValueError as exc:
             return error_response(request, 422, str(exc))
         total, entries = await self.view.dead_letters(
@@ -319,9 +507,9 @@ class Routes:
             since=sortable(since) if since else None,
             until=sortable(until) if until else None,
             limit=limit,
+            offset=offset,
         )
-        body = b'{"total":%d,"entries":[%s]}' % (total, b",".join(entries))
-        return web.Response(body=body, content_type="application/json")
+        return json_response(_paged([orjson.Fragment(e) for e in entries], limit, offset, total))
 
     async def dlq_get(self, request: web.Request) -> web.StreamResponse:
         entry = await self.view.dead_letter(request.match_info["id"])
@@ -342,7 +530,7 @@ class Routes:
             topic=self.settings.dlq_topic,
         )
         await self._read_back(landed)  # so a GET now agrees
-        return json_response({"deleted": dlq_id})
+        return json_response({"status": "removed", "entry_id": dlq_id})
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         """200 once the store has caught up with the topics, 503 before."""

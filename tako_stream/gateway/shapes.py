@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from tako_stream.core.errors import Status
 from tako_stream.core.models import ExecutionResult
 
 
@@ -27,8 +29,152 @@ class SyncResponse(BaseModel):
 
 
 class JobAccepted(BaseModel):
+    """Tako VM's answer to a submit, a rerun and a fork."""
+
     job_id: str
     status: str
+
+
+class JobStatusBody(BaseModel):
+    """``GET /jobs/{id}``: Tako VM's job status."""
+
+    job_id: str
+    status: str = Field(description="pending, running, or the finished job's status.")
+    created_at: str | None = Field(description="When the request was produced (ISO 8601).")
+    duration_ms: int | None = Field(description="How long the code ran, once finished.")
+    queue_position: int | None = Field(
+        description="While pending: 1 + the jobs ahead of it in its partition of the "
+        "requests topic (the order workers take them in)."
+    )
+
+
+class InProgress(BaseModel):
+    """``GET /jobs/{id}/result`` before the job has finished (Tako VM answers 200)."""
+
+    job_id: str
+    status: Literal["pending", "running"]
+    message: str = "Job still in progress"
+    queue_position: int | None = None
+
+
+class Cancelled(BaseModel):
+    """``POST /jobs/{id}/cancel``: Tako VM's answer, once the cancel is on its way."""
+
+    status: Literal["cancelled"] = "cancelled"
+    job_id: str
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="Ours (with wait=true): the job's record once its result came in time.",
+    )
+
+
+class RerunBody(BaseModel):
+    """``POST /jobs/{id}/rerun``: the same code and input, optionally another job type or
+    timeout (Tako VM's ``RerunRequest``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_type: str | None = Field(default=None, min_length=1, max_length=128)
+    timeout: int | None = Field(default=None, ge=1, le=300)
+
+
+class ForkBody(RerunBody):
+    """``POST /jobs/{id}/fork``: new code on the same input (Tako VM's ``ForkRequest``)."""
+
+    code: str = Field(min_length=1, max_length=100_000)
+
+
+class Page(BaseModel):
+    """Tako VM's paginated list; ``total`` is ours."""
+
+    items: list[Any]
+    limit: int
+    offset: int
+    has_more: bool
+    count: int
+    total: int
+
+
+def tako_status(result: ExecutionResult) -> str:
+    """The status as Tako VM names it: ``rejected`` (never run: refused, or no engine to run
+    it) is one of its ``failed`` jobs, the error type says why."""
+    return Status.FAILED.value if result.status is Status.REJECTED else result.status.value
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1000)
+
+
+def iso_ms(produced_ms: int | None) -> str | None:
+    if produced_ms is None:
+        return None
+    return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
+
+
+def execution_record(
+    result: ExecutionResult, *, created_at: str | None, full: bool = False
+) -> dict[str, Any]:
+    """Tako VM's execution record (``view=full``: its full record), then what we add."""
+    ran = result.timing.sandbox is not None
+    execution_ms = _ms(result.execution_time) if ran else None
+    total_ms = _ms(result.timing.sandbox)
+    name = (result.job_type or "default").partition("@")[0]
+    record: dict[str, Any] = {
+        "execution_id": result.execution_id,
+        "status": tako_status(result),
+        "job_type": name,
+        "job_version": result.job_ref or result.job_type or name,
+        "created_at": created_at
+        or (result.started_at or result.finished_at).astimezone(UTC).isoformat(),
+        "started_at": result.started_at.isoformat() if result.started_at else None,
+        "ended_at": result.finished_at.isoformat(),
+        "duration_ms": execution_ms,
+        "exit_code": result.exit_code,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "output": result.output,
+        "error": result.error.model_dump(mode="json") if result.error else None,
+        "timing": {
+            "startup_ms": None
+            if total_ms is None or execution_ms is None
+            else max(total_ms - execution_ms, 0),
+            "dep_install_ms": None,  # nothing is installed at run time
+            "execution_ms": execution_ms,
+            "total_ms": total_ms,
+            "phase_at_exit": "execution" if ran else None,
+            # Ours: queueing, and whether a warm container took it.
+            "queued_ms": _ms(result.timing.queued),
+            "warm": result.timing.warm,
+        },
+    }
+    if full:
+        record |= {
+            "job_ref": result.job_ref or result.job_type or name,
+            "artifacts": [],
+            "input_artifacts": [],
+            "resource_usage": result.resource_usage.model_dump(mode="json")
+            if result.resource_usage
+            else None,
+            "code_hash": result.code_hash,
+            "input_hash": result.input_hash,
+            "parent_execution_id": result.parent_execution_id,
+            "relationship": result.relationship,
+            "stdout_truncated": result.stdout_truncated,
+            "stderr_truncated": result.stderr_truncated,
+            "idempotency_key": result.idempotency_key,
+        }
+    # Ours, after Tako VM's fields: the rest of the result as the results topic carries it.
+    record |= {
+        "job_id": result.execution_id,
+        "success": result.success,
+        "correlation_id": result.correlation_id,
+        "execution_time": result.execution_time,
+        "worker_id": result.worker_id,
+        "attempts": result.attempts,
+        "metadata": result.metadata,
+        "outcome": result.status.value,
+    }
+    return record
 
 
 class ErrorBody(BaseModel):
@@ -51,11 +197,6 @@ def sync_response(result: ExecutionResult) -> SyncResponse:
         execution_id=result.execution_id,
         error_type=result.error.type.value if result.error else None,
     )
-
-
-def job_record(result: ExecutionResult) -> dict[str, Any]:
-    """An execution record: the full result, with ``job_id`` as Tako VM's clients expect."""
-    return {"job_id": result.execution_id, **result.model_dump(mode="json")}
 
 
 def payload_digest(body: dict[str, Any]) -> str:

@@ -54,6 +54,14 @@ CREATE TABLE IF NOT EXISTS requests (
     offset INTEGER NOT NULL,
     produced_ms INTEGER
 );
+-- Requests without a result yet, by their place in the requests topic: a job's queue position
+-- is how many of them are ahead of it in its partition (the order workers take them in).
+CREATE TABLE IF NOT EXISTS pending (
+    execution_id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_by_place ON pending (partition, offset);
 CREATE TABLE IF NOT EXISTS dead_letters (
     dlq_id TEXT PRIMARY KEY,
     error_type TEXT NOT NULL,
@@ -71,7 +79,10 @@ CREATE TABLE IF NOT EXISTS positions (
 """
 
 #: The tables a reset empties (all of them: they are rebuilt from the topics).
-TABLES = ("results", "running", "requests", "dead_letters", "positions")
+TABLES = ("results", "running", "requests", "pending", "dead_letters", "positions")
+#: Bumped whenever SCHEMA changes what a table holds: a store of another version is rebuilt
+#: from the topics (it is only a view of them), not migrated.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -101,8 +112,18 @@ class Store:
         self.cache_mb = cache_mb
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        db = self._connect()
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                for (table,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                ).fetchall():
+                    db.execute(f'DROP TABLE IF EXISTS "{table}"')
             db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -175,6 +196,7 @@ class Store:
         )
         # A finished job is not running any more, whatever the status topic says later.
         db.execute("DELETE FROM running WHERE execution_id = ?", (execution_id,))
+        db.execute("DELETE FROM pending WHERE execution_id = ?", (execution_id,))
         return True
 
     def _status(self, db: sqlite3.Connection, record: Record) -> None:
@@ -198,7 +220,7 @@ class Store:
     def _request(self, db: sqlite3.Connection, record: Record) -> None:
         execution_id = _request_id(record)
         digest = header(record.headers, PAYLOAD_HEADER)
-        db.execute(  # the first record for an id is the one that counts
+        first = db.execute(  # the first record for an id is the one that counts
             "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?)",
             (
                 execution_id,
@@ -208,6 +230,12 @@ class Store:
                 record.timestamp,
             ),
         )
+        if first.rowcount:  # results and requests are separate topics: either may come first
+            db.execute(
+                "INSERT OR IGNORE INTO pending SELECT ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM results WHERE execution_id = ?)",
+                (execution_id, record.partition, record.offset, execution_id),
+            )
 
     def _dead_letter(self, db: sqlite3.Connection, record: Record) -> None:
         if record.key is None:
@@ -255,7 +283,7 @@ class Store:
             "SELECT body FROM results WHERE execution_id = ?", (execution_id,)
         ).fetchone()
         if row is not None:
-            return Job(result=row[0])
+            return Job(result=row[0], request=self.request(execution_id))
         running = db.execute(
             "SELECT worker_id, started_at FROM running WHERE execution_id = ?", (execution_id,)
         ).fetchone()
@@ -280,6 +308,34 @@ class Store:
         )
         return int(total), [row[0] for row in rows]
 
+    def queue_position(self, execution_id: str) -> int | None:
+        """1 + the jobs ahead of this waiting one in its partition (neither running nor
+        finished); None when it is not waiting."""
+        db = self._db()
+        row = db.execute(
+            "SELECT partition, offset FROM pending WHERE execution_id = ? AND NOT EXISTS "
+            "(SELECT 1 FROM running WHERE running.execution_id = pending.execution_id)",
+            (execution_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        (ahead,) = db.execute(
+            "SELECT COUNT(*) FROM pending WHERE partition = ? AND offset < ? AND NOT EXISTS "
+            "(SELECT 1 FROM running WHERE running.execution_id = pending.execution_id)",
+            row,
+        ).fetchone()
+        return int(ahead) + 1
+
+    def queue_counts(self) -> tuple[int, int]:
+        """(jobs waiting, jobs running) across the cluster."""
+        db = self._db()
+        (waiting,) = db.execute(
+            "SELECT COUNT(*) FROM pending WHERE NOT EXISTS "
+            "(SELECT 1 FROM running WHERE running.execution_id = pending.execution_id)"
+        ).fetchone()
+        (running,) = db.execute("SELECT COUNT(*) FROM running").fetchone()
+        return int(waiting), int(running)
+
     def known(self) -> int:
         return int(self._db().execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
@@ -292,9 +348,15 @@ class Store:
         return bytes(row[0]) if row else None
 
     def dead_letters(
-        self, *, error_type: str | None, since: str | None, until: str | None, limit: int
+        self,
+        *,
+        error_type: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int,
+        offset: int = 0,
     ) -> tuple[int, list[bytes]]:
-        """(how many match, the oldest ``limit`` of them)."""
+        """(how many match, ``limit`` of them from the ``offset``-th oldest)."""
         clauses, args = [], []
         for sql, value in (
             ("error_type = ?", error_type),
@@ -308,8 +370,8 @@ class Store:
         db = self._db()
         total = db.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0]
         rows = db.execute(
-            f"SELECT summary FROM dead_letters{where} ORDER BY last_failure_at LIMIT ?",
-            (*args, limit),
+            f"SELECT summary FROM dead_letters{where} ORDER BY last_failure_at LIMIT ? OFFSET ?",
+            (*args, limit, offset),
         )
         return int(total), [bytes(row[0]) for row in rows]
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -27,8 +28,8 @@ from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
 from tako_stream.gateway.store import Job, Request, Store, fingerprint
-from tako_stream.kafka.reader import EndOffsets, TopicReader, tail
-from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
+from tako_stream.kafka.reader import EndOffsets, TopicReader, read_record, tail
+from tako_stream.kafka.topics import TopicDirectory, ensure_topics, group_members, partitions
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.shared import BreakerStates
@@ -299,14 +300,6 @@ class ClusterView:
                     if not waiting:
                         self._waiters.pop(execution_id, None)
 
-    def pending(self, execution_id: str, state: State, job: Job) -> dict[str, Any]:
-        """A job without a result, in the shape of ``GET /jobs/{id}``."""
-        record: dict[str, Any] = {"job_id": execution_id, "execution_id": execution_id}
-        record["status"] = state
-        if job.running is not None:
-            record |= {"worker_id": job.running[0], "started_at": job.running[1]}
-        return record
-
     async def executions(
         self, *, limit: int, offset: int, status: str | None, job_type: str | None
     ) -> tuple[int, list[bytes]]:
@@ -317,6 +310,28 @@ class ClusterView:
             )
         )
 
+    async def queue_position(self, execution_id: str) -> int | None:
+        return await self._read(self.store.queue_position, execution_id)
+
+    async def queue_counts(self) -> tuple[int, int]:
+        """(jobs waiting, jobs running), as the store knows them now."""
+        return await self._read(self.store.queue_counts)
+
+    async def original_request(self, request: Request) -> dict[str, Any] | None:
+        """The request record ``request`` points at, as produced (a JSON object), or None when
+        the requests topic no longer holds it or it is not one."""
+        tp = TopicPartition(self.settings.requests_topic, request.partition)
+        record = await read_record(
+            self.settings, tp, request.offset, timeout=self.settings.gateway_ready_wait
+        )
+        if record is None or record.value is None:
+            return None
+        try:
+            body = orjson.loads(record.value)
+        except orjson.JSONDecodeError:
+            return None
+        return body if isinstance(body, dict) else None
+
     async def known(self) -> int:
         return await self._read(self.store.known)
 
@@ -326,12 +341,18 @@ class ClusterView:
         return {"total": sum(counts.values()), "by_error_type": counts}
 
     async def dead_letters(
-        self, *, error_type: str | None, since: str | None, until: str | None, limit: int
+        self,
+        *,
+        error_type: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int,
+        offset: int,
     ) -> tuple[int, list[bytes]]:
         await self.until_ready(self.settings.gateway_ready_wait)
         return await self._read(
             lambda: self.store.dead_letters(
-                error_type=error_type, since=since, until=until, limit=limit
+                error_type=error_type, since=since, until=until, limit=limit, offset=offset
             )
         )
 
@@ -360,6 +381,18 @@ class ClusterView:
         except BrokerError:
             return None
         return None if exists else f"reply_to: topic {topic!r} does not exist"
+
+    async def worker_slots(self) -> int:
+        """Jobs the cluster runs at once: the members of the workers' consumer group times
+        each worker's pool size (every worker runs with the deployment's TAKO_POOL_SIZE); 0
+        when the broker cannot tell within ``BROKER_CHECK`` seconds."""
+        try:
+            async with asyncio.timeout(BROKER_CHECK):
+                members = await group_members(self.settings, self.settings.consumer_group)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.debug("cannot count the workers: %r", exc)
+            return 0
+        return members * self.settings.pool_size
 
     async def broker_available(self) -> bool:
         """Whether the broker answers a metadata request within ``BROKER_CHECK`` seconds

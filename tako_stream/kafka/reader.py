@@ -251,3 +251,35 @@ async def latest(settings: Settings, topic: str, key: str) -> Record | None:
         await reader.from_beginning()
         await reader.read_to_end(keep)
     return found
+
+
+async def read_record(
+    settings: Settings, tp: TopicPartition, offset: int, timeout: float
+) -> Record | None:
+    """The record at ``offset`` of ``tp``, or None when the partition no longer holds it
+    (retention or compaction removed it, or the topic was recreated); ``TimeoutError`` when
+    the broker does not hand it over within ``timeout`` seconds.
+
+    A consumer of its own, assigned that one partition: the record is read where it is, so a
+    request can be fetched back by the position the gateway's store keeps, however big the
+    topic is.
+    """
+    async with asyncio.timeout(timeout):
+        reader = consumer(settings, fetch_max_bytes=2 * MAX_MESSAGE_BYTES)
+        try:
+            await reader.start()
+            reader.assign([tp])
+            if offset < (await reader.beginning_offsets([tp]))[tp]:
+                return None  # deleted by retention
+            reader.seek(tp, offset)
+            while True:
+                batches = await reader.getmany(tp, timeout_ms=500)
+                for record in batches.get(tp, []):
+                    if record.offset == offset:
+                        return record
+                    if record.offset > offset:
+                        return None  # compacted away: the next record is a later one
+                if await reader.position(tp) > offset:
+                    return None
+        finally:
+            await reader.stop()

@@ -105,7 +105,7 @@ def _add_views(app: faust.App, runtime: Runtime, settings: Settings) -> None:
         async def delete(self, request: Any, dlq_id: str) -> Any:
             if not await dlq.remove(settings, runtime.dlq, dlq_id):
                 return self.json({"detail": f"no DLQ entry {dlq_id}"}, status=404)
-            return self.json({"deleted": dlq_id})
+            return self.json({"status": "removed", "entry_id": dlq_id})  # as the gateway
 
 
 class _Worker(faust.Worker):

@@ -68,7 +68,7 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     # Delete one over HTTP and one from the CLI.
     by_exec = {e["execution_id"]: e["dlq_id"] for e in entries}
     status, body = await http("DELETE", f"{base}/dlq/{by_exec[ids[0]]}")
-    assert status == 200 and body == {"deleted": by_exec[ids[0]]}
+    assert status == 200 and body == {"status": "removed", "entry_id": by_exec[ids[0]]}
     status, _ = await http("DELETE", f"{base}/dlq/{by_exec[ids[0]]}")
     assert status == 404
     code, _, _ = await new_stack.cli("dlq", "delete", by_exec[ids[1]])

@@ -170,20 +170,25 @@ async def test_async_job_lifecycle(gw: Gateway) -> None:
     status, accepted, _ = await gw.call(
         "POST", "/execute/async", json={"code": "import time; time.sleep(1); print('later')"}
     )
-    assert status == 202 and accepted["status"] == "queued"
+    assert status == 200 and accepted == {"job_id": accepted["job_id"], "status": "queued"}
     job_id = accepted["job_id"]
     status, job, _ = await gw.call("GET", f"/jobs/{job_id}")
-    assert status == 200 and job["job_id"] == job_id
-    assert job["status"] in ("queued", "running", "succeeded")  # whatever it has reached by now
+    assert status == 200 and job["job_id"] == job_id and job["created_at"]
+    assert job["status"] in ("pending", "running", "succeeded")  # whatever it has reached by now
     status, record, _ = await gw.call("GET", f"/jobs/{job_id}/result?wait=true&timeout=120")
     assert status == 200 and record["status"] == "succeeded" and record["stdout"] == "later\n"
     status, job, _ = await gw.call("GET", f"/jobs/{job_id}")
-    assert job["status"] == "succeeded" and job["success"] is True
+    assert job["status"] == "succeeded" and job["duration_ms"] >= 1000
+    assert job["queue_position"] is None
     status, listing, _ = await gw.call("GET", "/executions?limit=5")
     assert status == 200 and listing["limit"] == 5 and len(listing["items"]) <= 5
+    assert listing["count"] == len(listing["items"]) and listing["offset"] == 0
     assert job_id in [item["execution_id"] for item in listing["items"]]
     status, page, _ = await gw.call("GET", "/executions?limit=1&offset=1&status=succeeded")
     assert status == 200 and len(page["items"]) == 1 and page["total"] >= 2
+    assert page["has_more"] is (page["total"] > 2)
+    status, default_page, _ = await gw.call("GET", "/executions")
+    assert status == 200 and default_page["limit"] == 100  # Tako VM's default
     assert (await gw.call("GET", "/executions?limit=0"))[0] == 422
 
 
@@ -199,11 +204,12 @@ async def test_idempotency_key(gw: Gateway) -> None:
     body = {"code": "print('once')", "idempotency_key": key}
     s1, first, _ = await gw.call("POST", "/execute/async", json=body)
     s2, second, _ = await gw.call("POST", "/execute/async", json=body)
-    assert s1 == 202 and s2 == 200 and first["job_id"] == second["job_id"]
+    assert s1 == 200 and s2 == 200 and first["job_id"] == second["job_id"]
+    assert first["status"] == "queued"
     s3, conflict, _ = await gw.call(
         "POST", "/execute/async", json={"code": "print('other')", "idempotency_key": key}
     )
-    assert s3 == 409 and "idempotency_key" in conflict["detail"]
+    assert s3 == 409 and conflict["detail"] == "Idempotency key reused with different payload"
     status, record, _ = await gw.call(
         "GET", f"/jobs/{first['job_id']}/result?wait=true&timeout=120"
     )
@@ -218,6 +224,20 @@ async def test_job_types(gw: Gateway) -> None:
     assert status == 200 and {"default", "data-processing"} <= {t["name"] for t in types}
     status, one, _ = await gw.call("GET", "/job-types/data-processing")
     assert status == 200 and one["name"] == "data-processing" and "image" in one
+    # Tako VM's fields, then ours
+    assert {
+        "name",
+        "requirements",
+        "python_version",
+        "memory_limit",
+        "cpu_limit",
+        "timeout",
+        "session_enabled",
+        "gpu_enabled",
+        "gpu_vendor",
+        "image_exists",
+    } <= set(one)
+    assert one["memory_limit"] == "512m" and one["timeout"] == 60 and one["cpu_limit"] == 1.0
     assert (await gw.call("GET", "/job-types/nope"))[0] == 404
 
 
@@ -232,6 +252,14 @@ async def test_health_has_the_seed_shape(gw: Gateway) -> None:
         "last_failure",
     }
     assert health["circuit_breaker"]["state"] == "closed"
+    assert health["version"] and health["production_mode"] is False
+    assert isinstance(health["gvisor_available"], bool)
+    stats = health["queue_stats"]
+    assert set(stats) == {"pending", "running", "max_workers", "max_queue_size"}
+    # the stack's worker is a member of the group: its pool's slots count
+    assert stats["max_workers"] >= gw.stack.settings.pool_size
+    status, pool, _ = await gw.call("GET", "/pool/stats")
+    assert status == 200 and set(pool) == set(stats)
 
 
 async def test_dlq_endpoints(gw: Gateway) -> None:
@@ -243,14 +271,15 @@ async def test_dlq_endpoints(gw: Gateway) -> None:
             break
         await asyncio.sleep(0.5)
     assert status == 200 and listing["total"] >= 1
-    entry = listing["entries"][0]
+    assert listing["count"] == len(listing["items"]) and listing["limit"] == 100
+    entry = listing["items"][0]
     status, stats, _ = await gw.call("GET", "/dlq/stats")
     assert stats["total"] == listing["total"]
     assert stats["by_error_type"].get("invalid_request", 0) >= 1
     status, one, _ = await gw.call("GET", f"/dlq/{entry['dlq_id']}")
     assert status == 200 and one["dlq_id"] == entry["dlq_id"]
     status, deleted, _ = await gw.call("DELETE", f"/dlq/{entry['dlq_id']}")
-    assert status == 200 and deleted == {"deleted": entry["dlq_id"]}
+    assert status == 200 and deleted == {"status": "removed", "entry_id": entry["dlq_id"]}
     assert (await gw.call("GET", f"/dlq/{entry['dlq_id']}"))[0] == 404
     assert (await gw.call("DELETE", f"/dlq/{entry['dlq_id']}"))[0] == 404
 
@@ -269,7 +298,9 @@ async def test_seed_snippets_run_as_written(gw: Gateway) -> None:
         for name, code in (("syntax", "def broken("), ("timeout", "import time; time.sleep(9)")):
             result = seed_snippets.execute_safely(code, {}, timeout=2)
             # the guide hands handle_execution_result an async job's record (error by type)
-            record = requests.get(f"{gw.url}/jobs/{result['execution_id']}", timeout=30).json()
+            record = requests.get(
+                f"{gw.url}/jobs/{result['execution_id']}/result", timeout=30
+            ).json()
             try:
                 seed_snippets.handle_execution_result(record)
             except Exception as exc:
@@ -338,3 +369,129 @@ async def test_a_job_type_pinned_to_its_version_runs_and_another_version_is_a_42
         "POST", "/execute", json={"code": "print(1)", "job_type": "default@2"}
     )
     assert status == 422 and "has no version '2'" in str(body["detail"]), body
+
+
+FULL_VIEW = {
+    "job_ref",
+    "artifacts",
+    "input_artifacts",
+    "resource_usage",
+    "code_hash",
+    "input_hash",
+    "parent_execution_id",
+    "relationship",
+    "stdout_truncated",
+    "stderr_truncated",
+    "idempotency_key",
+}
+RECORD = {
+    "execution_id",
+    "status",
+    "job_type",
+    "job_version",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "exit_code",
+    "stdout",
+    "stderr",
+    "output",
+    "error",
+    "timing",
+}
+
+
+async def test_result_in_progress_is_200_and_a_wait_that_times_out_is_408(gw: Gateway) -> None:
+    status, accepted, _ = await gw.call(
+        "POST", "/execute/async", json={"code": "import time; time.sleep(30)", "timeout": 60}
+    )
+    job_id = accepted["job_id"]
+    status, body, _ = await gw.call("GET", f"/jobs/{job_id}/result")
+    assert status == 200 and body["job_id"] == job_id, body  # Tako VM: 200, not 202
+    assert body["status"] in ("pending", "running") and body["message"] == "Job still in progress"
+    status, body, _ = await gw.call("GET", f"/jobs/{job_id}/result?wait=true&timeout=1")
+    assert status == 408 and body["detail"] == "Timeout waiting for job", body
+    for bad in ("0", "301", "soon"):  # Tako VM: 1-300 s
+        status, body, _ = await gw.call("GET", f"/jobs/{job_id}/result?wait=true&timeout={bad}")
+        assert status == 422 and body["detail"][0]["loc"] == ["query", "timeout"], body
+    status, body, _ = await gw.call("POST", f"/jobs/{job_id}/cancel")
+    assert status == 200 and body == {"status": "cancelled", "job_id": job_id}
+
+
+async def test_records_have_tako_vms_shape_and_view_full(gw: Gateway) -> None:
+    code = "import json; print(json.load(open('/input/data.json'))['n'] * 2)"
+    status, body, _ = await gw.call("POST", "/execute", json={"code": code, "input_data": {"n": 4}})
+    assert status == 200 and body["stdout"] == "8\n", body
+    job_id = body["execution_id"]
+    for path in (f"/jobs/{job_id}/result", f"/executions/{job_id}"):
+        status, record, _ = await gw.call("GET", path)
+        assert status == 200 and set(record) >= RECORD and not FULL_VIEW & set(record), record
+        assert record["status"] == "succeeded" and record["job_type"] == "default"
+        assert record["error"] is None and record["output"] is None
+        assert record["timing"]["execution_ms"] == record["duration_ms"]
+        assert record["timing"]["total_ms"] >= record["timing"]["execution_ms"]
+        status, full, _ = await gw.call("GET", f"{path}?view=full")
+        assert status == 200 and set(full) >= RECORD | FULL_VIEW, full
+        assert full["relationship"] is None and full["artifacts"] == []
+    status, page, _ = await gw.call("GET", "/executions?limit=3&view=full")
+    assert status == 200 and all(set(item) >= RECORD | FULL_VIEW for item in page["items"])
+
+
+async def test_rerun_and_fork_keep_the_input_and_record_the_lineage(gw: Gateway) -> None:
+    code = "import json; print(json.load(open('/input/data.json'))['n'] * 2)"
+    status, parent, _ = await gw.call(
+        "POST", "/execute", json={"code": code, "input_data": {"n": 21}, "timeout": 20}
+    )
+    assert status == 200 and parent["stdout"] == "42\n", parent
+    parent_id = parent["execution_id"]
+
+    status, rerun, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun", json={})
+    assert status == 200 and rerun["status"] == "queued" and rerun["job_id"] != parent_id
+    status, fork, _ = await gw.call(
+        "POST",
+        f"/jobs/{parent_id}/fork",
+        json={"code": "import json; print(json.load(open('/input/data.json'))['n'] + 1)"},
+    )
+    assert status == 200 and fork["status"] == "queued", fork
+    answers = {}
+    for kind, job in (("rerun", rerun), ("fork", fork)):
+        status, record, _ = await gw.call(
+            "GET", f"/jobs/{job['job_id']}/result?wait=true&timeout=120&view=full"
+        )
+        assert status == 200 and record["parent_execution_id"] == parent_id, record
+        assert record["relationship"] == kind
+        answers[kind] = record
+    assert answers["rerun"]["stdout"] == "42\n" and answers["fork"]["stdout"] == "22\n"
+
+    # a rerun with no body at all, and one overriding the timeout
+    status, again, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun")
+    assert status == 200, again
+    status, again, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun", json={"timeout": 5})
+    assert status == 200, again
+
+    # Tako VM's refusals
+    status, body, _ = await gw.call("POST", f"/jobs/{parent_id}/fork", json={})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "code"], body
+    status, body, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun", json={"timeout": 0})
+    assert status == 422, body
+    status, body, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun", json={"code": "x"})
+    assert status == 422, body  # a rerun takes no code
+    status, body, _ = await gw.call("POST", f"/jobs/nope-{uuid.uuid4()}/rerun", json={})
+    assert status == 404 and body["detail"] == "Job not found", body
+    status, running, _ = await gw.call(
+        "POST", "/execute/async", json={"code": "import time; time.sleep(30)", "timeout": 60}
+    )
+    status, body, _ = await gw.call("POST", f"/jobs/{running['job_id']}/rerun", json={})
+    assert status == 400 and body["detail"] == "Cannot rerun job that hasn't completed", body
+    await gw.call("POST", f"/jobs/{running['job_id']}/cancel")
+
+
+async def test_sync_execute_takes_an_idempotency_key(gw: Gateway) -> None:
+    body = {"code": "import uuid; print(uuid.uuid4())", "idempotency_key": f"k-{uuid.uuid4()}"}
+    status, first, _ = await gw.call("POST", "/execute", json=body)
+    assert status == 200 and first["success"], first
+    status, second, _ = await gw.call("POST", "/execute", json=body)
+    # the same job: it ran once, so the random line is the same
+    assert status == 200 and second["execution_id"] == first["execution_id"]
+    assert second["stdout"] == first["stdout"]
