@@ -156,6 +156,9 @@ class Step:
     stderr: bytes = b""
     result: bytes | None = None
     elapsed: float = 0.01
+    #: The supervisor's usage figures for the job's process (KiB, ms).
+    max_rss_kb: int | None = 20480
+    cpu_ms: int | None = 7
     exception: list[str] = field(default_factory=list)
     raises: BaseException | None = None
     block: asyncio.Event | None = None
@@ -354,13 +357,21 @@ class FakeSandbox:
                 for waiter in waits:
                     waiter.cancel()
         if cancel is not None and cancel.is_set():
-            report = Report(exit_code=143, elapsed=step.elapsed, cancelled=True)
+            report = Report(
+                exit_code=143,
+                elapsed=step.elapsed,
+                cancelled=True,
+                max_rss_kb=step.max_rss_kb,
+                cpu_ms=step.cpu_ms,
+            )
             return self._sandbox_run(Collected(report=report), call, cancel_sent=True)
         report = Report(
             exit_code=step.exit_code,
             elapsed=step.elapsed,
             exception=list(step.exception),
             stderr_tail=step.stderr.decode("utf-8", "replace")[-16384:],
+            max_rss_kb=step.max_rss_kb,
+            cpu_ms=step.cpu_ms,
         )
         collected = Collected(
             stdout=bytearray(step.stdout),

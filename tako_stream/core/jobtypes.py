@@ -96,6 +96,24 @@ class JobTypes(Mapping[str, JobType]):
             raise InvalidRequestError(problems, request.execution_id)
         return replace(default_limits(job_type), memory=memory, timeout=timeout)
 
+    def ref(self, request: ExecutionRequest) -> str | None:
+        """``name@version`` of the job type a request runs on (its result's ``job_ref``); None
+        when it names no job type or version here.
+
+        A pinned request keeps its pin, ``latest`` included: that is what it asked for.  An
+        unpinned one gets its image's tag, not ``latest``: ``latest`` moves when the image is
+        rebuilt under a new tag, and a result should say which image ran the job (a rerun can
+        pin it).  An image without a tag is ``latest`` and has no other name to give.
+        """
+        name, pinned, version = request.job_type.partition("@")
+        job_type = self.get(name)
+        if job_type is None:
+            return None
+        have = versions(job_type)
+        if pinned:
+            return f"{name}@{version}" if version in have else None
+        return f"{name}@{have[-1]}"
+
 
 def versions(job_type: JobType) -> tuple[str, ...]:
     """The versions a request may pin a job type to: ``latest`` and its image's tag."""

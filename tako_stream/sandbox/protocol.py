@@ -74,6 +74,10 @@ class Report:
     exception: list[str] = field(default_factory=list)
     result_error: str | None = None
     cancelled: bool = False
+    #: Peak resident memory of the job's process (KiB) and its user + system CPU time (ms);
+    #: None when the supervisor could not reap it or reported nonsense.
+    max_rss_kb: int | None = None
+    cpu_ms: int | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> Report | None:
@@ -103,7 +107,22 @@ class Report:
             report.exception = [n for n in names[:64] if isinstance(n, str) and len(n) < 256]
         if isinstance(raw.get("result_error"), str):
             report.result_error = raw["result_error"][:1024]
+        report.max_rss_kb = _count(raw.get("max_rss_kb"), MAX_RSS_KB)
+        report.cpu_ms = _count(raw.get("cpu_ms"), MAX_CPU_MS)
         return report
+
+
+#: Ceilings past which a reported figure is not believed: no container here has 1 TiB of memory,
+#: and no job runs for a week of CPU time.
+MAX_RSS_KB = 1 << 30
+MAX_CPU_MS = 7 * 24 * 3600 * 1000
+
+
+def _count(value: object, ceiling: int) -> int | None:
+    """A non-negative integer up to ``ceiling`` from untrusted JSON, else None."""
+    if type(value) is not int or not 0 <= value <= ceiling:  # not bool, nor a float
+        return None
+    return value
 
 
 @dataclass

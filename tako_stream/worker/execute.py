@@ -63,12 +63,12 @@ class Executor:
     ) -> ExecutionResult:
         """Run one request; ``cancel`` set (before or while it runs) cancels it; ``on_start``
         is told when it gets a container slot."""
-        job = Job(
+        job = Job.for_request(
+            request,
             execution_id=request.execution_id or "",
             correlation_id=correlation_id,
             worker_id=self.worker_id,
-            job_type=request.job_type,
-            metadata=request.metadata,
+            job_types=self.job_types,
             queued=queued,
         )
         started_at = now()

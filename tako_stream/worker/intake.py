@@ -304,10 +304,9 @@ class Intake:
             problem = await self._reply_to_problem(request.reply_to)
             if problem is not None:  # answered here only: never copied to that topic
                 log.info("invalid request: %s", problem)
-                job = Job(
-                    execution_id, corr, self.worker_id, request.job_type, request.metadata, queued
+                result = answer(
+                    self._job(request, execution_id, corr, queued), Verdict.rejected([problem])
                 )
-                result = answer(job, Verdict.rejected([problem]))
             else:
                 reply_to = request.reply_to
                 result = await self._run(request, execution_id, corr, queued)
@@ -322,7 +321,8 @@ class Intake:
             try:
                 final = await self.publisher.publish(
                     message,
-                    answer(Job(execution_id, corr, self.worker_id), Verdict.internal(exc)),
+                    # still the same request's answer: its provenance and usage stay
+                    answer(Job.of(result, keep_metadata=False), Verdict.internal(exc)),
                     first_failure_at=first_failure,
                 )
             except Exception:  # nothing more can be done; the partition must move on
@@ -352,7 +352,7 @@ class Intake:
     async def _run(
         self, request: ExecutionRequest, execution_id: str, corr: str, queued: float | None
     ) -> ExecutionResult:
-        job = Job(execution_id, corr, self.worker_id, request.job_type, request.metadata, queued)
+        job = self._job(request, execution_id, corr, queued)
         try:
             if self.cancellations.requested(execution_id) is not None:
                 log.info("cancelled before it ran")
@@ -370,6 +370,18 @@ class Intake:
         except Exception as exc:  # a bug of ours must not lose the job
             log.exception("internal error while running the job")
             return answer(job, Verdict.internal(exc), attempts=1)
+
+    def _job(
+        self, request: ExecutionRequest, execution_id: str, corr: str, queued: float | None
+    ) -> Job:
+        return Job.for_request(
+            request,
+            execution_id=execution_id,
+            correlation_id=corr,
+            worker_id=self.worker_id,
+            job_types=self.executor.job_types,
+            queued=queued,
+        )
 
     def _announce_running(self, execution_id: str, corr: str) -> None:
         """Tell the status topic the job runs (best effort, never delaying the job: the result

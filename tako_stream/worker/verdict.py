@@ -8,7 +8,8 @@ took, has the same fields filled the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,10 +22,19 @@ from tako_stream.core.classify import (
     parse_traceback,
 )
 from tako_stream.core.errors import ErrorType, Status, default_message
-from tako_stream.core.jobtypes import Limits
-from tako_stream.core.models import MAX_JSON_DEPTH, ErrorInfo, ExecutionResult, Timing, json_depth
+from tako_stream.core.jobtypes import JobTypes, Limits
+from tako_stream.core.models import (
+    MAX_JSON_DEPTH,
+    ErrorInfo,
+    ExecutionRequest,
+    ExecutionResult,
+    Relationship,
+    ResourceUsage,
+    Timing,
+    json_depth,
+)
 from tako_stream.sandbox.base import SandboxRun
-from tako_stream.sandbox.protocol import decode_text
+from tako_stream.sandbox.protocol import Report, decode_text
 
 #: Statuses an error type ends in, where it is not plain ``failed``.
 _STATUS_OF = {
@@ -85,6 +95,57 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What every answer to a request says of it, whether it ran or not: the job type version
+    it is for, hashes of its code and input, its idempotency key and lineage."""
+
+    job_ref: str | None = None
+    code_hash: str | None = None
+    input_hash: str | None = None
+    idempotency_key: str | None = None
+    parent_execution_id: str | None = None
+    relationship: Relationship | None = None
+
+    @classmethod
+    def of_request(cls, request: ExecutionRequest, job_types: JobTypes | None) -> Provenance:
+        return cls(
+            job_ref=job_types.ref(request) if job_types is not None else None,
+            code_hash=code_hash(request.code),
+            input_hash=input_hash(request.input_data),
+            idempotency_key=request.idempotency_key,
+            parent_execution_id=request.parent_execution_id,
+            relationship=request.relationship,
+        )
+
+    @classmethod
+    def of_result(cls, result: ExecutionResult) -> Provenance:
+        return cls(
+            job_ref=result.job_ref,
+            code_hash=result.code_hash,
+            input_hash=result.input_hash,
+            idempotency_key=result.idempotency_key,
+            parent_execution_id=result.parent_execution_id,
+            relationship=result.relationship,
+        )
+
+
+def code_hash(code: str) -> str:
+    """SHA-256 (hex) of the code as written to /code/main.py (lone surrogates kept, as there)."""
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def input_hash(input_data: object) -> str | None:
+    """SHA-256 (hex) of the input as canonical JSON: sorted keys, no spaces, so the same input
+    hashes the same whatever order its keys came in; None if it has no JSON form (a request
+    that validated always has one)."""
+    try:
+        canonical = orjson.dumps(input_data, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    return hashlib.sha256(canonical).hexdigest()
+
+
+@dataclass(frozen=True)
 class Job:
     """Whom an answer is for: the request's ids and what it passes through to its result."""
 
@@ -95,6 +156,33 @@ class Job:
     metadata: dict[str, object] | None = None
     #: Seconds from the request's produce time to its pick-up, when known.
     queued: float | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+    #: What a run already measured, for an answer rebuilt from its result (``Job.of``); an
+    #: answer given a run takes it from the run.
+    usage: ResourceUsage | None = None
+
+    @classmethod
+    def for_request(
+        cls,
+        request: ExecutionRequest,
+        *,
+        execution_id: str,
+        correlation_id: str,
+        worker_id: str,
+        job_types: JobTypes | None,
+        queued: float | None = None,
+    ) -> Job:
+        """Whom an answer to ``request`` is for, with everything it carries to its result
+        (``job_types`` resolves its ``job_ref``)."""
+        return cls(
+            execution_id=execution_id,
+            correlation_id=correlation_id,
+            worker_id=worker_id,
+            job_type=request.job_type,
+            metadata=request.metadata,
+            queued=queued,
+            provenance=Provenance.of_request(request, job_types),
+        )
 
     @classmethod
     def of(cls, result: ExecutionResult, *, keep_metadata: bool = True) -> Job:
@@ -106,7 +194,20 @@ class Job:
             job_type=result.job_type,
             metadata=result.metadata if keep_metadata else None,
             queued=result.timing.queued,
+            provenance=Provenance.of_result(result),
+            usage=result.resource_usage,
         )
+
+
+def resource_usage(report: Report | None, elapsed: float) -> ResourceUsage:
+    """What a run's job used: the supervisor's figures (None where it had none), and the same
+    wall time as the result's ``execution_time``."""
+    rss_kb = report.max_rss_kb if report is not None else None
+    return ResourceUsage(
+        max_rss_mb=round(rss_kb / 1024, 1) if rss_kb is not None else None,
+        cpu_time_ms=report.cpu_ms if report is not None else None,
+        wall_time_ms=round(elapsed * 1000),
+    )
 
 
 def answer(
@@ -119,6 +220,7 @@ def answer(
 ) -> ExecutionResult:
     """The result of ``job``; with ``run``, what the sandbox captured fills in its output."""
     captured: dict[str, Any] = {}
+    usage = job.usage
     if run is not None:
         collected, report = run.collected, run.collected.report
         elapsed = report.elapsed if report and report.elapsed is not None else run.seconds
@@ -131,6 +233,7 @@ def answer(
             or bool(report and report.stderr_truncated),
             "execution_time": round(elapsed, 6),
         }
+        usage = resource_usage(report, elapsed)
     timing = (
         Timing(queued=job.queued, sandbox=round(run.seconds, 6), warm=run.warm)
         if run is not None
@@ -151,6 +254,13 @@ def answer(
         finished_at=now(),
         metadata=job.metadata,
         timing=timing,
+        resource_usage=usage,
+        job_ref=job.provenance.job_ref,
+        code_hash=job.provenance.code_hash,
+        input_hash=job.provenance.input_hash,
+        idempotency_key=job.provenance.idempotency_key,
+        parent_execution_id=job.provenance.parent_execution_id,
+        relationship=job.provenance.relationship,
         **captured,
     )
 
