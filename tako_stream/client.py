@@ -29,6 +29,7 @@ from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps, loads, new_id
 from tako_stream.kafka.reader import TopicReader, latest
 from tako_stream.kafka.view import KeyedView
+from tako_stream.kafka.waiters import Waiters
 from tako_stream.settings import Settings
 
 T = TypeVar("T")
@@ -143,7 +144,7 @@ class Client:
         self._producer = Producer(self.settings)
         self._results = results_reader(self.settings)
         self._follower: asyncio.Task[None] | None = None
-        self._waiters: dict[str, list[asyncio.Future[ExecutionResult]]] = {}
+        self._waiters: Waiters[ExecutionResult] = Waiters()
         self._subscribers: set[asyncio.Queue[ExecutionResult]] = set()
         self._recent: KeyedView[ExecutionResult] = KeyedView(
             _result, keep=keep, name="results", key_of=lambda result: result.execution_id
@@ -210,20 +211,12 @@ class Client:
         known = self._recent.get(execution_id)
         if known is not None:
             return known
-        future: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(execution_id, []).append(future)
-        try:
+        with self._waiters.waiting(execution_id) as future:
             async with asyncio.timeout(timeout):
                 earlier = await self._lookup(execution_id)
                 if earlier is not None:
                     return earlier
                 return await asyncio.shield(future)
-        finally:
-            waiting = self._waiters.get(execution_id, [])
-            if future in waiting:
-                waiting.remove(future)
-            if not waiting:
-                self._waiters.pop(execution_id, None)
 
     async def run(
         self,
@@ -305,9 +298,7 @@ class Client:
                     self._deliver(result)
 
     def _deliver(self, result: ExecutionResult) -> None:
-        for future in self._waiters.get(result.execution_id, []):
-            if not future.done():
-                future.set_result(result)
+        self._waiters.wake(result.execution_id, result)
         for queue in self._subscribers:
             queue.put_nowait(result)
 

@@ -178,21 +178,19 @@ class Store:
         return answered
 
     def _result(self, db: sqlite3.Connection, record: Record) -> bool:
-        if record.key is None:
+        keyed = _keyed(db, record, "results", "execution_id")
+        if keyed is None:
             return False
-        execution_id = record.key.decode("utf-8", "replace")
-        if record.value is None:
-            db.execute("DELETE FROM results WHERE execution_id = ?", (execution_id,))
-            return False
+        execution_id, value = keyed
         try:
-            body = orjson.loads(record.value)
+            body = orjson.loads(value)
             status, finished_at = str(body["status"]), sortable(body["finished_at"])
             job_type = body.get("job_type")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return False  # not a result: another producer's noise, skipped
         db.execute(
             "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
-            (execution_id, status, job_type, finished_at, record.value),
+            (execution_id, status, job_type, finished_at, value),
         )
         # A finished job is not running any more, whatever the status topic says later.
         db.execute("DELETE FROM running WHERE execution_id = ?", (execution_id,))
@@ -200,14 +198,12 @@ class Store:
         return True
 
     def _status(self, db: sqlite3.Connection, record: Record) -> None:
-        if record.key is None:
+        keyed = _keyed(db, record, "running", "execution_id")
+        if keyed is None:
             return
-        execution_id = record.key.decode("utf-8", "replace")
-        if record.value is None:
-            db.execute("DELETE FROM running WHERE execution_id = ?", (execution_id,))
-            return
+        execution_id, value = keyed
         try:
-            body = orjson.loads(record.value)
+            body = orjson.loads(value)
             worker_id, started_at = str(body["worker_id"]), str(body["at"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
@@ -238,14 +234,12 @@ class Store:
             )
 
     def _dead_letter(self, db: sqlite3.Connection, record: Record) -> None:
-        if record.key is None:
+        keyed = _keyed(db, record, "dead_letters", "dlq_id")
+        if keyed is None:
             return
-        dlq_id = record.key.decode("utf-8", "replace")
-        if record.value is None:
-            db.execute("DELETE FROM dead_letters WHERE dlq_id = ?", (dlq_id,))
-            return
+        dlq_id, value = keyed
         try:
-            error_type, summary = summarise(record.value)
+            error_type, summary = summarise(value)
             last_failure_at = sortable(orjson.loads(summary)["last_failure_at"])
         except (ValueError, KeyError, TypeError):
             return
@@ -384,6 +378,20 @@ class Store:
             "SELECT error_type, COUNT(*) FROM dead_letters GROUP BY error_type ORDER BY error_type"
         )
         return {t: int(n) for t, n in rows}
+
+
+def _keyed(
+    db: sqlite3.Connection, record: Record, table: str, column: str
+) -> tuple[str, bytes] | None:
+    """A keyed table's record as (key, value); None once nothing is left to do with it: no key
+    (not ours), or a tombstone (the row for its key deleted here)."""
+    if record.key is None:
+        return None
+    key = record.key.decode("utf-8", "replace")
+    if record.value is None:
+        db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
+        return None
+    return key, record.value
 
 
 def _filters(**equal: str | None) -> tuple[str, tuple[str, ...]]:

@@ -30,6 +30,7 @@ from tako_stream.core.models import ExecutionResult
 from tako_stream.gateway.store import Job, Request, Store, fingerprint
 from tako_stream.kafka.reader import EndOffsets, TopicReader, read_record, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, group_members, partitions
+from tako_stream.kafka.waiters import Waiters
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.shared import BreakerStates
@@ -70,7 +71,7 @@ class ClusterView:
         self.ready = asyncio.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tako-store-writer")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="tako-store-reader")
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: Waiters[None] = Waiters()
         #: Records read from the topics since this process started (a restart reads only the
         #: new ones).
         self.records_read = 0
@@ -196,9 +197,7 @@ class ClusterView:
 
     def _wake(self, answered: list[str]) -> None:
         for execution_id in answered:
-            for future in self._waiters.pop(execution_id, []):
-                if not future.done():
-                    future.set_result(None)  # the waiter reads its result from the store
+            self._waiters.wake(execution_id, None)  # the waiter reads its result from the store
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -286,19 +285,11 @@ class ClusterView:
         """The job's result, waiting up to ``timeout`` seconds; ``TimeoutError`` after."""
         async with asyncio.timeout(timeout):
             while True:
-                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._waiters.setdefault(execution_id, []).append(future)
-                try:
+                with self._waiters.waiting(execution_id) as stored:
                     _, result, _ = await self.find(execution_id)
                     if result is not None:
                         return result
-                    await future
-                finally:
-                    waiting = self._waiters.get(execution_id, [])
-                    if future in waiting:
-                        waiting.remove(future)
-                    if not waiting:
-                        self._waiters.pop(execution_id, None)
+                    await stored  # then read from the store
 
     async def executions(
         self, *, limit: int, offset: int, status: str | None, job_type: str | None

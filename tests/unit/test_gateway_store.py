@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,48 @@ def test_times_sort_as_times() -> None:
     assert sortable("2026-01-01T00:00:00Z") < sortable("2026-01-01T00:00:00.5Z")
     assert sortable("2026-01-01T00:00:00.5Z") < sortable("2026-01-01T00:00:01Z")
     assert sortable(T0) == "2026-01-01T00:00:00.000000Z"
+
+
+def test_queue_positions_count_waiting_jobs_ahead_in_the_partition(store: Store) -> None:
+    requests = [record(TOPICS.requests, f"q{n}", b'{"code": "print(1)"}') for n in range(4)]
+    other = record(TOPICS.requests, "elsewhere", b'{"code": "print(1)"}', partition=1)
+    store.apply([*requests, other], TOPICS)
+    assert [store.queue_position(f"q{n}") for n in range(4)] == [1, 2, 3, 4]
+    assert store.queue_position("elsewhere") == 1  # its own partition's order
+    assert store.queue_counts() == (5, 0)
+    # q0 runs, q1 is answered: q2 and q3 move up; neither counts as waiting any more
+    store.apply(
+        [record(TOPICS.status, "q0", running("q0")), record(TOPICS.results, "q1", result("q1", 1))],
+        TOPICS,
+    )
+    assert store.queue_position("q0") is None and store.queue_position("q1") is None
+    assert [store.queue_position(f"q{n}") for n in (2, 3)] == [1, 2]
+    assert store.queue_counts() == (3, 1)
+    assert store.queue_position("never-seen") is None
+
+
+def test_a_result_read_before_its_request_leaves_nothing_waiting(store: Store) -> None:
+    # separate topics: the result may be read first
+    store.apply([record(TOPICS.results, "r1", result("r1", 1))], TOPICS)
+    store.apply([record(TOPICS.requests, "r1", b'{"code": "print(1)"}')], TOPICS)
+    assert store.queue_position("r1") is None and store.queue_counts() == (0, 0)
+    # a repeat of a request (an idempotent resubmit) is not a second waiting job
+    store.apply([record(TOPICS.requests, "r2", b'{"code": "print(1)"}')], TOPICS)
+    store.apply([record(TOPICS.requests, "r2", b'{"code": "print(1)"}')], TOPICS)
+    assert store.queue_counts() == (1, 0)
+
+
+def test_a_store_of_another_schema_version_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE results (execution_id TEXT PRIMARY KEY, body BLOB)")
+    old.execute("INSERT INTO results VALUES ('x', 'y')")
+    old.execute("CREATE TABLE positions (topic TEXT, partition INTEGER, next_offset INTEGER)")
+    old.execute("INSERT INTO positions VALUES ('t', 0, 99)")
+    old.commit()
+    old.close()
+    store = Store(path, cache_mb=4)
+    assert store.positions() == {} and store.known() == 0  # read from the topics again
+    store.apply([record(TOPICS.results, "j", result("j", 1))], TOPICS)
+    assert store.known() == 1
+    assert Store(path, cache_mb=4).known() == 1  # the same version is kept
