@@ -3,7 +3,8 @@
 Through Kafka (the ``stack`` fixture: a worker process, warm and cold) and, for what the
 sandbox does on its own (the image listing and its cache, the startup deadline, a missing
 image), against the engine directly.  The satisfied path uses distributions really in the
-data-processing image (Debian's numpy, pandas and their dependencies).
+data-processing image: the job type's requirements (numpy, pandas, tabulate), which
+scripts/build-images installs from Debian's packages, and their dependencies.
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ def job(code: str, **fields: object) -> dict[str, object]:
 
 
 async def test_requirements_through_kafka(stack: Stack) -> None:
+    # tabulate is installed by scripts/build-images because the job type lists it; numpy and
+    # pandas too, python-dateutil and six as their Debian dependencies.
     satisfied = job(
-        "import numpy, pandas\nprint(numpy.__version__, pandas.__version__)",
+        "import numpy, pandas, tabulate\n"
+        "print(numpy.__version__, pandas.__version__, tabulate.__version__)",
         job_type="data-processing",
-        requirements=["NumPy>=1.20,<3", "pandas", "python_dateutil>=2", "six==1.*"],
+        requirements=[
+            "NumPy>=1.20,<3",
+            "pandas",
+            "Tabulate~=0.8.0",
+            "python_dateutil>=2",
+            "six==1.*",
+        ],
     )
     too_old = job("print('never')", job_type="data-processing", requirements=["numpy>=99"])
     absent = job("print('never')", requirements=["numpy", "six"])
@@ -48,7 +58,7 @@ async def test_requirements_through_kafka(stack: Stack) -> None:
 
     ok = found[str(satisfied["execution_id"])]
     assert ok.status == "succeeded", ok
-    assert ok.stdout.split() == ["1.24.2", "1.5.3"]  # what Debian bookworm ships
+    assert ok.stdout.split() == ["1.24.2", "1.5.3", "0.8.9"]  # what Debian bookworm ships
 
     old = found[str(too_old["execution_id"])]
     assert old.status == "failed" and old.error is not None
@@ -124,6 +134,7 @@ async def test_the_image_listing_is_real_cached_and_leaves_nothing(
     assert first[0] == first[1] == first[2]
     listing = first[0]
     assert listing["numpy"] == "1.24.2" and listing["pandas"] == "1.5.3"
+    assert listing["tabulate"] == "0.8.9"
     assert "python-dateutil" in listing  # normalised as PEP 503 says
     assert len(sandbox._listings) == 1  # one image id listed
     assert dict(await sandbox.distributions(DEFAULT)) == {}  # the standard library only

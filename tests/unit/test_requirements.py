@@ -138,7 +138,12 @@ def test_at_most_fifty_requirements() -> None:
 
 
 def test_job_types_may_list_their_requirements() -> None:
-    assert JobTypes.load()["data-processing"].requirements == ("numpy", "pandas")
+    assert JobTypes.load()["data-processing"].requirements == (
+        "numpy==1.24.2",
+        "pandas==1.5.3",
+        "tabulate==0.8.9",
+    )
+    assert JobTypes.load()["default"].requirements == ()
     with pytest.raises(ValidationError, match="markers"):
         JobType(name="x", image="i", requirements=("numpy; os_name == 'nt'",))
 
