@@ -14,7 +14,7 @@ import itertools
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -242,6 +242,11 @@ class FakeSandbox:
         self.changed = Pulse()
         self._names = itertools.count(1)
         self._blocks: set[asyncio.Event] = set()
+        #: What ``distributions`` lists per image (normalised name → version; unknown images
+        #: hold none), the images it was asked about, and errors its next calls raise.
+        self.installed: dict[str, dict[str, str]] = {}
+        self.listings: list[str] = []
+        self.listing_errors: deque[SandboxError] = deque()
 
     # scripting
     def then(self, *steps: Step) -> None:
@@ -302,6 +307,13 @@ class FakeSandbox:
 
     async def drain(self, timeout: float = 10.0) -> None:
         self.drains += 1
+
+    async def distributions(self, limits: Limits) -> Mapping[str, str]:
+        self.listings.append(limits.image)
+        self.changed.fire()
+        if self.listing_errors:
+            raise self.listing_errors.popleft()
+        return dict(self.installed.get(limits.image, {}))
 
     async def run(
         self,

@@ -15,9 +15,11 @@ Python exceptions (``EXCEPTION_TABLE``, walked along the exception's MRO)::
     syntax_error  import_error  type_error  value_error  key_error  index_error  attribute_error
     name_error  file_not_found  recursion_error  division_error  encoding_error  json_error
     and, for OS-level exceptions: permission  os_error  network_error  network_timeout  oom
+    and, from Tako VM's classifier: assertion_error  overflow_error  file_error
 
 System errors: permission, os_error, network_error, network_timeout, timeout, killed,
-service_unavailable, internal_error; and ours: runtime_error, invalid_request, invalid_output,
+service_unavailable, internal_error; Tako VM's startup_timeout, dependency_error and
+docker_error; and ours: runtime_error, invalid_request, invalid_output,
 nonzero_exit.
 
 The service's own exceptions form one tree, each naming the ``ErrorType`` it becomes; library
@@ -27,7 +29,9 @@ errors (aiodocker's, aiokafka's) are mapped into it where they are raised, at th
     ├── InvalidRequestError                     invalid_request  (.errors: one line per bad field)
     ├── SandboxError                            internal_error
     │   ├── SandboxUnavailableError             service_unavailable  (transient, breaker counts it)
-    │   └── SandboxSetupError                   internal_error       (fail closed, never run)
+    │   ├── SandboxSetupError                   internal_error       (fail closed, never run)
+    │   │   └── ImageMissingError               docker_error         (the job type's image)
+    │   └── StartupTimeoutError                 startup_timeout      (create+start too slow)
     ├── CancelledBeforeStart                    cancelled  (cancelled while waiting for a slot)
     ├── CancelRefused                           -          (the job had finished: .result)
     └── BrokerError                             internal_error  (Kafka did not answer: retried)
@@ -53,11 +57,13 @@ __all__ = [
     "CancelRefused",
     "CancelledBeforeStart",
     "ErrorType",
+    "ImageMissingError",
     "InvalidRequestError",
     "PublishRefusedError",
     "SandboxError",
     "SandboxSetupError",
     "SandboxUnavailableError",
+    "StartupTimeoutError",
     "Status",
     "TakoError",
     "default_message",
@@ -77,7 +83,8 @@ class Status(StrEnum):
 
 
 class ErrorType(StrEnum):
-    """Why a job failed: the seed's three tables plus the four types only we produce."""
+    """Why a job failed: the seed's three tables, the rows of Tako VM's classifier its guide leaves
+    out, and the four types only we produce."""
 
     # Signal exit codes.
     OOM = "oom"
@@ -101,6 +108,10 @@ class ErrorType(StrEnum):
     DIVISION_ERROR = "division_error"
     ENCODING_ERROR = "encoding_error"
     JSON_ERROR = "json_error"
+    # Tako VM's classifier has these rows too (its error guide does not list them).
+    ASSERTION_ERROR = "assertion_error"
+    OVERFLOW_ERROR = "overflow_error"
+    FILE_ERROR = "file_error"  # a directory where a file was expected, or the reverse
     # System errors.
     PERMISSION = "permission"
     OS_ERROR = "os_error"
@@ -110,6 +121,10 @@ class ErrorType(StrEnum):
     KILLED = "killed"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = "internal_error"
+    # Tako VM's further system errors (from its classifier, not its guide).
+    STARTUP_TIMEOUT = "startup_timeout"  # the container did not start within startup_timeout
+    DEPENDENCY_ERROR = "dependency_error"  # the image lacks a requested requirement
+    DOCKER_ERROR = "docker_error"  # the job type's image is not on the engine
     # Ours: failures the seed's tables have no row for.
     RUNTIME_ERROR = "runtime_error"  # an uncaught exception of a type no row names
     INVALID_REQUEST = "invalid_request"  # the message could not be decoded or validated
@@ -151,6 +166,8 @@ EXCEPTION_TABLE: Sequence[tuple[tuple[str, ...], ErrorType]] = (
         ErrorType.ENCODING_ERROR,
     ),
     (("FileNotFoundError",), ErrorType.FILE_NOT_FOUND),
+    # Tako VM's file_error: OSErrors about a path's kind, listed before OSError's own row.
+    (("IsADirectoryError", "NotADirectoryError"), ErrorType.FILE_ERROR),
     (("PermissionError",), ErrorType.PERMISSION),
     (("socket.timeout", "TimeoutError"), ErrorType.NETWORK_TIMEOUT),
     (
@@ -171,8 +188,6 @@ EXCEPTION_TABLE: Sequence[tuple[tuple[str, ...], ErrorType]] = (
             "OSError",
             "IOError",
             "EnvironmentError",
-            "IsADirectoryError",
-            "NotADirectoryError",
             "FileExistsError",
             "BlockingIOError",
             "ChildProcessError",
@@ -190,6 +205,8 @@ EXCEPTION_TABLE: Sequence[tuple[tuple[str, ...], ErrorType]] = (
     (("TypeError",), ErrorType.TYPE_ERROR),
     (("ValueError",), ErrorType.VALUE_ERROR),
     (("MemoryError",), ErrorType.OOM),
+    (("AssertionError",), ErrorType.ASSERTION_ERROR),
+    (("OverflowError",), ErrorType.OVERFLOW_ERROR),
 )
 
 
@@ -225,6 +242,12 @@ _MESSAGES: Mapping[ErrorType, str] = MappingProxyType(
         ErrorType.KILLED: "Process killed by system",
         ErrorType.SERVICE_UNAVAILABLE: "Service temporarily unavailable",
         ErrorType.INTERNAL_ERROR: "Internal error",
+        ErrorType.ASSERTION_ERROR: "Assertion failed",
+        ErrorType.OVERFLOW_ERROR: "Numeric overflow",
+        ErrorType.FILE_ERROR: "Expected a file but found a directory, or the reverse",
+        ErrorType.STARTUP_TIMEOUT: "Container startup exceeded the startup timeout",
+        ErrorType.DEPENDENCY_ERROR: "A required package is not installed in the image",
+        ErrorType.DOCKER_ERROR: "Docker image not found",
         ErrorType.RUNTIME_ERROR: "Uncaught exception",
         ErrorType.INVALID_REQUEST: "Invalid request",
         ErrorType.INVALID_OUTPUT: "Output is not a JSON object within the size limit",
@@ -247,13 +270,16 @@ RETRYABLE: frozenset[ErrorType] = frozenset(
 
 #: Caused by what the user sent (code or request) while the service worked: the service never
 #: retries these, never dead-letters them, and never counts them against the sandbox's health.
-#: Left out: cancelled and killed (someone else ended the job) and service_unavailable and
-#: internal_error (our fault).
+#: Left out: cancelled and killed (someone else ended the job), service_unavailable,
+#: internal_error and docker_error (our fault: the engine or a job type's missing image), and
+#: startup_timeout (a slow engine, not the code: the code never started).
 USER_ERRORS: frozenset[ErrorType] = frozenset(ErrorType) - {
     ErrorType.CANCELLED,
     ErrorType.KILLED,
     ErrorType.SERVICE_UNAVAILABLE,
     ErrorType.INTERNAL_ERROR,
+    ErrorType.DOCKER_ERROR,
+    ErrorType.STARTUP_TIMEOUT,
 }
 
 
@@ -298,6 +324,18 @@ class SandboxUnavailableError(SandboxError):
 
 class SandboxSetupError(SandboxError):
     """A container could not get the required isolation settings: fail closed, never run it."""
+
+
+class ImageMissingError(SandboxSetupError):
+    """The job type's image is not on the engine (Tako VM's docker_error): never retried."""
+
+    error_type: ClassVar[ErrorType] = ErrorType.DOCKER_ERROR
+
+
+class StartupTimeoutError(SandboxError):
+    """The container was not created and started within the request's ``startup_timeout``."""
+
+    error_type: ClassVar[ErrorType] = ErrorType.STARTUP_TIMEOUT
 
 
 class CancelledBeforeStart(TakoError):

@@ -29,6 +29,9 @@ class Limits:
     output_size: int = 16 * _MiB
     file_size: int = 64 * _MiB
     open_files: int = 256
+    #: Seconds creating and starting a cold container may take (the request's
+    #: ``startup_timeout``); None: only each Engine API call's own bound, as before.
+    startup_timeout: float | None = None
 
 
 class JobTypes(Mapping[str, JobType]):
@@ -94,7 +97,12 @@ class JobTypes(Mapping[str, JobType]):
                 )
         if problems:
             raise InvalidRequestError(problems, request.execution_id)
-        return replace(default_limits(job_type), memory=memory, timeout=timeout)
+        return replace(
+            default_limits(job_type),
+            memory=memory,
+            timeout=timeout,
+            startup_timeout=request.startup_timeout,
+        )
 
     def ref(self, request: ExecutionRequest) -> str | None:
         """``name@version`` of the job type a request runs on (its result's ``job_ref``); None

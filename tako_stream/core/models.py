@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.requirements import parse_requirement
 
 #: Header carrying the correlation id on requests, results and DLQ records.
 CORRELATION_HEADER = "x-correlation-id"
@@ -86,8 +87,20 @@ MemoryLimit = Annotated[str, AfterValidator(_check_size)]
 IdempotencyKey = Annotated[
     str, StringConstraints(min_length=8, max_length=255, pattern=r"^[A-Za-z0-9_-]+$")
 ]
-#: A requirement as pip writes one: a distribution name, optional extras and version specifiers.
-Requirement = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+
+
+def _requirement(text: str) -> str:
+    parse_requirement(text)  # a malformed one is refused here, naming it
+    return text
+
+
+#: A requirement as pip writes one: a distribution name, optional extras and version specifiers
+#: (no environment marker, no URL: nothing is installed, the image must already satisfy it).
+Requirement = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+    AfterValidator(_requirement),
+]
 Relationship = Literal["rerun", "fork"]
 MAX_REQUIREMENTS = 50
 
@@ -341,6 +354,11 @@ class JobType(BaseModel):
     runtime: str | None = Field(default=None, description="OCI runtime, e.g. 'runsc'.")
     python_version: str = Field(
         default="3", description="The image's Python, as scripts/build-images installs it."
+    )
+    requirements: tuple[Requirement, ...] = Field(
+        default=(),
+        description="Distributions its image is built with (scripts/build-images), as pip "
+        "writes them; requests' requirements are checked against the image itself.",
     )
     warm_pool_size: int | None = Field(
         default=None,

@@ -18,9 +18,14 @@ from tako_stream.kafka.codec import dumps, header
 from tako_stream.kafka.message import Incoming
 
 #: Error types whose requests go to the DLQ as well as getting a result: the system, not the
-#: user's code, is why they did not run.
+#: user's code, is why they did not run (docker_error: the job type's image is missing).
 DEAD_LETTER_TYPES = frozenset(
-    {ErrorType.INVALID_REQUEST, ErrorType.INTERNAL_ERROR, ErrorType.SERVICE_UNAVAILABLE}
+    {
+        ErrorType.INVALID_REQUEST,
+        ErrorType.INTERNAL_ERROR,
+        ErrorType.SERVICE_UNAVAILABLE,
+        ErrorType.DOCKER_ERROR,
+    }
 )
 
 REPLAY_COUNT_HEADER = "x-tako-replay-count"

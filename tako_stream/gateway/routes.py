@@ -75,7 +75,7 @@ def job_type_body(job_type: JobType) -> dict[str, Any]:
     """Tako VM's job type, then ours."""
     return {
         "name": job_type.name,
-        "requirements": [],
+        "requirements": list(job_type.requirements),
         "python_version": job_type.python_version,
         "memory_limit": job_type.memory,
         "cpu_limit": job_type.cpus,
@@ -86,7 +86,7 @@ def job_type_body(job_type: JobType) -> dict[str, Any]:
         # The gateway does not see the engine (the workers fail closed on a missing image).
         "image_exists": None,
         "versions": list(versions(job_type)),
-        **job_type.model_dump(mode="json", exclude={"name", "python_version"}),
+        **job_type.model_dump(mode="json", exclude={"name", "python_version", "requirements"}),
     }
 
 

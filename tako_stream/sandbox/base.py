@@ -8,6 +8,7 @@ containers, retries, cancellation) is unit-tested against an in-memory fake, whi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,7 +50,8 @@ class Sandbox(Protocol):
         ...
 
     async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> Prepared:
-        """Start a sandbox that waits for one job."""
+        """Start a sandbox that waits for one job; ``StartupTimeoutError`` when that takes
+        longer than ``limits.startup_timeout``."""
         ...
 
     async def run(
@@ -68,6 +70,11 @@ class Sandbox(Protocol):
 
     async def discard(self, prepared: Prepared) -> None:
         """Remove a prepared sandbox that will not run a job."""
+        ...
+
+    async def distributions(self, limits: Limits) -> Mapping[str, str]:
+        """The Python distributions installed in ``limits.image``, as a job's interpreter finds
+        them: PEP 503-normalised name → version.  Learnt once per image and kept."""
         ...
 
     async def drain(self, timeout: float = 10.0) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import aiodocker
@@ -25,8 +27,15 @@ from aiodocker.stream import Stream
 from aiodocker.types import SENTINEL
 from yarl import URL
 
-from tako_stream.core.errors import SandboxSetupError, SandboxUnavailableError, TakoError
+from tako_stream.core.errors import (
+    ImageMissingError,
+    SandboxSetupError,
+    SandboxUnavailableError,
+    StartupTimeoutError,
+    TakoError,
+)
 from tako_stream.core.jobtypes import Limits
+from tako_stream.core.requirements import normalize
 from tako_stream.sandbox.base import Prepared, SandboxRun
 from tako_stream.sandbox.protocol import (
     CANCEL,
@@ -75,6 +84,21 @@ class DockerPrepared:
         connection = response.connection if response is not None else None
         transport = connection.transport if connection is not None else None
         return transport is not None and not transport.is_closing()
+
+
+@dataclass
+class DockerCreated:
+    """A container created but not started, with what is left of its startup timeout."""
+
+    container: aiodocker.containers.DockerContainer
+    deadline: float | None  # loop time by which it must have started, or None
+    timeout: float | None  # the startup timeout itself, for messages
+
+
+def _startup_timeout(timeout: float | None) -> StartupTimeoutError:
+    return StartupTimeoutError(
+        f"Container startup exceeded the startup timeout ({timeout or 0:g}s)"
+    )
 
 
 #: Host processes a gVisor sandbox needs besides the job's own: measured here, an idle runsc
@@ -150,6 +174,52 @@ def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any
     }
 
 
+#: Run in a one-shot container of an image: its installed distributions as a JSON object
+#: ``{name: version}``, as a job's interpreter (``python3 -I``, site on) finds them; the first
+#: of a name on ``sys.path`` wins, as it would for an import.
+LISTING_SOURCE = """\
+import importlib.metadata as metadata, json, sys
+found = {}
+for dist in metadata.distributions():
+    name, version = dist.metadata["Name"], dist.version
+    if isinstance(name, str) and isinstance(version, str):
+        found.setdefault(name, version)
+sys.stdout.write(json.dumps(found))
+"""
+#: Bounds on what a listing may be: an image holds hundreds of distributions, not thousands.
+LISTING_CAP = 1024 * 1024
+LISTING_MAX_ENTRIES = 20_000
+LISTING_MAX_NAME = 200
+
+
+def listing_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
+    """A job container's lock-down, running ``LISTING_SOURCE`` as nobody with no capability at
+    all (no job to copy in, so no set-up as root) and no stdin."""
+    config = container_config(limits, labels)
+    config["Cmd"] = [JOB_PYTHON, "-I", "-c", LISTING_SOURCE]
+    config["User"] = f"{JOB_UID}:{JOB_GID}"
+    config["OpenStdin"] = config["AttachStdin"] = False
+    del config["HostConfig"]["CapAdd"]
+    return config
+
+
+def parse_listing(raw: bytes) -> Mapping[str, str]:
+    """Normalised name → version from a listing's output, or ``ValueError`` saying what is
+    wrong (the output is a container's: checked, never trusted)."""
+    try:
+        found = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(found, dict) or len(found) > LISTING_MAX_ENTRIES:
+        raise ValueError(f"not an object of at most {LISTING_MAX_ENTRIES} names")
+    listing: dict[str, str] = {}
+    for name, version in found.items():
+        if not (isinstance(version, str) and 0 < len(name) <= LISTING_MAX_NAME):
+            raise ValueError(f"bad entry {name[:LISTING_MAX_NAME]!r}")
+        listing.setdefault(normalize(name), version[:LISTING_MAX_NAME])
+    return MappingProxyType(listing)
+
+
 @contextlib.contextmanager
 def engine_errors(step: str) -> Iterator[None]:
     """Map what the Engine API raises during ``step`` to our errors: the daemon unreachable or
@@ -164,6 +234,9 @@ def engine_errors(step: str) -> Iterator[None]:
             raise SandboxUnavailableError(
                 f"Docker daemon unreachable during {step}: {exc}"
             ) from exc
+        if exc.status == 404 and "image" in str(exc.message).lower():
+            # Tako VM's docker_error: the job type's image was never built (or was removed).
+            raise ImageMissingError(f"Docker image not found: {exc.message}") from exc
         raise SandboxSetupError(f"Container {step} failed: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:  # OSError covers TimeoutError
         raise SandboxUnavailableError(f"Docker daemon unreachable during {step}: {exc}") from exc
@@ -171,14 +244,14 @@ def engine_errors(step: str) -> Iterator[None]:
         raise SandboxSetupError(f"Container {step} failed: {exc!r}") from exc
 
 
-def _attach(docker: aiodocker.Docker, container_id: str) -> Stream:
+def _attach(docker: aiodocker.Docker, container_id: str, *, stdin: bool = True) -> Stream:
     """An attach stream to stdin, stdout and stderr.  ``DockerContainer.attach`` inspects the
     container first only to learn whether it has a TTY; ours never do, and that inspect was one
     Engine API call in five of every job's."""
 
     async def setup() -> tuple[URL, bytes | None, bool]:
         query: dict[str, str | int] = {"detachKeys": "", "logs": 0, "stream": 1}
-        query.update(stdin=1, stdout=1, stderr=1)
+        query.update(stdin=int(stdin), stdout=1, stderr=1)
         return URL(f"containers/{container_id}/attach").with_query(query), None, False
 
     return Stream(docker, setup, docker._resolve_long_running_timeout(SENTINEL))
@@ -202,6 +275,10 @@ class DockerSandbox:
         self._grace = timeout_grace
         self._api_timeout = api_timeout
         self._removals: set[asyncio.Task[None]] = set()
+        #: Each image's distributions by image id (a rebuilt tag is listed again), and the
+        #: listings under way, so concurrent jobs on a new image start one container, not many.
+        self._listings: dict[str, Mapping[str, str]] = {}
+        self._listing: dict[str, asyncio.Future[Mapping[str, str]]] = {}
 
     async def ping(self) -> None:
         """Raise ``SandboxUnavailableError`` unless the daemon answers."""
@@ -212,29 +289,143 @@ class DockerSandbox:
             raise SandboxUnavailableError(str(exc)) from exc
 
     async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> DockerPrepared:
-        """Create, attach and start a container; its supervisor then waits for one job."""
-        labels = {
+        """Create, attach and start a container; its supervisor then waits for one job.
+
+        ``limits.startup_timeout`` bounds the whole of it (``StartupTimeoutError``); without
+        it each Engine API call is bounded on its own, as before."""
+        created = await self._create(limits, self._labels(execution_id))
+        return await self._start(created)
+
+    def _labels(self, execution_id: str) -> dict[str, str]:
+        return {
             LABEL: "1",
             LABEL_WORKER: self._worker_id,
             LABEL_EXECUTION: execution_id,
             LABEL_HOST: _HOST,
             LABEL_PID: str(os.getpid()),
         }
+
+    async def _create(
+        self, limits: Limits, labels: Mapping[str, str], config: dict[str, Any] | None = None
+    ) -> DockerCreated:
+        """Create the container (``config``, else a job's); the clock of ``startup_timeout``
+        starts here and goes on in the ``DockerCreated``."""
+        loop = asyncio.get_running_loop()
+        timeout = limits.startup_timeout
+        deadline = None if timeout is None else loop.time() + timeout
+        body = config if config is not None else container_config(limits, labels)
         name = f"tako-{uuid.uuid4().hex[:12]}"
-        with engine_errors("create"):
-            container = await self._docker.containers.create(
-                container_config(limits, labels), name=name
-            )
+
+        async def create() -> aiodocker.containers.DockerContainer:
+            with engine_errors("create"):
+                return await self._docker.containers.create(body, name=name)
+
+        # Not cancelled when the deadline passes: the daemon would go on creating a container
+        # nobody removes.  It is left to finish and removed then.
+        creating = asyncio.ensure_future(create())
+        try:
+            async with asyncio.timeout_at(deadline):
+                container = await asyncio.shield(creating)
+        except BaseException as exc:
+            creating.add_done_callback(self._remove_created)
+            if isinstance(exc, TimeoutError):
+                raise _startup_timeout(timeout) from None
+            raise
+        return DockerCreated(container, deadline, timeout)
+
+    async def _start(self, created: DockerCreated) -> DockerPrepared:
+        container = created.container
         prepared = DockerPrepared(container, _attach(self._docker, container.id))
         try:
-            with engine_errors("start"):
-                async with asyncio.timeout(self._api_timeout):  # a hung daemon never answers
-                    await prepared.stream._init()  # attach before start: no output missed
-                    await container.start()
-        except BaseException:
+            async with asyncio.timeout_at(created.deadline):
+                with engine_errors("start"):
+                    async with asyncio.timeout(self._api_timeout):  # a hung daemon never answers
+                        await prepared.stream._init()  # attach before start: no output missed
+                        await container.start()
+        except BaseException as exc:
             await self.discard(prepared)
+            # engine_errors maps every TimeoutError of its own: one here is the deadline's
+            if isinstance(exc, TimeoutError):
+                raise _startup_timeout(created.timeout) from None
             raise
         return prepared
+
+    def _remove_created(
+        self, creating: asyncio.Future[aiodocker.containers.DockerContainer]
+    ) -> None:
+        if creating.cancelled() or creating.exception() is not None:
+            return
+        removal = asyncio.ensure_future(self._remove(creating.result()))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+
+    async def distributions(self, limits: Limits) -> Mapping[str, str]:
+        """The Python distributions in ``limits.image`` (normalised name → version), listed
+        once per image id by a one-shot locked-down container.
+
+        ``ImageMissingError`` when the image is not there; ``SandboxUnavailableError`` when
+        the engine does not answer or the listing takes too long (transient: retried);
+        ``SandboxSetupError`` when the image's listing makes no sense (never trusted)."""
+        with engine_errors("image inspect"):
+            async with asyncio.timeout(self._api_timeout):
+                image_id = str((await self._docker.images.inspect(limits.image))["Id"])
+        known = self._listings.get(image_id)
+        if known is not None:
+            return known
+        pending = self._listing.get(image_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._list(limits))
+            self._listing[image_id] = pending
+
+            def settle(done: asyncio.Future[Mapping[str, str]]) -> None:
+                self._listing.pop(image_id, None)
+                if not done.cancelled() and done.exception() is None:
+                    self._listings[image_id] = done.result()
+
+            pending.add_done_callback(settle)
+        # shielded: one waiter cancelled (its job cancelled) does not end the others' listing
+        return await asyncio.shield(pending)
+
+    async def _list(self, limits: Limits) -> Mapping[str, str]:
+        """Run ``LISTING_SOURCE`` in ``limits.image``, whatever the request's startup timeout."""
+        limits = replace(limits, startup_timeout=None)
+        created = await self._create(
+            limits, self._labels("listing"), listing_config(limits, self._labels("listing"))
+        )
+        container = created.container
+        stream = _attach(self._docker, container.id, stdin=False)
+        prepared = DockerPrepared(container, stream)
+        out = bytearray()
+        try:
+            with engine_errors("listing"):
+                # create is bounded by the client, this by one budget: a python3 start-up and
+                # a scan of site-packages take well under a second.
+                async with asyncio.timeout(self._api_timeout + 10):
+                    await stream._init()
+                    await container.start()
+                    while (message := await stream.read_out()) is not None:
+                        if message.stream == 1:
+                            out += message.data
+                            if len(out) > LISTING_CAP:
+                                raise SandboxSetupError(
+                                    f"the distribution listing of {limits.image} exceeds "
+                                    f"{LISTING_CAP} bytes"
+                                )
+                    exit_code = (await container.wait()).get("StatusCode")
+        finally:
+            await self.discard(prepared)
+        if exit_code != 0:
+            raise SandboxSetupError(
+                f"could not list the distributions of {limits.image} (exit {exit_code})"
+            )
+        try:
+            listing = parse_listing(bytes(out))
+        except ValueError as exc:
+            raise SandboxSetupError(
+                f"the distribution listing of {limits.image} is unusable: {exc}"
+            ) from None
+        log.info("image %s holds %d distributions", limits.image, len(listing))
+        return listing
 
     async def run(
         self,

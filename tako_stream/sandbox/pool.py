@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def warm_key(limits: Limits) -> Limits:
-    """What a warm container is made for: everything but the timeout (sent with the job)."""
-    return replace(limits, timeout=0)
+    """What a warm container is made for: everything but the timeout (sent with the job) and
+    the startup timeout (a warm container has started already)."""
+    return replace(limits, timeout=0, startup_timeout=None)
 
 
 class WarmPool:

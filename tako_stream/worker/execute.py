@@ -19,6 +19,7 @@ from tako_stream.core.errors import (
 )
 from tako_stream.core.jobtypes import JobTypes, Limits
 from tako_stream.core.models import ExecutionRequest, ExecutionResult
+from tako_stream.core.requirements import unsatisfied
 from tako_stream.kafka.codec import dumps
 from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.pool import SandboxPool
@@ -76,6 +77,10 @@ class Executor:
             limits = self.job_types.limits(request)
         except InvalidRequestError as exc:
             return answer(job, Verdict.rejected(exc.errors))
+        if request.requirements:
+            refused = await self._check_requirements(request, limits)
+            if refused is not None:
+                return answer(job, refused, started_at=started_at)
         payload = encode_job(
             code=request.code,
             input_json=dumps(request.input_data),
@@ -97,6 +102,45 @@ class Executor:
             return answer(job, verdict, attempts=attempts, started_at=started_at)
         verdict = classify(run, limits)
         return answer(job, verdict, run=run, attempts=attempts, started_at=started_at)
+
+    async def _check_requirements(
+        self, request: ExecutionRequest, limits: Limits
+    ) -> Verdict | None:
+        """None when the job type's image satisfies every requirement of ``request``, else the
+        verdict: a ``dependency_error`` naming each one it does not, or why the image's
+        distributions could not be learnt (the job is never run unchecked).
+
+        Nothing is installed: the code is untrusted and has no network.  An engine that does
+        not answer is retried as a job's run is, and reported to the breaker."""
+        requirements = request.requirements or []
+        failure: SandboxError | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                installed = await self.pool.sandbox.distributions(limits)
+            except SandboxUnavailableError as exc:
+                failure = exc
+                log.warning("listing %s, attempt %d: %s", limits.image, attempt, exc)
+                await self._report(Outcome.FAILURE, str(exc))
+                if attempt < self.retry.max_attempts:
+                    await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            except SandboxError as exc:  # the image is missing, or its listing makes no sense
+                return Verdict.failure(exc.error_type, message=str(exc))
+            try:
+                missing = unsatisfied(requirements, installed)
+            except ValueError as exc:  # validated with the request already; kept fail-closed
+                return Verdict.rejected([f"requirements: {exc}"])
+            if not missing:
+                return None
+            return Verdict.failure(
+                ErrorType.DEPENDENCY_ERROR,
+                message=f"Requirements not satisfied by job type {request.job_type!r} "
+                f"(nothing is installed at run time): " + "; ".join(missing),
+            )
+        return Verdict.failure(
+            ErrorType.SERVICE_UNAVAILABLE,
+            message=f"Could not list the distributions of {limits.image}: {failure}",
+        )
 
     async def _run_with_retries(
         self,

@@ -39,6 +39,7 @@ from tako_stream.sandbox.protocol import Report, decode_text
 #: Statuses an error type ends in, where it is not plain ``failed``.
 _STATUS_OF = {
     ErrorType.TIMEOUT: Status.TIMEOUT,
+    ErrorType.STARTUP_TIMEOUT: Status.TIMEOUT,
     ErrorType.OOM: Status.OOM,
     ErrorType.CANCELLED: Status.CANCELLED,
     ErrorType.INVALID_REQUEST: Status.REJECTED,

@@ -134,6 +134,49 @@ def test_empty_exception_list_falls_back_to_the_traceback() -> None:
     assert verdict.status is Status.FAILED
 
 
+@pytest.mark.parametrize(
+    ("last_line", "mro", "expected"),
+    [
+        ("AssertionError: one item expected", ["AssertionError"], ErrorType.ASSERTION_ERROR),
+        ("AssertionError", ["AssertionError"], ErrorType.ASSERTION_ERROR),
+        (
+            "OverflowError: (34, 'Numerical result out of range')",
+            ["OverflowError", "ArithmeticError"],
+            ErrorType.OVERFLOW_ERROR,
+        ),
+        (
+            "IsADirectoryError: [Errno 21] Is a directory: '/tmp'",
+            ["IsADirectoryError", "OSError"],
+            ErrorType.FILE_ERROR,
+        ),
+        (
+            "NotADirectoryError: [Errno 20] Not a directory: '/etc/passwd'",
+            ["NotADirectoryError", "OSError"],
+            ErrorType.FILE_ERROR,
+        ),
+        (
+            "FileExistsError: [Errno 17] File exists: '/tmp'",
+            ["FileExistsError", "OSError"],
+            ErrorType.OS_ERROR,  # Tako VM's file_error names only the two above
+        ),
+    ],
+)
+@pytest.mark.parametrize("with_mro", [True, False])
+def test_tako_vm_classifier_rows(
+    last_line: str, mro: list[str], expected: ErrorType, with_mro: bool
+) -> None:
+    stderr = 'Traceback (most recent call last):\n  File "/code/main.py", line 2\n' + last_line
+    report = Report(
+        exit_code=1,
+        stderr_tail=stderr + "\n",
+        exception=[*mro, "Exception", "BaseException"] if with_mro else [],
+    )
+    verdict = classify(run(report), LIMITS)
+    assert verdict.status is Status.FAILED
+    assert error_type(verdict) is expected
+    assert verdict.error is not None and verdict.error.message == last_line
+
+
 def test_unknown_exception_is_runtime_error() -> None:
     report = Report(exit_code=1, exception=["mylib.Weird", "Exception", "BaseException"])
     assert error_type(classify(run(report), LIMITS)) is ErrorType.RUNTIME_ERROR

@@ -196,6 +196,7 @@ def test_dead_letter_types() -> None:
         ErrorType.INVALID_REQUEST,
         ErrorType.INTERNAL_ERROR,
         ErrorType.SERVICE_UNAVAILABLE,
+        ErrorType.DOCKER_ERROR,  # a job type's missing image: ours, as internal_error was
     } == dlq.DEAD_LETTER_TYPES
 
 

@@ -103,10 +103,18 @@ SEED_TYPES = {
 }  # fmt: skip
 
 
+#: Rows of Tako VM's classifier (tako_vm/security.py classify_error, and its startup-phase
+#: timeout) that its error guide does not list.
+TAKO_VM_TYPES = {
+    "assertion_error", "overflow_error", "file_error", "startup_timeout", "dependency_error",
+    "docker_error",
+}  # fmt: skip
+
+
 def test_error_types_are_the_seed_tables_plus_ours() -> None:
     ours = {"runtime_error", "invalid_request", "invalid_output", "nonzero_exit"}
-    assert {t.value for t in ErrorType} == SEED_TYPES | ours
-    assert len(ErrorType) == len(SEED_TYPES) + len(ours)
+    assert {t.value for t in ErrorType} == SEED_TYPES | TAKO_VM_TYPES | ours
+    assert len(ErrorType) == len(SEED_TYPES) + len(TAKO_VM_TYPES) + len(ours)
 
 
 def test_enums_are_plain_strings() -> None:
@@ -211,6 +219,12 @@ def _unbound() -> object:
     return _name
 
 
+def _failed_assert() -> object:
+    value = len(_EMPTY)
+    assert value == 1, "one item expected"  # the statement itself is under test
+    return value
+
+
 def _import_missing_name() -> object:
     from json import no_such_name  # type: ignore[attr-defined]
 
@@ -254,7 +268,10 @@ def _import_missing_name() -> object:
         pytest.param(raise_(BadError("user subclass")), "value_error", id="user-subclass"),
         pytest.param(raise_(UnlistedError()), "runtime_error", id="unlisted"),
         pytest.param(raise_(RuntimeError("x")), "runtime_error", id="runtime"),
-        pytest.param(raise_(AssertionError()), "runtime_error", id="assertion"),
+        pytest.param(raise_(AssertionError()), "assertion_error", id="assertion-raised"),
+        pytest.param(_failed_assert, "assertion_error", id="assertion"),
+        pytest.param(lambda: 2.0**5000, "overflow_error", id="overflow"),
+        pytest.param(lambda: int(1e400), "overflow_error", id="overflow-int"),
         pytest.param(raise_(KeyboardInterrupt()), "runtime_error", id="keyboard-interrupt"),
         pytest.param(raise_(MemoryError()), "oom", id="memory"),
     ],
@@ -283,8 +300,9 @@ def _connect_to_closed_port() -> object:
             lambda: subprocess.run([__file__], check=False), "permission", id="permission"
         ),
         pytest.param(raise_(PermissionError(13, "denied")), "permission", id="permission-raised"),
-        pytest.param(lambda: os.listdir("/etc/passwd"), "os_error", id="not-a-directory"),
-        pytest.param(lambda: Path("/").read_bytes(), "os_error", id="is-a-directory"),
+        # Tako VM's file_error: a path of the wrong kind; other OSErrors stay os_error.
+        pytest.param(lambda: os.listdir("/etc/passwd"), "file_error", id="not-a-directory"),
+        pytest.param(lambda: Path("/").read_bytes(), "file_error", id="is-a-directory"),
         pytest.param(lambda: os.mkdir("/"), "os_error", id="file-exists"),
         pytest.param(lambda: os.waitpid(2**22 + 12345, 0), "os_error", id="child-process"),
         pytest.param(lambda: os.kill(2**22 + 12345, 0), "os_error", id="process-lookup"),
@@ -356,8 +374,12 @@ NAME_CASES: list[tuple[list[str], str]] = [
     (["OSError"], "os_error"),
     (["IOError"], "os_error"),
     (["EnvironmentError"], "os_error"),
-    (["IsADirectoryError"], "os_error"),
-    (["NotADirectoryError"], "os_error"),
+    (["IsADirectoryError"], "file_error"),
+    (["NotADirectoryError"], "file_error"),
+    (["AssertionError"], "assertion_error"),
+    (["OverflowError"], "overflow_error"),
+    (["IsADirectoryError", "OSError", "Exception"], "file_error"),
+    (["__main__.Bad", "AssertionError", "Exception"], "assertion_error"),
     (["FileExistsError"], "os_error"),
     (["BlockingIOError"], "os_error"),
     (["ChildProcessError"], "os_error"),
