@@ -25,6 +25,7 @@ from tako_stream.core.jobtypes import Limits
 from tako_stream.core.models import MAX_JSON_DEPTH, ErrorInfo, ExecutionResult, Timing, json_depth
 from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.protocol import decode_text
+from tako_stream.worker.artifacts import attach
 
 #: Statuses an error type ends in, where it is not plain ``failed``.
 _STATUS_OF = {
@@ -136,7 +137,7 @@ def answer(
         if run is not None
         else Timing(queued=job.queued)
     )
-    return ExecutionResult(
+    result = ExecutionResult(
         execution_id=job.execution_id,
         correlation_id=job.correlation_id,
         status=verdict.status,
@@ -153,6 +154,9 @@ def answer(
         timing=timing,
         **captured,
     )
+    if run is not None:
+        attach(result, run.collected)
+    return result
 
 
 def classify(run: SandboxRun, limits: Limits) -> Verdict:
