@@ -397,3 +397,17 @@ async def test_an_artifact_larger_than_a_message_is_not_sent() -> None:
     assert final is not None and final.artifacts == []
     assert "TAKO_KAFKA_MAX_MESSAGE_BYTES=2048" in final.artifacts_skipped[0].reason
     assert sink.on(TOPICS.artifacts) == []
+
+
+def test_the_artifacts_topic_is_created_compacted_and_is_no_reply_to() -> None:
+    from tako_stream.kafka.topics import topic_specs
+    from tako_stream.settings import Settings
+
+    settings = Settings(artifacts_topic="x.artifacts", kafka_max_message_bytes=65536)
+    [spec] = [t for t in topic_specs(settings) if t.name == "x.artifacts"]
+    assert spec.topic_configs["cleanup.policy"] == "compact"
+    assert spec.topic_configs["max.message.bytes"] == "65536"
+    assert settings.topics.artifacts == "x.artifacts"
+    assert settings.reply_to.problem("x.artifacts") is not None
+    caps = Settings(artifact_max_files=5, artifact_file_limit=6, artifact_total_limit=7).output_caps
+    assert (caps.artifact_files, caps.artifact_file, caps.artifact_total) == (5, 6, 7)
