@@ -69,6 +69,10 @@ def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
     else:
         verdict = Verdict.internal(reason)
     replaced = answer(job, verdict, attempts=result.attempts, started_at=result.started_at)
+    # The artifacts were published already: the answer still lists them (plain, always encodes).
+    replaced = replaced.model_copy(
+        update={"artifacts": result.artifacts, "artifacts_skipped": result.artifacts_skipped}
+    )
     try:
         return replaced, dumps(replaced)
     except (orjson.JSONEncodeError, TypeError, ValueError):  # metadata passed the check above

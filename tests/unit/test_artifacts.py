@@ -411,3 +411,15 @@ def test_the_artifacts_topic_is_created_compacted_and_is_no_reply_to() -> None:
     assert settings.reply_to.problem("x.artifacts") is not None
     caps = Settings(artifact_max_files=5, artifact_file_limit=6, artifact_total_limit=7).output_caps
     assert (caps.artifact_files, caps.artifact_file, caps.artifact_total) == (5, 6, 7)
+
+
+async def test_a_result_replaced_for_its_output_still_lists_its_artifacts() -> None:
+    sink = FakeSink()
+    publisher = Publisher(sink.send, TOPICS, reply_to_timeout=1, publish_timeout=5)
+    result = listed_result({"a.txt": b"a"})
+    result.output = {"n": 2**70}  # orjson cannot encode it: the answer is replaced
+    final = await publisher.publish(incoming(), result)
+    assert final is not None and final.error is not None
+    assert final.error.type.value == "invalid_output"
+    assert [a.name for a in sink.result("exec-1").artifacts] == ["a.txt"]
+    assert [s.key for s in sink.on(TOPICS.artifacts)] == [b"exec-1/a.txt"]
