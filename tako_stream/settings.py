@@ -32,6 +32,8 @@ class Topics:
     dlq: str
     control: str
     status: str
+    #: A job's artifacts (the files it leaves in /output), keyed ``execution_id/name``.
+    artifacts: str = "tako.artifacts"
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,15 @@ class ReplyTo:
 
 @dataclass(frozen=True)
 class OutputCaps:
-    """Bytes of a job's output kept: each stream, and ``/output/result.json``."""
+    """Bytes of a job's output kept: each stream, ``/output/result.json``, and the artifacts
+    (the other files of ``/output``): how many, each one's size and their total."""
 
     stdout: int = 64 * 1024
     stderr: int = 64 * 1024
     result: int = 1024 * 1024
+    artifact_files: int = 32
+    artifact_file: int = 2 * 1024 * 1024
+    artifact_total: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class Settings(BaseSettings):
     control_topic: str = "tako.control"
     #: "running" events (keyed by execution_id): with the results, what a job's state is now.
     status_topic: str = "tako.status"
+    #: A job's artifacts (the files other than result.json it leaves in /output): one record
+    #: each, keyed ``execution_id/name``, compacted; published before the job's result.
+    artifacts_topic: str = "tako.artifacts"
     #: Partitions given to topics the service creates itself; the most workers that can share
     #: the request stream, since Kafka gives each partition to one consumer of a group.
     topic_partitions: int = Field(default=8, ge=1)
@@ -142,6 +151,16 @@ class Settings(BaseSettings):
     stderr_limit: int = Field(default=64 * 1024, ge=1024)
     #: Largest /output/result.json accepted; larger is an ``invalid_output`` error.
     output_limit: int = Field(default=1024 * 1024, ge=1024)
+    #: Artifacts collected per job (0: none); more files in /output are skipped and listed.
+    artifact_max_files: int = Field(default=32, ge=0, le=1024)
+    #: Largest artifact: a larger file is skipped whole (never truncated).  An artifact travels
+    #: as one Kafka message, so it must also fit TAKO_KAFKA_MAX_MESSAGE_BYTES (less ~1 KiB).
+    artifact_file_limit: int = Field(default=2 * 1024 * 1024, ge=0)
+    #: Bytes of artifacts per job, all files together (what a job may make a worker hold).
+    artifact_total_limit: int = Field(default=8 * 1024 * 1024, ge=0)
+    #: Seconds a job's artifacts may take to be acknowledged by the broker before its result is
+    #: published without the ones still missing (listed in ``artifacts_skipped``, with why).
+    artifacts_timeout: float = Field(default=10.0, gt=0, le=300)
     #: Longest one Docker Engine API call may take: a daemon that accepts connections and never
     #: answers counts as unavailable after it (the breaker hears of it, the job is retried).
     docker_timeout: float = Field(default=20.0, gt=0, le=300)
@@ -214,6 +233,7 @@ class Settings(BaseSettings):
             dlq=self.dlq_topic,
             control=self.control_topic,
             status=self.status_topic,
+            artifacts=self.artifacts_topic,
         )
 
     @property
@@ -245,6 +265,7 @@ class Settings(BaseSettings):
             self.dlq_topic,
             self.control_topic,
             self.status_topic,
+            self.artifacts_topic,
             self.breaker_topic,
             self.breaker_changelog_topic,
         }
@@ -255,7 +276,12 @@ class Settings(BaseSettings):
     @property
     def output_caps(self) -> OutputCaps:
         return OutputCaps(
-            stdout=self.stdout_limit, stderr=self.stderr_limit, result=self.output_limit
+            stdout=self.stdout_limit,
+            stderr=self.stderr_limit,
+            result=self.output_limit,
+            artifact_files=self.artifact_max_files,
+            artifact_file=self.artifact_file_limit,
+            artifact_total=self.artifact_total_limit,
         )
 
     @property

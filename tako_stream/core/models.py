@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     field_validator,
     model_validator,
@@ -241,6 +242,30 @@ class ResourceUsage(BaseModel):
     wall_time_ms: int | None = Field(default=None, description="Wall-clock time of the job, ms.")
 
 
+class Artifact(BaseModel):
+    """A file the job left in /output, other than result.json: Tako VM's artifact (``name``,
+    ``size_bytes``, ``sha256``, ``content_type``), plus where its bytes are on the artifacts
+    topic (key ``execution_id/name``)."""
+
+    name: str = Field(description="The file's name: letters, digits, '.', '_', '-'.")
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(description="SHA-256 (hex) of the file's bytes.")
+    content_type: str = Field(description="Guessed from the name; application/octet-stream.")
+    partition: int | None = Field(
+        default=None, description="The artifacts topic's partition holding it (not Tako VM's)."
+    )
+    offset: int | None = Field(
+        default=None, description="Its offset in that partition (not Tako VM's)."
+    )
+
+
+class SkippedArtifact(BaseModel):
+    """An entry of /output that is not among the artifacts, and why (not in Tako VM)."""
+
+    name: str
+    reason: str
+
+
 class ExecutionResult(BaseModel):
     """The one terminal answer to a request, on the results topic (key = execution_id)."""
 
@@ -284,6 +309,18 @@ class ExecutionResult(BaseModel):
     idempotency_key: str | None = None
     parent_execution_id: str | None = None
     relationship: Relationship | None = None
+    artifacts: list[Artifact] = Field(
+        default_factory=list,
+        description="The files the job left in /output (besides result.json) whose bytes are on "
+        "the artifacts topic, keyed 'execution_id/name'; empty when it never ran.",
+    )
+    artifacts_skipped: list[SkippedArtifact] = Field(
+        default_factory=list,
+        description="Entries of /output not among the artifacts (a link, over a cap, a bad name, "
+        "refused by the broker), each with why.",
+    )
+    #: The artifacts' bytes by name, from the sandbox to the publisher; never serialised.
+    _artifact_bytes: dict[str, bytes] = PrivateAttr(default_factory=dict)
 
 
 class SourcePosition(BaseModel):

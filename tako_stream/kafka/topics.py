@@ -55,6 +55,14 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             settings.topic_replication,
             topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS)},
         ),
+        # Keyed by execution_id/name and compacted, like the results: a re-run's artifact
+        # replaces the earlier one of the same name.
+        NewTopic(
+            settings.artifacts_topic,
+            settings.topic_partitions,
+            settings.topic_replication,
+            topic_configs={**common, "cleanup.policy": "compact"},
+        ),
         NewTopic(
             settings.status_topic,
             settings.topic_partitions,

@@ -454,7 +454,14 @@ class DockerSandbox:
                 container,
                 job,
                 limits,
-                FrameReader(stdout_cap=caps.stdout, stderr_cap=caps.stderr, result_cap=caps.result),
+                FrameReader(
+                    stdout_cap=caps.stdout,
+                    stderr_cap=caps.stderr,
+                    result_cap=caps.result,
+                    artifact_files=caps.artifact_files,
+                    artifact_file_cap=caps.artifact_file,
+                    artifact_total_cap=caps.artifact_total,
+                ),
                 cancel,
             )
             run.warm = warm

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 FRAME = struct.Struct(">BI")
-STDOUT, STDERR, RESULT, REPORT = 1, 2, 3, 9
+STDOUT, STDERR, RESULT, ARTIFACT, REPORT = 1, 2, 3, 4, 9
+NAME_LEN = struct.Struct(">H")
+#: An artifact's name, as the supervisor accepts it (checked again here: it names a Kafka key).
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", re.ASCII)
+#: Skipped entries kept from a report (the supervisor names at most 33).
+SKIPPED_MAX = 64
 #: Written to a running container's stdin to cancel its job.
 CANCEL = b"C"
 #: The job's uid/gid inside the container: ``nobody``, present in every Debian-based image.
@@ -36,12 +42,15 @@ def encode_job(
     stderr_cap: int,
     result_cap: int,
     cancel_grace: float = 2.0,
+    artifact_files: int = 0,
+    artifact_file_cap: int = 0,
+    artifact_total_cap: int = 0,
 ) -> bytes:
     """The job for the supervisor's stdin: a length, a one-line ASCII header, code and input.
 
     Not JSON: decoding JSON would make the supervisor import ``json`` (and ``re``), a third of
     its start-up, which every job pays.  Code keeps lone surrogates (``surrogatepass``), as
-    Python source read back from the file reports them.
+    Python source read back from the file reports them.  ``artifact_files`` 0 collects none.
     """
     code_bytes = code.encode("utf-8", "surrogatepass")
     fields = {
@@ -50,6 +59,9 @@ def encode_job(
         "stdout_cap": int(stdout_cap),
         "stderr_cap": int(stderr_cap),
         "result_cap": int(result_cap),
+        "artifact_files": max(0, int(artifact_files)),
+        "artifact_file_cap": max(0, int(artifact_file_cap)),
+        "artifact_total_cap": max(0, int(artifact_total_cap)),
         "uid": JOB_UID,
         "gid": JOB_GID,
         "python": JOB_PYTHON,
@@ -78,6 +90,8 @@ class Report:
     #: None when the supervisor could not reap it or reported nonsense.
     max_rss_kb: int | None = None
     cpu_ms: int | None = None
+    #: Entries of /output not collected: (name as shown, why).
+    artifacts_skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, data: bytes) -> Report | None:
@@ -109,6 +123,13 @@ class Report:
             report.result_error = raw["result_error"][:1024]
         report.max_rss_kb = _count(raw.get("max_rss_kb"), MAX_RSS_KB)
         report.cpu_ms = _count(raw.get("cpu_ms"), MAX_CPU_MS)
+        skipped = raw.get("artifacts_skipped")
+        if isinstance(skipped, list):
+            for item in skipped[:SKIPPED_MAX]:
+                if isinstance(item, dict):
+                    shown, why = item.get("name"), item.get("reason")
+                    if isinstance(shown, str) and isinstance(why, str):
+                        report.artifacts_skipped.append((shown[:160], why[:256]))
         return report
 
 
@@ -136,15 +157,32 @@ class Collected:
     result: bytes | None = None
     report: Report | None = None
     diagnostics: bytearray = field(default_factory=bytearray)
+    #: The artifacts accepted, in the order they came: (name, bytes).
+    artifacts: list[tuple[str, bytes]] = field(default_factory=list)
+    #: Artifacts the supervisor sent but the host refused (over a cap, a bad name): (name, why).
+    artifacts_refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 class FrameReader:
     """Reassembles the supervisor's frames from the chunks Docker's attach stream delivers."""
 
-    def __init__(self, *, stdout_cap: int, stderr_cap: int, result_cap: int) -> None:
+    def __init__(
+        self,
+        *,
+        stdout_cap: int,
+        stderr_cap: int,
+        result_cap: int,
+        artifact_files: int = 0,
+        artifact_file_cap: int = 0,
+        artifact_total_cap: int = 0,
+    ) -> None:
         self._buf = bytearray()
         self._caps = {STDOUT: stdout_cap, STDERR: stderr_cap}
         self._result_cap = result_cap
+        self._artifact_files = artifact_files
+        self._artifact_file_cap = artifact_file_cap
+        self._artifact_total_cap = artifact_total_cap
+        self._artifact_bytes = 0
         self.collected = Collected()
         self.broken = False
 
@@ -158,7 +196,7 @@ class FrameReader:
         self._buf += data
         while len(self._buf) >= FRAME.size:
             kind, size = FRAME.unpack_from(self._buf)
-            if kind not in (STDOUT, STDERR, RESULT, REPORT) or size > self._limit(kind):
+            if kind not in (STDOUT, STDERR, RESULT, ARTIFACT, REPORT) or size > self._limit(kind):
                 self.broken = True
                 return
             if len(self._buf) < FRAME.size + size:
@@ -174,6 +212,8 @@ class FrameReader:
             return self._result_cap
         if kind == REPORT:
             return 1024 * 1024
+        if kind == ARTIFACT:
+            return NAME_LEN.size + 128 + min(self._artifact_file_cap, self._artifact_total_cap)
         return 1 << 20
 
     def _accept(self, kind: int, chunk: bytes) -> None:
@@ -184,6 +224,8 @@ class FrameReader:
                 self.broken = True
         elif kind == RESULT:
             c.result = chunk
+        elif kind == ARTIFACT:
+            self._artifact(chunk)
         else:
             buf = c.stdout if kind == STDOUT else c.stderr
             room = self._caps[kind] - len(buf)
@@ -194,6 +236,31 @@ class FrameReader:
                 else:
                     c.stderr_truncated = True
             buf += chunk
+
+    def _artifact(self, chunk: bytes) -> None:
+        """Accept one artifact frame, re-checking every cap the supervisor should have kept."""
+        c = self.collected
+        (length,) = NAME_LEN.unpack_from(chunk) if len(chunk) >= NAME_LEN.size else (-1,)
+        raw_name = chunk[NAME_LEN.size : NAME_LEN.size + length] if length >= 0 else b""
+        data = chunk[NAME_LEN.size + length :] if length >= 0 else b""
+        name = raw_name.decode("ascii", "replace")
+        problem = None
+        if length < 0 or len(raw_name) != length or ARTIFACT_NAME.fullmatch(name) is None:
+            problem = "invalid name"
+        elif name == "result.json" or any(name == seen for seen, _ in c.artifacts):
+            problem = "sent twice"
+        elif len(c.artifacts) >= self._artifact_files:
+            problem = f"more than {self._artifact_files} files"
+        elif len(data) > self._artifact_file_cap:
+            problem = f"larger than {self._artifact_file_cap} bytes"
+        elif self._artifact_bytes + len(data) > self._artifact_total_cap:
+            problem = f"the job's artifacts would exceed {self._artifact_total_cap} bytes"
+        if problem is not None:
+            if len(c.artifacts_refused) < SKIPPED_MAX:
+                c.artifacts_refused.append((name[:160], problem))
+            return
+        self._artifact_bytes += len(data)
+        c.artifacts.append((name, data))
 
     def feed_diagnostics(self, data: bytes) -> None:
         """The supervisor's own stderr: kept short, for logs only."""

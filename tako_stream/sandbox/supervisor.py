@@ -14,13 +14,19 @@ Why a supervisor rather than running the user's file directly:
   the host enforces a later deadline from outside in case the supervisor itself is starved;
 * it reads ``/output/result.json`` only after every job process is dead, without following links
   and capped in size (Judge0 CVE-2024-28185/28189 were host writes through planted symlinks);
-* it caps stdout/stderr while reading, so a 1 GB flood costs the job's CPU, not the host's memory.
+* it caps stdout/stderr while reading, so a 1 GB flood costs the job's CPU, not the host's memory;
+* the same way it collects the job's artifacts: the other regular files at the top level of
+  ``/output`` (subdirectories are not entered), each opened without following links and
+  without blocking, at most ``artifact_files`` of them, each at most ``artifact_file_cap``
+  bytes and all together at most ``artifact_total_cap``; a file over a cap is skipped whole
+  (a truncated image or archive is useless) and every skipped entry is named in the report.
 
 Protocol.  stdin: an 8-byte big-endian length, then the job: one ASCII header line of
 ``tako-job 1`` and ``name=value`` fields (the code's and the input's byte lengths among them),
 then the code's bytes and the input's (see ``encode_job`` in ``tako_stream.sandbox.protocol``).
 stdout: frames of a 1-byte kind, a 4-byte big-endian length and the data; kinds: 1 stdout
-chunk, 2 stderr chunk, 3 result.json bytes, 9 the final report (JSON).  The host treats all of
+chunk, 2 stderr chunk, 3 result.json bytes, 4 an artifact (a 2-byte big-endian name length,
+the name, then the file's bytes), 9 the final report (JSON).  The host treats all of
 it as untrusted input.  After the job, stdin stays open for control: a ``C`` byte cancels it
 (SIGTERM to every job process, SIGKILL ``cancel_grace`` seconds later), and the report then
 says ``"cancelled": true``.
@@ -39,8 +45,18 @@ import time
 
 FRAME = struct.Struct(">BI")
 SIGKILL, SIGTERM = 9, 15  # Linux's numbers, as signal.SIGKILL and signal.SIGTERM
-STDOUT, STDERR, RESULT, REPORT = 1, 2, 3, 9
+STDOUT, STDERR, RESULT, ARTIFACT, REPORT = 1, 2, 3, 4, 9
 CHUNK = 65536
+#: An artifact's name: letters, digits, '.', '_' and '-', at most 128 of them, no leading dot.
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+NAME_MAX = 128
+#: Entries of /output looked at (a job may create thousands): the rest is reported, not read.
+SCAN_MAX = 1024
+#: Skipped entries named one by one in the report; more are counted in one last entry.
+SKIPPED_MAX = 32
+#: The helper's records on its pipe: a tag byte, a 4-byte big-endian length, the data.
+RECORD = struct.Struct(">cI")
+NAME_LEN = struct.Struct(">H")
 TAIL = 8192  # bytes of stderr kept for classifying the final exception, even when truncated
 
 # Runs in the job's own interpreter before its code: installs an excepthook that reports the
@@ -102,6 +118,9 @@ class Job:
         self.uid = int(fields["uid"])
         self.gid = int(fields["gid"])
         self.python = fields["python"]
+        self.artifact_files = int(fields.get("artifact_files", "0"))
+        self.artifact_file_cap = int(fields.get("artifact_file_cap", "0"))
+        self.artifact_total_cap = int(fields.get("artifact_total_cap", "0"))
 
 
 def read_job() -> Job:
@@ -214,12 +233,121 @@ def terminate_job(job: Job) -> bool:
     return True
 
 
-def reap_and_read_result(job: Job) -> tuple[bytes | None, str | None]:
-    """Kill every job process, then read result.json as the job's user, never following links.
+def put(w: int, tag: bytes, data: bytes) -> None:
+    """One record on the helper's pipe: length-prefixed, so no name or content can forge one."""
+    view = memoryview(RECORD.pack(tag, len(data)) + data)
+    while view:
+        view = view[os.write(w, view) :]
+
+
+def read_capped(fd: int, cap: int) -> bytes:
+    """At most ``cap + 1`` bytes of ``fd``: one more than the cap says that it is over."""
+    data = os.read(fd, cap + 1)
+    while len(data) <= cap:
+        more = os.read(fd, cap + 1 - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def valid_name(name: str) -> bool:
+    return 0 < len(name) <= NAME_MAX and name[0] != "." and all(c in NAME_CHARS for c in name)
+
+
+def collect_artifacts(job: Job, w: int, directory: str = "/output") -> None:
+    """Send the artifacts of /output (see the module docstring) as ``A`` records, and each
+    entry skipped as an ``S`` record: a 2-byte name length, the name, the reason.
+
+    Runs as the job's user after every job process is dead, so nothing changes under it; still
+    every entry is opened with O_NOFOLLOW (a link is never followed: ELOOP) and O_NONBLOCK (a
+    FIFO cannot hang it) and checked with fstat to be a regular file before a byte is read.
+    """
+    skipped = 0
+
+    def skip(name: str, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        if skipped <= SKIPPED_MAX:
+            shown = name[:NAME_MAX].encode("utf-8", "replace")  # a hostile name, shown capped
+            put(w, b"S", NAME_LEN.pack(len(shown)) + shown + reason.encode())
+
+    names: list[str] = []
+    unseen = False
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if len(names) == SCAN_MAX:
+                    unseen = True
+                    break
+                names.append(entry.name)
+    except OSError as exc:
+        skip(directory, f"cannot list it: {exc.strerror}")
+        return
+    names.sort()
+    count = total = 0
+    for name in names:
+        if name == "result.json":
+            continue
+        if not valid_name(name):
+            skip(name, "invalid name (letters, digits, '.', '_', '-'; at most 128; no leading dot)")
+            continue
+        if count >= job.artifact_files:
+            skip(name, f"more than {job.artifact_files} files")
+            continue
+        try:
+            fd = os.open(directory + "/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            skip(name, "a symbolic link: not followed" if exc.errno == 40 else exc.strerror or "")
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o170000 != 0o100000:  # S_ISREG, without importing stat
+                skip(name, "not a regular file")
+                continue
+            room = job.artifact_total_cap - total
+            cap = min(job.artifact_file_cap, room)
+            data = read_capped(fd, cap) if st.st_size <= cap else b""
+            if st.st_size > cap or len(data) > cap:
+                if st.st_size > job.artifact_file_cap or len(data) > job.artifact_file_cap:
+                    skip(name, f"larger than {job.artifact_file_cap} bytes")
+                else:
+                    skip(name, f"the job's artifacts would exceed {job.artifact_total_cap} bytes")
+                continue
+        except OSError as exc:
+            skip(name, f"cannot read it: {exc.strerror}")
+            continue
+        finally:
+            os.close(fd)
+        encoded = name.encode("ascii")
+        put(w, b"A", NAME_LEN.pack(len(encoded)) + encoded + data)
+        count += 1
+        total += len(data)
+    if unseen:
+        skip("*", f"more than {SCAN_MAX} entries in {directory}: the others were not looked at")
+    if skipped > SKIPPED_MAX:
+        put(w, b"S", NAME_LEN.pack(1) + b"*" + f"{skipped - SKIPPED_MAX} more skipped".encode())
+
+
+class Collected:
+    """What the reaping helper read: result.json (or why not) and the artifacts."""
+
+    def __init__(self) -> None:
+        self.result: bytes | None = None
+        self.result_error: str | None = None
+        self.artifacts: list[tuple[bytes, bytes]] = []
+        self.skipped: list[dict[str, str]] = []
+
+
+def reap_and_read_result(job: Job) -> Collected:
+    """Kill every job process, then read result.json and the artifacts as the job's user,
+    never following links.
 
     Runs in a forked helper: as the job's uid it may signal the job's processes (root here has
     no CAP_KILL) and open its files (root has no CAP_DAC_OVERRIDE), and kill(-1) spares itself.
+    It answers in records (``put``); what the supervisor reads of them is bounded by the caps.
     """
+    collected = Collected()
     r, w = os.pipe()
     try:
         pid = os.fork()
@@ -227,7 +355,8 @@ def reap_and_read_result(job: Job) -> tuple[bytes | None, str | None]:
         # pids exhausted (fork bomb): report without result.json; the host destroys the container
         os.close(r)
         os.close(w)
-        return None, "could not read result.json: process limit reached"
+        collected.result_error = "could not read result.json: process limit reached"
+        return collected
     if pid == 0:
         os.close(r)
         status = 1
@@ -242,43 +371,71 @@ def reap_and_read_result(job: Job) -> tuple[bytes | None, str | None]:
             try:
                 fd = os.open("/output/result.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:
-                os._exit(0)
+                fd = -1
             except OSError as exc:
-                os.write(w, b"E" + f"cannot open result.json: {exc.strerror}".encode())
-                os._exit(0)
-            st = os.fstat(fd)
-            if st.st_mode & 0o170000 != 0o100000:  # S_ISREG, without importing stat
-                os.write(w, b"Eresult.json is not a regular file")
-                os._exit(0)
-            cap = job.result_cap
-            data = os.read(fd, cap + 1)
-            while len(data) <= cap:
-                more = os.read(fd, cap + 1 - len(data))
-                if not more:
-                    break
-                data += more
-            os.write(w, (b"T" if len(data) > cap else b"D") + data[:cap])
+                fd = -1
+                put(w, b"E", f"cannot open result.json: {exc.strerror}".encode())
+            if fd >= 0:
+                st = os.fstat(fd)
+                if st.st_mode & 0o170000 != 0o100000:  # S_ISREG, without importing stat
+                    put(w, b"E", b"result.json is not a regular file")
+                else:
+                    data = read_capped(fd, job.result_cap)
+                    put(w, b"T" if len(data) > job.result_cap else b"R", data[: job.result_cap])
+                os.close(fd)
+            if job.artifact_files > 0:
+                collect_artifacts(job, w)
             status = 0
         except BaseException:
             pass
         os._exit(status)
     os.close(w)
-    payload = b""
-    while True:
+    # The helper is ours, but it reads what the job left: never hold more than the caps allow.
+    budget = job.result_cap + job.artifact_total_cap + 1024 * (job.artifact_files + 64)
+    chunks: list[bytes] = []
+    held = 0
+    while held <= budget:
         part = os.read(r, CHUNK)
         if not part:
             break
-        payload += part
-    os.close(r)
+        chunks.append(part)
+        held += len(part)
+    os.close(r)  # over budget: the helper's next write fails (EPIPE) and it exits
     os.waitpid(pid, 0)
-    if not payload:
-        return None, None
-    kind, data = payload[:1], payload[1:]
-    if kind == b"E":
-        return None, data.decode("utf-8", "replace")
-    if kind == b"T":
-        return None, f"result.json is larger than {job.result_cap} bytes"
-    return data, None
+    payload = b"".join(chunks)
+    del chunks
+    return parse_records(payload, job, collected)
+
+
+def parse_records(payload: bytes, job: Job, collected: Collected) -> Collected:
+    """The helper's records (``put``) into ``collected``; a record cut short ends them."""
+    view = memoryview(payload)
+    pos = 0
+    while pos + RECORD.size <= len(payload):
+        tag, size = RECORD.unpack_from(payload, pos)
+        pos += RECORD.size
+        if pos + size > len(payload):
+            break  # cut short: the helper died mid-record
+        record = view[pos : pos + size]
+        pos += size
+        if tag == b"R":
+            collected.result = bytes(record)
+        elif tag == b"T":
+            collected.result_error = f"result.json is larger than {job.result_cap} bytes"
+        elif tag == b"E":
+            collected.result_error = bytes(record).decode("utf-8", "replace")
+        elif tag in (b"A", b"S") and size >= NAME_LEN.size:
+            (length,) = NAME_LEN.unpack_from(record)
+            name = bytes(record[NAME_LEN.size : NAME_LEN.size + length])
+            rest = record[NAME_LEN.size + length :]
+            if tag == b"A":
+                collected.artifacts.append((name, bytes(rest)))
+            else:
+                reason = bytes(rest).decode("utf-8", "replace")
+                collected.skipped.append(
+                    {"name": name.decode("utf-8", "replace"), "reason": reason}
+                )
+    return collected
 
 
 Usage = tuple[int, int]  # peak RSS in KiB, user + system CPU time in ms
@@ -407,7 +564,8 @@ def main() -> None:
         poller.unregister(pidfd)
     # The main process is gone (or timed out): kill whatever it left behind, then read what is
     # still buffered in the pipes; with every writer dead, they end quickly.
-    result, result_error = reap_and_read_result(job)
+    collected = reap_and_read_result(job)
+    result, result_error = collected.result, collected.result_error
     status, usage = late_reap(pid, status, usage)
     if control_open:  # from here on only the job's pipes are read: a late cancel is moot
         poller.unregister(0)
@@ -419,12 +577,14 @@ def main() -> None:
     status, usage = late_reap(pid, status, usage)
     if result is not None:
         emit(RESULT, result)
+    for name, data in collected.artifacts:
+        emit(ARTIFACT, NAME_LEN.pack(len(name)) + name + data)
     exit_code = None
     if status is not None:
         exit_code = os.waitstatus_to_exitcode(status)
         if exit_code < 0:
             exit_code = 128 - exit_code  # killed by signal N: report 128+N, as a shell does
-    report = {
+    report: dict[str, object] = {
         "exit_code": exit_code,
         "timed_out": timed_out,
         "elapsed": elapsed,
@@ -440,6 +600,7 @@ def main() -> None:
         "max_rss_kb": usage[0] if usage is not None else None,
         "cpu_ms": usage[1] if usage is not None else None,
     }
+    report["artifacts_skipped"] = collected.skipped
     emit(REPORT, to_json(report).encode("utf-8", "replace"))
 
 

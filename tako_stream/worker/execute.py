@@ -89,6 +89,9 @@ class Executor:
             stderr_cap=self.caps.stderr,
             result_cap=self.caps.result,
             cancel_grace=self.cancel_grace,
+            artifact_files=self.caps.artifact_files,
+            artifact_file_cap=self.caps.artifact_file,
+            artifact_total_cap=self.caps.artifact_total,
         )
         try:
             run, attempts, failure = await self._run_with_retries(

@@ -35,6 +35,7 @@ from tako_stream.core.models import (
     ExecutionResult,
     JobStatus,
 )
+from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.codec import correlation_id, decode_request, dumps, header
 from tako_stream.kafka.message import Incoming
 from tako_stream.logs import Condition, job_context
@@ -103,6 +104,8 @@ class Intake:
         capacity: int,
         rejection_budget: int,
         publish_timeout: float,
+        artifacts_timeout: float = 10.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         shutdown_grace: float,
         revoke_wait: float,
         commit_interval: float,
@@ -118,7 +121,12 @@ class Intake:
         self.topic_exists = topic_exists
         self.answers = answers
         self.publisher = Publisher(
-            sink.send, topics, reply_to_timeout=reply_to.timeout, publish_timeout=publish_timeout
+            sink.send,
+            topics,
+            reply_to_timeout=reply_to.timeout,
+            publish_timeout=publish_timeout,
+            artifacts_timeout=artifacts_timeout,
+            max_message_bytes=max_message_bytes,
         )
         self.cancellations = cancellations or Cancellations()
         self.shutdown_grace = shutdown_grace

@@ -1,15 +1,19 @@
 """Publishing a request's answer: whatever fails on the way, the request still gets one.
 
-The order is fixed: the copy to ``reply_to`` first (bounded by ``ReplyTo.timeout``: a failure
-there is written into the main result, never blocks it), then the result, then the DLQ record
-when the answer's error type calls for one.  What cannot be encoded or is refused by the broker
-becomes a classified answer that says why; what cannot be answered at all goes to the DLQ with
-its original bytes.  A send the broker does not acknowledge is retried for ``publish_timeout``
-seconds; a result not acknowledged by then is given up (a results topic that keeps failing, such
-as one whose ``min.insync.replicas`` cannot be met, must not hold its partition's commits back
-for good) and the original request is dead-lettered instead.  That last resort is retried until
-the broker takes it: while the broker is unreachable nothing can be answered or committed, and
-nothing is lost.
+The order is fixed: the job's artifacts first (each one record on the artifacts topic, all of a
+job's bounded together by ``artifacts_timeout``: an artifact refused by the broker, too large
+for a message or not acknowledged in time is dropped from the result's ``artifacts`` and named
+in its ``artifacts_skipped`` with why, so the result is never lost nor held back for an
+artifact, and lists only artifacts a reader can fetch), then the copy to ``reply_to`` (bounded
+by ``ReplyTo.timeout``: a failure there is written into the main result, never blocks it), then
+the result, then the DLQ record when the answer's error type calls for one. What cannot be
+encoded or is refused by the broker becomes a classified answer that says why; what cannot be
+answered at all goes to the DLQ with its original bytes. A send the broker does not acknowledge
+is retried for ``publish_timeout`` seconds; a result not acknowledged by then is given up (a
+results topic that keeps failing, such as one whose ``min.insync.replicas`` cannot be met, must
+not hold its partition's commits back for good) and the original request is dead-lettered
+instead. That last resort is retried until the broker takes it: while the broker is unreachable
+nothing can be answered or committed, and nothing is lost.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from datetime import datetime
 import orjson
 
 from tako_stream.core.errors import BrokerError, ErrorType, PublishRefusedError
-from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult
+from tako_stream.core.models import CORRELATION_HEADER, Artifact, ExecutionResult, SkippedArtifact
 from tako_stream.dlq import DEAD_LETTER_TYPES, dead_letter
+from tako_stream.kafka import artifacts
+from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.codec import dumps
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.settings import Topics
 from tako_stream.worker.answered import SOURCE_HEADER
+from tako_stream.worker.artifacts import pending
 from tako_stream.worker.verdict import Job, Verdict, answer, now
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,8 @@ log = logging.getLogger(__name__)
 #: Seconds between attempts at a send the broker did not acknowledge: doubling up to the cap.
 RETRY_FIRST, RETRY_CAP = 0.2, 5.0
 
-Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
+#: Sends one message; where it landed (partition, offset) when the sink can tell.
+Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[tuple[int, int] | None]]
 
 
 def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
@@ -61,6 +69,10 @@ def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
     else:
         verdict = Verdict.internal(reason)
     replaced = answer(job, verdict, attempts=result.attempts, started_at=result.started_at)
+    # The artifacts were published already: the answer still lists them (plain, always encodes).
+    replaced = replaced.model_copy(
+        update={"artifacts": result.artifacts, "artifacts_skipped": result.artifacts_skipped}
+    )
     try:
         return replaced, dumps(replaced)
     except (orjson.JSONEncodeError, TypeError, ValueError):  # metadata passed the check above
@@ -81,12 +93,21 @@ class Publisher:
     """Sends answers through ``send`` (the intake's sink): see the module docstring."""
 
     def __init__(
-        self, send: Send, topics: Topics, *, reply_to_timeout: float, publish_timeout: float
+        self,
+        send: Send,
+        topics: Topics,
+        *,
+        reply_to_timeout: float,
+        publish_timeout: float,
+        artifacts_timeout: float = 10.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._send = send
         self.topics = topics
         self.reply_to_timeout = reply_to_timeout
         self.publish_timeout = publish_timeout
+        self.artifacts_timeout = artifacts_timeout
+        self.max_message_bytes = max_message_bytes
 
     async def publish(
         self,
@@ -98,8 +119,10 @@ class Publisher:
     ) -> ExecutionResult | None:
         """Publish the answer to ``message``; returns once the broker has all of it, with the
         answer on the results topic (None when even a reduced answer was refused there)."""
-        result, value = encode(result)
         source = message.position_id
+        if result.artifacts:
+            result = await self._artifacts(result)
+        result, value = encode(result)
         if reply_to and reply_to != self.topics.results:
             failure = await self._copy(reply_to, result, value, source)
             if failure is not None:
@@ -136,6 +159,50 @@ class Publisher:
                 await self._send_acked(self.topics.dlq, dlq_key, record.value, record.headers)
             except PublishRefusedError as exc:
                 log.error("the DLQ topic refused a %d-byte record: %s", len(record.value), exc)
+        return published
+
+    async def _artifacts(self, result: ExecutionResult) -> ExecutionResult:
+        """Publish the result's artifacts; the result listing those that landed (with their
+        partition and offset), the others moved to ``artifacts_skipped`` with why."""
+        data = pending(result)
+        landed: list[Artifact] = []
+        skipped = list(result.artifacts_skipped)
+        execution_id, corr = result.execution_id, result.correlation_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.artifacts_timeout
+        for artifact in result.artifacts:
+            body = data.get(artifact.name)
+            size = artifacts.message_size(artifact, execution_id, corr)
+            reason: str | None = None
+            where: tuple[int, int] | None = None
+            if body is None:
+                reason = "its bytes were lost on the way (a bug): not published"
+            elif size > self.max_message_bytes:
+                reason = (
+                    f"its {size}-byte message exceeds the largest message "
+                    f"(TAKO_KAFKA_MAX_MESSAGE_BYTES={self.max_message_bytes})"
+                )
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        where = await self._send_acked(
+                            self.topics.artifacts,
+                            artifacts.artifact_key(execution_id, artifact.name),
+                            body,
+                            artifacts.headers(artifact, execution_id, corr),
+                        )
+                except PublishRefusedError as exc:
+                    reason = f"refused by the artifacts topic: {exc}"
+                except TimeoutError:
+                    reason = f"not acknowledged within {self.artifacts_timeout:g}s"
+            if reason is not None:
+                log.warning("artifact %r not published: %s", artifact.name, reason)
+                skipped.append(SkippedArtifact(name=artifact.name, reason=reason))
+                continue
+            partition, offset = where if where is not None else (None, None)
+            landed.append(artifact.model_copy(update={"partition": partition, "offset": offset}))
+        published = result.model_copy(update={"artifacts": landed, "artifacts_skipped": skipped})
+        published._artifact_bytes = {}  # sent: the bytes need not be held any longer
         return published
 
     async def _copy(
@@ -190,17 +257,17 @@ class Publisher:
 
     async def _send_acked(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> None:
+    ) -> tuple[int, int] | None:
         """One message, re-sent (alone) until the broker acknowledges it; a refusal for good
-        (``PublishRefusedError``) is raised at once."""
+        (``PublishRefusedError``) is raised at once.  Where it landed, if the sink says."""
         delay = RETRY_FIRST
         failures = 0
         while True:
             try:
-                await self._send(topic, key, value, headers)
+                where = await self._send(topic, key, value, headers)
                 if failures:
                     log.info("published to %s after %d failed attempt(s)", topic, failures)
-                return
+                return where
             except PublishRefusedError:
                 raise
             except BrokerError as exc:

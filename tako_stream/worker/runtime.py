@@ -146,6 +146,8 @@ class Runtime(Service):
             capacity=s.pool_size * 2,
             rejection_budget=s.rejection_budget,
             publish_timeout=s.publish_timeout,
+            artifacts_timeout=s.artifacts_timeout,
+            max_message_bytes=s.kafka_max_message_bytes,
             shutdown_grace=s.shutdown_grace,
             revoke_wait=s.revoke_wait,
             commit_interval=s.commit_interval,

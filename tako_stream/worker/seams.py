@@ -60,9 +60,9 @@ class Sink(Protocol):
 
     async def send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> None:
-        """``PublishRefusedError`` when the broker refuses it for good, ``BrokerError`` when
-        it did not answer."""
+    ) -> tuple[int, int] | None:
+        """Where it landed (partition, offset), if known; ``PublishRefusedError`` when the
+        broker refuses it for good, ``BrokerError`` when it did not answer."""
         ...
 
     async def stop(self) -> None: ...

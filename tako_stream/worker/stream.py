@@ -126,12 +126,13 @@ class KafkaSink:
 
     async def send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> None:
+    ) -> tuple[int, int]:
         if self._producer is None:
             raise BrokerError("the producer is not started")
         try:
             ack = await self._producer.send(topic, value=value, key=key, headers=list(headers))
-            await ack
+            landed = await ack
+            return landed.partition, landed.offset
         except REFUSALS as exc:
             raise PublishRefusedError(str(exc) or type(exc).__name__) from exc
         except KafkaError as exc:

@@ -35,6 +35,7 @@ from tako_stream.core.models import (
 )
 from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.protocol import Report, decode_text
+from tako_stream.worker.artifacts import attach
 
 #: Statuses an error type ends in, where it is not plain ``failed``.
 _STATUS_OF = {
@@ -240,7 +241,7 @@ def answer(
         if run is not None
         else Timing(queued=job.queued)
     )
-    return ExecutionResult(
+    result = ExecutionResult(
         execution_id=job.execution_id,
         correlation_id=job.correlation_id,
         status=verdict.status,
@@ -264,6 +265,9 @@ def answer(
         relationship=job.provenance.relationship,
         **captured,
     )
+    if run is not None:
+        attach(result, run.collected)
+    return result
 
 
 def classify(run: SandboxRun, limits: Limits) -> Verdict:

@@ -101,6 +101,7 @@ class Stack:
             "dlq_topic": f"t{self.tag}.dlq",
             "control_topic": f"t{self.tag}.control",
             "status_topic": f"t{self.tag}.status",
+            "artifacts_topic": f"t{self.tag}.artifacts",
             "consumer_group": f"g{self.tag}",
             "breaker_topic": f"t{self.tag}.breaker",
             "topic_partitions": 4,
