@@ -322,6 +322,14 @@ class ExecutionResult(BaseModel):
     #: The artifacts' bytes by name, from the sandbox to the publisher; never serialised.
     _artifact_bytes: dict[str, bytes] = PrivateAttr(default_factory=dict)
 
+    def hold_artifact_bytes(self, by_name: dict[str, bytes]) -> None:
+        """Keep the listed artifacts' bytes with this result until they are published."""
+        self._artifact_bytes = dict(by_name)
+
+    def artifact_bytes(self) -> dict[str, bytes]:
+        """The bytes of the artifacts not published yet (empty once they were)."""
+        return self._artifact_bytes
+
 
 class SourcePosition(BaseModel):
     """Where a dead-lettered message was read from."""

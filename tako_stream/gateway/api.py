@@ -112,6 +112,20 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/jobs/{id}/artifacts/{name}",
+        "artifact",
+        "A file the job left in /output (ETag: its SHA-256; If-None-Match: 304)",
+        {200: ("The file's bytes", None), 304: ANY, 404: ERROR},
+    ),
+    Route(
+        "HEAD",
+        "/jobs/{id}/artifacts/{name}",
+        "artifact",
+        "An artifact's Content-Length, Content-Type and ETag",
+        {200: ANY, 304: ANY, 404: ERROR},
+    ),
+    Route(
+        "GET",
         "/executions",
         "executions",
         "Finished executions, newest first",

@@ -55,7 +55,15 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._correlation], client_max_size=4 << 20)
-        app.add_routes([web.route(r.method, r.path, self.routes.handler(r)) for r in ROUTES])
+        # aiohttp serves HEAD with every GET route's handler: a HEAD route is declared in the
+        # table for the OpenAPI document only.
+        app.add_routes(
+            [
+                web.route(r.method, r.path, self.routes.handler(r))
+                for r in ROUTES
+                if r.method != "HEAD"
+            ]
+        )
 
         async def on_startup(_: web.Application) -> None:
             await self.view.start()

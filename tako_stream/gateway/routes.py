@@ -21,6 +21,7 @@ from tako_stream.core.jobtypes import JobTypes, versions
 from tako_stream.core.models import (
     CORRELATION_HEADER,
     PAYLOAD_HEADER,
+    Artifact,
     CancelRequest,
     DLQRecord,
     ExecutionRequest,
@@ -44,6 +45,7 @@ from tako_stream.gateway.shapes import (
 )
 from tako_stream.gateway.store import sortable
 from tako_stream.gateway.views import ClusterView
+from tako_stream.kafka.artifacts import read_artifact
 from tako_stream.kafka.codec import dumps, new_id
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.state import State
@@ -88,6 +90,15 @@ def job_type_body(job_type: JobType) -> dict[str, Any]:
         "versions": list(versions(job_type)),
         **job_type.model_dump(mode="json", exclude={"name", "python_version", "requirements"}),
     }
+
+
+def _etag_matches(request: web.Request, etag: str) -> bool:
+    """Whether ``If-None-Match`` names ``etag`` (or is ``*``)."""
+    wanted = request.headers.get("If-None-Match")
+    if wanted is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in wanted.split(",")}
+    return "*" in tags or etag in tags
 
 
 def _problems(exc: ValidationError) -> list[dict[str, Any]]:
@@ -423,6 +434,42 @@ class Routes:
             result = ExecutionResult.model_validate_json(body)
             items.append(await self._record(result, full=full))
         return json_response(_paged(items, limit, offset, total))
+
+    async def artifact(self, request: web.Request) -> web.StreamResponse:
+        """A job's artifact from the artifacts topic, with Tako VM's ETag (its SHA-256); 304
+        when ``If-None-Match`` names it.  HEAD answers from the result's listing alone."""
+        found = await self._artifact(request)
+        if isinstance(found, web.Response):
+            return found
+        execution_id, listed, headers = found
+        if _etag_matches(request, headers["ETag"]):
+            return web.Response(status=304, headers={"ETag": headers["ETag"]})
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(listed.size_bytes)})
+        data = await read_artifact(
+            self.settings, execution_id, listed, timeout=self.settings.gateway_ready_wait
+        )
+        if data is None:  # the topic does not hold it (any more): Tako VM's words
+            return error_response(request, 404, "Artifact file not found")
+        return web.Response(body=data, headers=headers)
+
+    async def _artifact(
+        self, request: web.Request
+    ) -> tuple[str, Artifact, dict[str, str]] | web.Response:
+        execution_id, name = request.match_info["id"], request.match_info["name"]
+        _, result, _ = await self.view.find(execution_id)
+        if result is None:
+            return error_response(request, 404, "Job not found")
+        listed = next((a for a in result.artifacts if a.name == name), None)
+        if listed is None:
+            return error_response(request, 404, "Artifact not found")
+        headers = {
+            "Content-Type": listed.content_type,
+            "ETag": f'"{listed.sha256}"',
+            # Never rendered inline: the bytes are the job's, and the job is untrusted.
+            "Content-Disposition": f'attachment; filename="{listed.name}"',
+        }
+        return execution_id, listed, headers
 
     async def pool_stats(self, request: web.Request) -> web.StreamResponse:
         return json_response(await self._queue_stats())

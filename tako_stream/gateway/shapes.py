@@ -150,7 +150,10 @@ def execution_record(
     if full:
         record |= {
             "job_ref": result.job_ref or result.job_type or name,
-            "artifacts": [],
+            "artifacts": [
+                a.model_dump(mode="json", include={"name", "size_bytes", "sha256", "content_type"})
+                for a in result.artifacts
+            ],
             "input_artifacts": [],
             "resource_usage": result.resource_usage.model_dump(mode="json")
             if result.resource_usage

@@ -312,9 +312,12 @@ class ClusterView:
         """The request record ``request`` points at, as produced (a JSON object), or None when
         the requests topic no longer holds it or it is not one."""
         tp = TopicPartition(self.settings.requests_topic, request.partition)
-        record = await read_record(
-            self.settings, tp, request.offset, timeout=self.settings.gateway_ready_wait
-        )
+        try:
+            record = await read_record(
+                self.settings, tp, request.offset, timeout=self.settings.gateway_ready_wait
+            )
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise NotReady(f"the requests topic did not hand the record over ({exc!r})") from exc
         if record is None or record.value is None:
             return None
         try:

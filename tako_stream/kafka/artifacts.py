@@ -17,7 +17,7 @@ import mimetypes
 from aiokafka import TopicPartition
 
 from tako_stream.core.models import CORRELATION_HEADER, Artifact
-from tako_stream.kafka.reader import Record, TopicReader, latest
+from tako_stream.kafka.reader import Record, latest, read_record
 from tako_stream.settings import Settings
 
 CONTENT_TYPE_HEADER = "content-type"
@@ -66,34 +66,6 @@ def message_size(artifact: Artifact, execution_id: str, correlation_id: str) -> 
     return artifact.size_bytes + len(key) + head + RECORD_OVERHEAD
 
 
-async def read_record(
-    settings: Settings, topic: str, partition: int, offset: int, *, timeout: float = 10.0
-) -> Record | None:
-    """The record at ``offset`` of ``topic``'s ``partition``; None when there is none there
-    (compacted away, or not written yet) or it did not arrive within ``timeout`` seconds.
-
-    ``TimeoutError`` is never raised: a caller serving a request answers "not found" or retries.
-    ``LookupError`` when the topic does not exist; ``KafkaError`` when the broker fails.
-    """
-    tp = TopicPartition(topic, partition)
-    try:
-        async with asyncio.timeout(timeout):
-            async with TopicReader(settings, topic, only=[tp]) as reader:
-                await reader.from_offsets({tp: offset})
-                # No early "past the end" answer: the embedded broker reports a partition's end
-                # as its last batch's base offset, which would hide a batch's later records.
-                while True:
-                    for record in await reader.fetch(timeout=min(timeout, 1.0)):
-                        if record.offset == offset:
-                            return record
-                        if record.offset > offset:
-                            return None  # compacted away: the next record is a later one
-                    if await reader.position(tp) > offset:
-                        return None
-    except TimeoutError:
-        return None
-
-
 async def read_artifact(
     settings: Settings, execution_id: str, artifact: Artifact, *, timeout: float = 10.0
 ) -> bytes | None:
@@ -107,16 +79,15 @@ async def read_artifact(
     topic = settings.artifacts_topic
     key = artifact_key(execution_id, artifact.name)
     record: Record | None
-    if artifact.partition is not None and artifact.offset is not None:
-        record = await read_record(
-            settings, topic, artifact.partition, artifact.offset, timeout=timeout
-        )
-    else:
-        try:
+    try:
+        if artifact.partition is not None and artifact.offset is not None:
+            tp = TopicPartition(topic, artifact.partition)
+            record = await read_record(settings, tp, artifact.offset, timeout=timeout)
+        else:
             async with asyncio.timeout(timeout):
                 record = await latest(settings, topic, key.decode())
-        except TimeoutError:
-            record = None
+    except TimeoutError:
+        record = None
     if record is None or record.key != key or record.value is None:
         return None
     value: bytes = record.value

@@ -254,7 +254,7 @@ async def latest(settings: Settings, topic: str, key: str) -> Record | None:
 
 
 async def read_record(
-    settings: Settings, tp: TopicPartition, offset: int, timeout: float
+    settings: Settings, tp: TopicPartition, offset: int, *, timeout: float
 ) -> Record | None:
     """The record at ``offset`` of ``tp``, or None when the partition no longer holds it
     (retention or compaction removed it, or the topic was recreated); ``TimeoutError`` when

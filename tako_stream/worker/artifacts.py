@@ -21,9 +21,9 @@ def attach(result: ExecutionResult, collected: Collected) -> None:
         SkippedArtifact(name=name, reason=reason)
         for name, reason in [*skipped, *collected.artifacts_refused]
     ]
-    result._artifact_bytes = dict(collected.artifacts)
+    result.hold_artifact_bytes(dict(collected.artifacts))
 
 
 def pending(result: ExecutionResult) -> dict[str, bytes]:
     """The bytes of ``result``'s artifacts not yet published (empty once they were)."""
-    return result._artifact_bytes
+    return result.artifact_bytes()

@@ -202,7 +202,7 @@ class Publisher:
             partition, offset = where if where is not None else (None, None)
             landed.append(artifact.model_copy(update={"partition": partition, "offset": offset}))
         published = result.model_copy(update={"artifacts": landed, "artifacts_skipped": skipped})
-        published._artifact_bytes = {}  # sent: the bytes need not be held any longer
+        published.hold_artifact_bytes({})  # sent: the bytes need not be held any longer
         return published
 
     async def _copy(

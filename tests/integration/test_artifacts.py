@@ -13,12 +13,14 @@ import uuid
 
 import aiodocker
 import pytest
+from aiokafka import TopicPartition
 
 from tako_stream.core.errors import Status
 from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.core.models import ExecutionResult
-from tako_stream.kafka.artifacts import read_artifact, read_record
+from tako_stream.kafka.artifacts import read_artifact
 from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.reader import read_record
 from tako_stream.sandbox.docker import DockerSandbox
 from tako_stream.sandbox.protocol import encode_job
 from tako_stream.settings import OutputCaps
@@ -183,9 +185,8 @@ async def test_artifacts_land_on_their_topic_and_read_back(stack: Stack) -> None
         assert hashlib.sha256(data).hexdigest() == artifact.sha256
         assert len(data) == artifact.size_bytes
     csv = listed["report.csv"]
-    record = await read_record(
-        settings, settings.artifacts_topic, csv.partition or 0, csv.offset or 0
-    )
+    tp = TopicPartition(settings.artifacts_topic, csv.partition or 0)
+    record = await read_record(settings, tp, csv.offset or 0, timeout=10)
     assert record is not None
     assert record.key == f"{result.execution_id}/report.csv".encode()
     assert record.value == b"a,b\n1,2\n"
@@ -203,7 +204,9 @@ async def test_artifacts_land_on_their_topic_and_read_back(stack: Stack) -> None
 
 async def test_reading_an_offset_with_nothing_there_is_bounded(stack: Stack) -> None:
     settings = stack.settings
-    assert await read_record(settings, settings.artifacts_topic, 0, 10**9, timeout=2) is None
+    tp = TopicPartition(settings.artifacts_topic, 0)
+    with pytest.raises(TimeoutError):  # nothing there yet: the wait is bounded
+        await read_record(settings, tp, 10**9, timeout=2)
 
 
 async def test_the_artifacts_topic_is_compacted(stack: Stack) -> None:

@@ -4,6 +4,7 @@ Python snippets run as written against it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import sys
@@ -46,6 +47,17 @@ class Gateway:
             ) as resp,
         ):
             return resp.status, await resp.json(), resp.headers
+
+    async def raw(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, aiohttp.typedefs.LooseHeaders]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method, self.url + path, headers=headers, timeout=aiohttp.ClientTimeout(total=60)
+            ) as resp,
+        ):
+            return resp.status, await resp.read(), resp.headers
 
 
 def start_gateway(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -463,6 +475,12 @@ async def test_rerun_and_fork_keep_the_input_and_record_the_lineage(gw: Gateway)
         assert record["relationship"] == kind
         answers[kind] = record
     assert answers["rerun"]["stdout"] == "42\n" and answers["fork"]["stdout"] == "22\n"
+    status, original, _ = await gw.call("GET", f"/executions/{parent_id}?view=full")
+    assert original["code_hash"] and original["input_hash"]
+    # a rerun: the same code and input; a fork: new code, the same input
+    assert answers["rerun"]["code_hash"] == original["code_hash"]
+    assert answers["fork"]["code_hash"] != original["code_hash"]
+    assert answers["rerun"]["input_hash"] == answers["fork"]["input_hash"] == original["input_hash"]
 
     # a rerun with no body at all, and one overriding the timeout
     status, again, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun")
@@ -495,3 +513,41 @@ async def test_sync_execute_takes_an_idempotency_key(gw: Gateway) -> None:
     # the same job: it ran once, so the random line is the same
     assert status == 200 and second["execution_id"] == first["execution_id"]
     assert second["stdout"] == first["stdout"]
+
+
+async def test_artifacts_are_served_with_etags(gw: Gateway) -> None:
+    code = (
+        "open('/output/report.csv', 'w').write('a,b\\n1,2\\n')\n"
+        "open('/output/notes.txt', 'w').write('hello')\n"
+        "import os; os.symlink('/etc/passwd', '/output/passwd')"
+    )
+    status, body, _ = await gw.call("POST", "/execute", json={"code": code})
+    assert status == 200 and body["success"], body
+    job_id = body["execution_id"]
+    status, full, _ = await gw.call("GET", f"/jobs/{job_id}/result?view=full")
+    listed = {a["name"]: a for a in full["artifacts"]}
+    assert set(listed) == {"report.csv", "notes.txt"}, full  # the link is not followed
+    csv = listed["report.csv"]
+    assert csv == {
+        "name": "report.csv",
+        "size_bytes": 8,
+        "sha256": hashlib.sha256(b"a,b\n1,2\n").hexdigest(),
+        "content_type": "text/csv",
+    }
+    path = f"/jobs/{job_id}/artifacts/report.csv"
+    status, data, headers = await gw.raw("GET", path)
+    assert status == 200 and data == b"a,b\n1,2\n"
+    assert headers["ETag"] == f'"{csv["sha256"]}"' and headers["Content-Type"] == "text/csv"
+    assert headers["Content-Disposition"] == 'attachment; filename="report.csv"'
+    status, data, headers = await gw.raw("HEAD", path)
+    assert status == 200 and data == b"" and headers["Content-Length"] == "8"
+    assert headers["ETag"] == f'"{csv["sha256"]}"'
+    for method in ("GET", "HEAD"):
+        status, data, _ = await gw.raw(method, path, headers={"If-None-Match": headers["ETag"]})
+        assert status == 304 and data == b""
+    status, data, _ = await gw.raw("GET", path, headers={"If-None-Match": '"other"'})
+    assert status == 200 and data == b"a,b\n1,2\n"
+    status, body, _ = await gw.call("GET", f"/jobs/{job_id}/artifacts/passwd")
+    assert status == 404 and body["detail"] == "Artifact not found"
+    status, body, _ = await gw.call("GET", f"/jobs/nope-{uuid.uuid4()}/artifacts/report.csv")
+    assert status == 404 and body["detail"] == "Job not found"
