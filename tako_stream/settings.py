@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     #: A job's artifacts (the files other than result.json it leaves in /output): one record
     #: each, keyed ``execution_id/name``, compacted; published before the job's result.
     artifacts_topic: str = "tako.artifacts"
+    #: Each worker's report of its engine (keyed by worker_id, compacted), every
+    #: ``worker_report_interval`` seconds: what the gateway says of engines and capacity.
+    workers_topic: str = "tako.workers"
+    worker_report_interval: float = Field(default=10.0, ge=1.0, le=300.0)
     #: Partitions given to topics the service creates itself; the most workers that can share
     #: the request stream, since Kafka gives each partition to one consumer of a group.
     topic_partitions: int = Field(default=8, ge=1)
@@ -266,6 +270,7 @@ class Settings(BaseSettings):
             self.control_topic,
             self.status_topic,
             self.artifacts_topic,
+            self.workers_topic,
             self.breaker_topic,
             self.breaker_changelog_topic,
         }

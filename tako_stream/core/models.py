@@ -448,10 +448,32 @@ class JobStatus(BaseModel):
     at: datetime
 
 
+class WorkerReport(BaseModel):
+    """A worker's view of its engine, on the workers topic (key = worker_id, compacted; a
+    tombstone when it stops): what the gateway, which never talks to Docker, says of the
+    engine, the runtimes and the images (Tako VM's ``docker_available``, ``gvisor_available``,
+    ``image_exists``) and of the cluster's capacity (``max_workers``)."""
+
+    model_config = ConfigDict(json_schema_extra={"title": "WorkerReport"})
+
+    worker_id: str
+    at: datetime
+    interval: float = Field(gt=0, description="Seconds until its next report.")
+    version: str
+    pool_size: int = Field(ge=0, description="Jobs it runs at once.")
+    in_flight: int = Field(ge=0, description="Jobs it has taken and not answered yet.")
+    docker_available: bool
+    runtimes: list[str] = Field(default_factory=list, description="OCI runtimes its engine has.")
+    images: dict[str, bool] = Field(
+        default_factory=dict, description="Each job type's image: whether its engine has it."
+    )
+
+
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "execution-request": ExecutionRequest,
     "execution-result": ExecutionResult,
     "dlq-record": DLQRecord,
     "cancel-request": CancelRequest,
     "job-status": JobStatus,
+    "worker-report": WorkerReport,
 }

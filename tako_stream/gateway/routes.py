@@ -73,8 +73,9 @@ def error_response(request: web.Request, status: int, detail: Any) -> web.Respon
     return json_response({"detail": detail, "correlation_id": request["correlation_id"]}, status)
 
 
-def job_type_body(job_type: JobType) -> dict[str, Any]:
-    """Tako VM's job type, then ours."""
+def job_type_body(job_type: JobType, image_exists: bool | None) -> dict[str, Any]:
+    """Tako VM's job type, then ours; ``image_exists`` as the live workers report it (None
+    while none does)."""
     return {
         "name": job_type.name,
         "requirements": list(job_type.requirements),
@@ -85,8 +86,7 @@ def job_type_body(job_type: JobType) -> dict[str, Any]:
         "session_enabled": False,
         "gpu_enabled": False,
         "gpu_vendor": None,
-        # The gateway does not see the engine (the workers fail closed on a missing image).
-        "image_exists": None,
+        "image_exists": image_exists,
         "versions": list(versions(job_type)),
         **job_type.model_dump(mode="json", exclude={"name", "python_version", "requirements"}),
     }
@@ -475,24 +475,28 @@ class Routes:
         return json_response(await self._queue_stats())
 
     async def _queue_stats(self) -> dict[str, int]:
-        """Tako VM's queue figures for the whole cluster, from the store."""
+        """Tako VM's queue figures for the whole cluster: jobs from the store, slots from the
+        live workers' reports."""
         waiting, running = await self.view.queue_counts()
         return {
             "pending": waiting,
             "running": running,
-            "max_workers": await self.view.worker_slots(),
+            "max_workers": self.view.workers.slots(),
             "max_queue_size": 0,
         }
 
     async def list_job_types(self, request: web.Request) -> web.StreamResponse:
-        return json_response([job_type_body(t) for t in self.job_types.values()])
+        exists = self.view.workers.image_exists
+        return json_response([job_type_body(t, exists(t.image)) for t in self.job_types.values()])
 
     async def get_job_type(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         job_type = self.job_types.get(name)
         if job_type is None:
             return error_response(request, 404, f"Job type '{name}' not found")
-        return json_response(job_type_body(job_type))
+        return json_response(
+            job_type_body(job_type, self.view.workers.image_exists(job_type.image))
+        )
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         """Tako VM's shape: the shared circuit breaker (read from its table's changelog, so
@@ -501,14 +505,15 @@ class Routes:
         broker = await self.view.broker_available()
         state = self.view.breakers.worst()
         ready = self.view.ready.is_set()
-        healthy = broker and ready and state.state is State.CLOSED
+        # The gateway does not see the engines: the workers' reports say what theirs do.
+        engines = self.view.workers.docker_available()
+        docker = state.state is not State.OPEN and engines is not False
+        healthy = broker and ready and docker and state.state is State.CLOSED
         return json_response(
             {
                 "status": "healthy" if healthy else "degraded",
-                "docker_available": state.state is not State.OPEN,
-                # The gateway does not see the engine: whether a job type is configured to
-                # run under gVisor (the workers fail closed when the runtime is missing).
-                "gvisor_available": any(t.runtime == "runsc" for t in self.job_types.values()),
+                "docker_available": docker,
+                "gvisor_available": self.view.workers.has_runtime("runsc"),
                 "circuit_breaker": {
                     "state": state.state.value,
                     "failure_count": state.failure_count,
@@ -522,6 +527,7 @@ class Routes:
                 "production_mode": False,
                 "queue_stats": await self._queue_stats(),
                 "broker_available": broker,
+                "workers": len(self.view.workers.live()),
                 "broker_unavailable_since": (
                     self.view.broker.since.isoformat() if self.view.broker.since else None
                 ),

@@ -28,8 +28,9 @@ from tako_stream.client import Producer
 from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
 from tako_stream.gateway.store import Job, Request, Store, fingerprint
+from tako_stream.gateway.workers import WorkerReports
 from tako_stream.kafka.reader import EndOffsets, TopicReader, read_record, tail
-from tako_stream.kafka.topics import TopicDirectory, ensure_topics, group_members, partitions
+from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.kafka.waiters import Waiters
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
@@ -66,6 +67,7 @@ class ClusterView:
         self.store = Store(store_path(settings), cache_mb=settings.gateway_cache_mb)
         self.producer = Producer(settings)
         self.breakers = BreakerStates(settings.breaker)
+        self.workers = WorkerReports()
         self.topics = TopicDirectory(settings)
         self.broker = Condition("the Kafka broker is unreachable", log)
         self.ready = asyncio.Event()
@@ -98,6 +100,7 @@ class ClusterView:
         self._tasks = [
             asyncio.create_task(self._materialise()),
             asyncio.create_task(tail(s, s.breaker_changelog_topic, self.breakers.apply)),
+            asyncio.create_task(tail(s, s.workers_topic, self.workers.apply)),
         ]
 
     async def stop(self) -> None:
@@ -375,18 +378,6 @@ class ClusterView:
         except BrokerError:
             return None
         return None if exists else f"reply_to: topic {topic!r} does not exist"
-
-    async def worker_slots(self) -> int:
-        """Jobs the cluster runs at once: the members of the workers' consumer group times
-        each worker's pool size (every worker runs with the deployment's TAKO_POOL_SIZE); 0
-        when the broker cannot tell within ``BROKER_CHECK`` seconds."""
-        try:
-            async with asyncio.timeout(BROKER_CHECK):
-                members = await group_members(self.settings, self.settings.consumer_group)
-        except (TimeoutError, KafkaError, OSError) as exc:
-            log.debug("cannot count the workers: %r", exc)
-            return 0
-        return members * self.settings.pool_size
 
     async def broker_available(self) -> bool:
         """Whether the broker answers a metadata request within ``BROKER_CHECK`` seconds

@@ -69,6 +69,13 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             settings.topic_replication,
             topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS)},
         ),
+        # One report per worker, read whole by the gateways: a few records, one partition.
+        NewTopic(
+            settings.workers_topic,
+            1,
+            settings.topic_replication,
+            topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS)},
+        ),
     ]
 
 
@@ -153,21 +160,3 @@ class TopicDirectory:
             finally:
                 await admin.close()
             self._fetched_at = time.monotonic()
-
-
-async def group_members(settings: Settings, group: str) -> int:
-    """How many consumers are members of ``group`` now, as the broker describes it (0 for a
-    group it does not know)."""
-    admin = _admin(settings)
-    await admin.start()
-    try:
-        described = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    # Each group: (error_code, group, state, protocol_type, protocol, members, ...).
-    return sum(
-        len(entry[5] or [])
-        for response in described
-        for entry in response.groups
-        if entry[0] == 0 and entry[1] == group
-    )

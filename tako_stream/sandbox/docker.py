@@ -288,6 +288,25 @@ class DockerSandbox:
         except SandboxSetupError as exc:  # a refused ping still means the daemon is not usable
             raise SandboxUnavailableError(str(exc)) from exc
 
+    async def engine_facts(self, images: list[str]) -> tuple[list[str], dict[str, bool]]:
+        """The engine's OCI runtimes and, for each of ``images``, whether it has it;
+        ``SandboxUnavailableError`` when it does not answer (each call bounded)."""
+        with engine_errors("info"):
+            info = await asyncio.wait_for(self._docker.system.info(), self._api_timeout)
+        runtimes = sorted(info.get("Runtimes") or {}) if isinstance(info, dict) else []
+        present: dict[str, bool] = {}
+        for image in images:
+            try:
+                with engine_errors("inspect image"):
+                    await asyncio.wait_for(self._docker.images.inspect(image), self._api_timeout)
+            except SandboxUnavailableError:
+                raise
+            except SandboxSetupError:  # 404 (ImageMissingError) or refused: not usable there
+                present[image] = False
+            else:
+                present[image] = True
+        return runtimes, present
+
     async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> DockerPrepared:
         """Create, attach and start a container; its supervisor then waits for one job.
 

@@ -34,6 +34,7 @@ from tako_stream.worker.breaker.state import State
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
 from tako_stream.worker.intake import STOP_STEP, Intake
+from tako_stream.worker.reports import Reporter
 from tako_stream.worker.stream import KafkaSink, KafkaSource
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Runtime(Service):
         self.sandbox: DockerSandbox | None = None
         self.intake: Intake | None = None
         self.warm: WarmPool | None = None
+        self.reporter: Reporter | None = None
         self.docker_available = False
         self.dlq = DLQView()
         self.cancellations = Cancellations()
@@ -134,9 +136,10 @@ class Runtime(Service):
                 await control.caught_up.wait()
                 await states.caught_up.wait()
                 await answers.caught_up.wait()
+        sink = KafkaSink(s)
         self.intake = Intake(
             KafkaSource(s),
-            KafkaSink(s),
+            sink,
             executor,
             topics=s.topics,
             reply_to=s.reply_to,
@@ -154,12 +157,29 @@ class Runtime(Service):
         )
         self.intake.on_answered = self.metrics.observe
         await self.intake.start()
+        intake = self.intake
+
+        async def send_report(key: bytes, value: bytes | None) -> None:
+            await sink.send(s.workers_topic, key, value, [])
+
+        self.reporter = Reporter(
+            worker_id=s.worker_id,
+            images=[t.image for t in self.job_types.values()],
+            pool_size=s.pool_size,
+            interval=s.worker_report_interval,
+            facts=self.sandbox.engine_facts,
+            send=send_report,
+            in_flight=lambda: intake.in_flight,
+        )
+        self.add_future(self.reporter.run())
         self.add_future(self._ping_docker())
         self.add_future(self._watch_broker())
         self.add_future(dlq.follow(s, self.dlq))
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
+        if self.reporter is not None:  # while the producer is still there
+            await self.reporter.retire(STOP_STEP)
         if self.intake is not None and not await self.intake.stop():
             self.exit_code = EXIT_UNCOMMITTED
         await self.remove_containers()

@@ -102,6 +102,7 @@ class Stack:
             "control_topic": f"t{self.tag}.control",
             "status_topic": f"t{self.tag}.status",
             "artifacts_topic": f"t{self.tag}.artifacts",
+            "workers_topic": f"t{self.tag}.workers",
             "consumer_group": f"g{self.tag}",
             "breaker_topic": f"t{self.tag}.breaker",
             "topic_partitions": 4,

@@ -250,6 +250,8 @@ async def test_job_types(gw: Gateway) -> None:
         "image_exists",
     } <= set(one)
     assert one["memory_limit"] == "512m" and one["timeout"] == 60 and one["cpu_limit"] == 1.0
+    assert one["requirements"] == ["numpy==1.24.2", "pandas==1.5.3", "tabulate==0.8.9"]
+    assert one["python_version"] == "3.11" and one["image_exists"] is True  # the worker says
     assert (await gw.call("GET", "/job-types/nope"))[0] == 404
 
 
@@ -265,7 +267,7 @@ async def test_health_has_the_seed_shape(gw: Gateway) -> None:
     }
     assert health["circuit_breaker"]["state"] == "closed"
     assert health["version"] and health["production_mode"] is False
-    assert isinstance(health["gvisor_available"], bool)
+    assert isinstance(health["gvisor_available"], bool) and health["workers"] >= 1
     stats = health["queue_stats"]
     assert set(stats) == {"pending", "running", "max_workers", "max_queue_size"}
     # the stack's worker is a member of the group: its pool's slots count

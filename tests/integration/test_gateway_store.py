@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -265,3 +267,41 @@ async def test_every_result_is_served_whatever_the_cache_holds(new_stack: Stack)
         for execution_id in [*ids[::97], ids[0], ids[-1]]:
             status, job = await gateway.call("GET", f"/jobs/{execution_id}/result")
             assert status == 200 and job["stdout"] == f"{execution_id}\n", (execution_id, job)
+
+
+async def test_the_gateway_knows_the_workers_from_their_reports(
+    new_stack: Stack, docker: aiodocker.Docker
+) -> None:
+    """The gateway never talks to Docker: capacity, engines, runtimes and images come from the
+    workers' reports, and a worker that stops is counted out at once (its tombstone)."""
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        await gateway.ready()
+        code, pool = await gateway.call("GET", "/pool/stats")
+        assert code == 200 and pool["max_workers"] == 0, pool  # no worker yet
+        code, job_type = await gateway.call("GET", "/job-types/default")
+        assert job_type["image_exists"] is None  # no worker to ask
+
+        worker = new_stack.start_worker(TAKO_POOL_SIZE="3", TAKO_WORKER_REPORT_INTERVAL="1")
+        await worker.wait_ready()
+        for _ in range(60):
+            code, health = await gateway.call("GET", "/health")
+            if health["workers"] == 1:
+                break
+            await asyncio.sleep(0.5)
+        assert health["workers"] == 1 and health["queue_stats"]["max_workers"] == 3, health
+        assert health["docker_available"] is True
+        runtimes = (await docker.system.info())["Runtimes"]
+        assert health["gvisor_available"] is ("runsc" in runtimes)
+        code, job_type = await gateway.call("GET", "/job-types/default")
+        assert job_type["image_exists"] is True
+
+        worker.kill(signal.SIGTERM)
+        assert worker.wait_exit(60) == 0
+        for _ in range(60):
+            code, pool = await gateway.call("GET", "/pool/stats")
+            if pool["max_workers"] == 0:
+                break
+            await asyncio.sleep(0.5)
+        assert pool["max_workers"] == 0, pool

@@ -69,6 +69,7 @@ def test_titles_name_the_models() -> None:
         "dlq-record.schema.json": "DLQRecord",
         "cancel-request.schema.json": "CancelRequest",
         "job-status.schema.json": "JobStatus",
+        "worker-report.schema.json": "WorkerReport",
     }
 
 
