@@ -215,6 +215,12 @@ class Settings(BaseSettings):
     )
     #: Memory the store's page cache may use, in MiB (the file itself grows with the topics).
     gateway_cache_mb: int = Field(default=64, ge=4, le=4096)
+    #: Requests per client address and window (Tako VM's API rate limit); 0: no limit.
+    gateway_rate_limit: int = Field(default=0, ge=0)
+    gateway_rate_window: float = Field(default=60.0, gt=0)
+    #: The largest request body (Tako VM: 413 beyond it); a request is at most 100 KB of code
+    #: and 1 MiB of input, so the default leaves room for JSON's escaping.
+    gateway_max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     #: Seconds a request that needs the store waits for it to catch up before answering 503.
     gateway_ready_wait: float = Field(default=10.0, ge=0)
     #: Seconds a sync ``POST /execute`` waits beyond the job's own timeout before answering 504.

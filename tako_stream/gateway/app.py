@@ -15,6 +15,7 @@ from aiohttp import web
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.gateway import openapi
 from tako_stream.gateway.api import ROUTES
+from tako_stream.gateway.limits import FixedWindow
 from tako_stream.gateway.routes import Handler, Routes, error_response
 from tako_stream.gateway.views import ClusterView, NotReady
 from tako_stream.kafka.codec import new_id
@@ -35,6 +36,10 @@ SECURITY_HEADERS = {
 }
 
 
+#: Never rate limited: the API document, and what probes and scrapers poll.
+UNLIMITED = frozenset({"/openapi.json", "/metrics", "/ready"})
+
+
 class Gateway:
     """The aiohttp application: the routes, correlation ids, metrics and the view's lifecycle."""
 
@@ -43,6 +48,11 @@ class Gateway:
         self.view = ClusterView(settings)
         self.metrics = Metrics()
         self.metrics.add_gauges(self._gauges)
+        self.limiter = (
+            FixedWindow(settings.gateway_rate_limit, settings.gateway_rate_window)
+            if settings.gateway_rate_limit
+            else None
+        )
         self.routes = Routes(
             settings,
             job_types,
@@ -54,7 +64,10 @@ class Gateway:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._correlation], client_max_size=4 << 20)
+        app = web.Application(
+            middlewares=[self._correlation],
+            client_max_size=self.settings.gateway_max_payload_bytes,
+        )
         # aiohttp serves HEAD with every GET route's handler: a HEAD route is declared in the
         # table for the OpenAPI document only.
         app.add_routes(
@@ -82,7 +95,9 @@ class Gateway:
         request["correlation_id"] = correlation_id[:256]
         with job_context("-", request["correlation_id"]):
             try:
-                response = await handler(request)
+                response = await self._protected(request, handler)
+            except web.HTTPRequestEntityTooLarge:
+                response = error_response(request, 413, self._too_large)
             except web.HTTPException as exc:
                 response = error_response(request, exc.status, exc.reason)
             except NotReady as exc:
@@ -96,6 +111,25 @@ class Gateway:
         path = route.canonical if route is not None else "unmatched"
         self.metrics.http.labels(request.method, path, str(response.status)).inc()
         return response
+
+    @property
+    def _too_large(self) -> str:
+        limit = self.settings.gateway_max_payload_bytes
+        return f"Payload too large. Maximum allowed size is {limit} bytes."  # Tako VM's words
+
+    async def _protected(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tako VM's API protections first: the rate limit (429 with Retry-After), then the
+        declared body size (413; a body that turns out longer is refused when read)."""
+        if self.limiter is not None and request.path not in UNLIMITED:
+            allowed, retry_after = self.limiter.allow(request.remote or "unknown")
+            if not allowed:
+                response = error_response(request, 429, "Rate limit exceeded. Try again later.")
+                response.headers["Retry-After"] = str(retry_after)
+                return response
+        length = request.content_length
+        if length is not None and length > self.settings.gateway_max_payload_bytes:
+            return error_response(request, 413, self._too_large)
+        return await handler(request)
 
     def _gauges(self) -> Iterable[Metric]:
         state = self.view.breakers.worst()

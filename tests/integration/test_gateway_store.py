@@ -19,6 +19,7 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -305,3 +306,48 @@ async def test_the_gateway_knows_the_workers_from_their_reports(
                 break
             await asyncio.sleep(0.5)
         assert pool["max_workers"] == 0, pool
+
+
+async def test_tako_vms_api_protections_rate_limit_and_payload_cap(new_stack: Stack) -> None:
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start(
+            TAKO_GATEWAY_RATE_LIMIT="3",
+            TAKO_GATEWAY_RATE_WINDOW="30",
+            TAKO_GATEWAY_MAX_PAYLOAD_BYTES=str(64 * 1024),
+        )
+        await gateway.up()  # one request of the three (those refused never reached it)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # /ready is never limited: probes must always get through
+                async with session.get(gateway.url + "/ready") as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.25)
+            codes = []
+            for _ in range(3):
+                async with session.get(gateway.url + "/job-types") as resp:
+                    codes.append(resp.status)
+                    body, headers = await resp.json(), resp.headers
+            assert codes == [200, 200, 429], codes
+            assert body["detail"] == "Rate limit exceeded. Try again later.", body
+            assert 1 <= int(headers["Retry-After"]) <= 30
+            assert headers["X-Content-Type-Options"] == "nosniff"
+    with gateways(new_stack, "big") as (gateway,):
+        gateway.start(TAKO_GATEWAY_MAX_PAYLOAD_BYTES=str(64 * 1024))
+        await gateway.up()
+        await gateway.ready()
+        huge = orjson.dumps({"code": "print(1)", "input_data": {"x": "y" * 70_000}})
+        expected = "Payload too large. Maximum allowed size is 65536 bytes."
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused when read
+            for start in range(0, len(huge), 8192):
+                yield huge[start : start + 8192]
+
+        async with aiohttp.ClientSession() as session:
+            for data in (huge, chunks()):
+                async with session.post(gateway.url + "/execute/async", data=data) as resp:
+                    body = await resp.json()
+                    assert resp.status == 413 and body["detail"] == expected, body
+                    assert "correlation_id" in body
+            small = {"code": "print(1)"}
+            async with session.post(gateway.url + "/execute/async", json=small) as resp:
+                assert resp.status == 200
