@@ -7,6 +7,7 @@ untrusted output of the job, so parsing is bounded and never raises.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -70,6 +71,20 @@ def classify_exception(names: Sequence[str]) -> ErrorType:
         if found is not None:
             return found
     return ErrorType.RUNTIME_ERROR
+
+
+#: An OSError's message naming a network that cannot be reached (ENETUNREACH, EHOSTUNREACH):
+#: what a job's connect meets in a container with no network, raised as a plain OSError.
+_UNREACHABLE = re.compile(r"\[Errno (?:101|113)\]|Network is unreachable|No route to host")
+
+
+def classify_failure(names: Sequence[str], message: str) -> ErrorType:
+    """``classify_exception``, and a plain OSError about an unreachable network is Tako VM's
+    ``network_error`` (the kernel raises no ConnectionError subclass for it)."""
+    found = classify_exception(names)
+    if found is ErrorType.OS_ERROR and _UNREACHABLE.search(message):
+        return ErrorType.NETWORK_ERROR
+    return found
 
 
 # --- Tracebacks ---------------------------------------------------------------------------------

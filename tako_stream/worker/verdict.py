@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from tako_stream.core.classify import (
-    classify_exception,
     classify_exit,
+    classify_failure,
     exception_message,
     parse_traceback,
 )
@@ -305,7 +305,7 @@ def classify(run: SandboxRun, limits: Limits) -> Verdict:
     names = report.exception or [n for n in [parse_traceback(report.stderr_tail)] if n]
     if names:
         message = exception_message(report.stderr_tail) or names[0]
-        return Verdict.failure(classify_exception(names), code, message=message)
+        return Verdict.failure(classify_failure(names, message), code, message=message)
     return Verdict.failure(ErrorType.NONZERO_EXIT, code, message=f"Process exited with code {code}")
 
 

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from tako_stream.core.classify import classify_failure
 from tako_stream.core.errors import ErrorType, InvalidRequestError, Status
 from tako_stream.core.jobtypes import JobTypes, Limits
 from tako_stream.core.models import ExecutionRequest, JobType
@@ -389,3 +390,19 @@ def test_job_type_defaults_must_fit_its_ceilings() -> None:
         JobType(name="x", image="img", memory="1g", max_memory="512m")
     with pytest.raises(ValueError, match="max_timeout"):
         JobType(name="x", image="img", timeout=100, max_timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("names", "message", "expected"),
+    [
+        (["OSError"], "OSError: [Errno 101] Network is unreachable", ErrorType.NETWORK_ERROR),
+        (["OSError"], "OSError: [Errno 113] No route to host", ErrorType.NETWORK_ERROR),
+        (["OSError"], "OSError: [Errno 28] No space left on device", ErrorType.OS_ERROR),
+        (["ValueError"], "ValueError: Network is unreachable", ErrorType.VALUE_ERROR),
+        (["ConnectionRefusedError", "OSError"], "refused", ErrorType.NETWORK_ERROR),
+    ],
+)
+def test_an_unreachable_network_is_a_network_error(
+    names: list[str], message: str, expected: ErrorType
+) -> None:
+    assert classify_failure(names, message) is expected
