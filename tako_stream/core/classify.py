@@ -16,6 +16,7 @@ from tako_stream.core.errors import EXCEPTION_TABLE, SIGNAL_EXIT_CODES, ErrorTyp
 __all__ = [
     "classify_exception",
     "classify_exit",
+    "classify_failure",
     "exception_message",
     "exception_names",
     "parse_traceback",

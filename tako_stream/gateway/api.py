@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from tako_stream.core.models import DLQRecord, ExecutionRequest
 from tako_stream.gateway.shapes import (
     Cancelled,
+    DerivedJob,
     ErrorBody,
     ForkBody,
     JobAccepted,
@@ -99,7 +100,7 @@ ROUTES: tuple[Route, ...] = (
         "/jobs/{id}/rerun",
         "rerun",
         "A new job with a finished job's code and input (lineage: relationship 'rerun')",
-        {200: ("Queued", JobAccepted), 400: ERROR, 404: ERROR, 422: ERROR},
+        {200: ("Queued", DerivedJob), 400: ERROR, 404: ERROR, 422: ERROR},
         body=RerunBody,
     ),
     Route(
@@ -107,7 +108,7 @@ ROUTES: tuple[Route, ...] = (
         "/jobs/{id}/fork",
         "fork",
         "A new job with new code on a job's input (lineage: relationship 'fork')",
-        {200: ("Queued", JobAccepted), 400: ERROR, 404: ERROR, 422: ERROR},
+        {200: ("Queued", DerivedJob), 400: ERROR, 404: ERROR, 422: ERROR},
         body=ForkBody,
     ),
     Route(

@@ -32,6 +32,8 @@ from tako_stream.core.models import (
 from tako_stream.gateway.api import Route
 from tako_stream.gateway.shapes import (
     Cancelled,
+    DerivedJob,
+    ExistingJob,
     ForkBody,
     InProgress,
     JobAccepted,
@@ -237,7 +239,7 @@ class Routes:
         state, result, _ = await self.view.find(execution_id)
         status = tako_status(result) if result is not None else _pending_status(state)
         log.info("idempotency hit: returning existing job %s", execution_id)
-        return JobAccepted(job_id=execution_id, status=status)
+        return ExistingJob(job_id=execution_id, status=status)
 
     async def execute(self, request: web.Request) -> web.StreamResponse:
         """Run and wait: HTTP 200 whatever the code did; 504 if no result came in time."""
@@ -308,7 +310,13 @@ class Routes:
         execution_id, landed = await self._produce(request, body, [])
         await self._read_back(landed)
         log.info("job %s created as %s of %s", execution_id, relationship, parent_id)
-        return json_response(JobAccepted(job_id=execution_id, status="queued"))
+        derived = DerivedJob(
+            job_id=execution_id,
+            status="queued",
+            parent_execution_id=parent_id,
+            relationship=relationship,
+        )
+        return json_response(derived)
 
     # -- reading ---------------------------------------------------------------------------
     async def job(self, request: web.Request) -> web.StreamResponse:
@@ -326,6 +334,7 @@ class Routes:
                 created_at=record["created_at"],
                 duration_ms=record["duration_ms"],
                 queue_position=None,
+                started_at=record["started_at"],
             )
         else:
             position = await self.view.queue_position(execution_id)
@@ -335,6 +344,7 @@ class Routes:
                 created_at=created,
                 duration_ms=None,
                 queue_position=position if state == "queued" else None,
+                started_at=job.running[1] if job.running else None,
             )
         return json_response(body)
 

@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from tako_stream.core.errors import Status
-from tako_stream.core.models import ExecutionResult
+from tako_stream.core.models import ExecutionResult, Relationship
 
 
 class SyncResponse(BaseModel):
@@ -26,6 +26,9 @@ class SyncResponse(BaseModel):
     job_type: str | None
     execution_id: str
     error_type: str | None = Field(description="The classified error type, when it failed.")
+    timing: dict[str, Any] = Field(
+        description="Tako VM's phases (startup_ms, execution_ms, total_ms, ...), as in the record."
+    )
 
 
 class JobAccepted(BaseModel):
@@ -33,6 +36,19 @@ class JobAccepted(BaseModel):
 
     job_id: str
     status: str
+
+
+class ExistingJob(JobAccepted):
+    """A submit whose idempotency key names a job already: that job, as Tako VM answers."""
+
+    message: str = "Existing job returned (idempotent)"
+
+
+class DerivedJob(JobAccepted):
+    """A rerun's or a fork's new job, with its lineage (Tako VM's REST reference)."""
+
+    parent_execution_id: str
+    relationship: Relationship
 
 
 class JobStatusBody(BaseModel):
@@ -46,6 +62,7 @@ class JobStatusBody(BaseModel):
         description="While pending: 1 + the jobs ahead of it in its partition of the "
         "requests topic (the order workers take them in)."
     )
+    started_at: str | None = Field(default=None, description="Once a worker runs it.")
 
 
 class InProgress(BaseModel):
@@ -111,13 +128,29 @@ def iso_ms(produced_ms: int | None) -> str | None:
     return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
 
 
+def tako_timing(result: ExecutionResult) -> dict[str, Any]:
+    """Tako VM's timing phases; ``queued_ms`` and ``warm`` are ours."""
+    ran = result.timing.sandbox is not None
+    execution_ms = _ms(result.execution_time) if ran else None
+    total_ms = _ms(result.timing.sandbox)
+    return {
+        "startup_ms": None
+        if total_ms is None or execution_ms is None
+        else max(total_ms - execution_ms, 0),
+        "dep_install_ms": None if total_ms is None else 0,  # nothing is installed at run time
+        "execution_ms": execution_ms,
+        "total_ms": total_ms,
+        "phase_at_exit": "execution" if ran else None,
+        "queued_ms": _ms(result.timing.queued),
+        "warm": result.timing.warm,
+    }
+
+
 def execution_record(
     result: ExecutionResult, *, created_at: str | None, full: bool = False
 ) -> dict[str, Any]:
     """Tako VM's execution record (``view=full``: its full record), then what we add."""
-    ran = result.timing.sandbox is not None
-    execution_ms = _ms(result.execution_time) if ran else None
-    total_ms = _ms(result.timing.sandbox)
+    timing = tako_timing(result)
     name = (result.job_type or "default").partition("@")[0]
     record: dict[str, Any] = {
         "execution_id": result.execution_id,
@@ -128,24 +161,13 @@ def execution_record(
         or (result.started_at or result.finished_at).astimezone(UTC).isoformat(),
         "started_at": result.started_at.isoformat() if result.started_at else None,
         "ended_at": result.finished_at.isoformat(),
-        "duration_ms": execution_ms,
+        "duration_ms": timing["execution_ms"],
         "exit_code": result.exit_code,
         "stdout": result.stdout,
         "stderr": result.stderr,
         "output": result.output,
         "error": result.error.model_dump(mode="json") if result.error else None,
-        "timing": {
-            "startup_ms": None
-            if total_ms is None or execution_ms is None
-            else max(total_ms - execution_ms, 0),
-            "dep_install_ms": None,  # nothing is installed at run time
-            "execution_ms": execution_ms,
-            "total_ms": total_ms,
-            "phase_at_exit": "execution" if ran else None,
-            # Ours: queueing, and whether a warm container took it.
-            "queued_ms": _ms(result.timing.queued),
-            "warm": result.timing.warm,
-        },
+        "timing": timing,
     }
     if full:
         record |= {
@@ -199,6 +221,7 @@ def sync_response(result: ExecutionResult) -> SyncResponse:
         job_type=result.job_type,
         execution_id=result.execution_id,
         error_type=result.error.type.value if result.error else None,
+        timing=tako_timing(result),
     )
 
 

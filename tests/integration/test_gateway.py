@@ -130,6 +130,9 @@ async def test_execute_answers_tako_vm_sync_shape(gw: Gateway) -> None:
     assert body["success"] is True and body["output"] == {"double": 42}
     assert body["stdout"] == "hi\n" and body["exit_code"] == 0 and body["error"] is None
     assert body["job_type"] == "default" and body["execution_time"] > 0
+    timing = body["timing"]  # Tako VM's phases
+    assert timing["execution_ms"] >= 0 and timing["total_ms"] >= timing["execution_ms"]
+    assert timing["phase_at_exit"] == "execution" and timing["dep_install_ms"] == 0
 
     # the correlation id reached the result on Kafka too
     status, record, _ = await gw.call("GET", f"/executions/{body['execution_id']}")
@@ -228,7 +231,11 @@ async def test_idempotency_key(gw: Gateway) -> None:
     assert status == 200 and record["stdout"] == "once\n"
     # after it ran, the same key still names the same job, now finished
     s4, again, _ = await gw.call("POST", "/execute/async", json=body)
-    assert s4 == 200 and again == {"job_id": first["job_id"], "status": "succeeded"}
+    assert s4 == 200 and again == {
+        "job_id": first["job_id"],
+        "status": "succeeded",
+        "message": "Existing job returned (idempotent)",  # Tako VM's reference
+    }
 
 
 async def test_job_types(gw: Gateway) -> None:
@@ -462,6 +469,7 @@ async def test_rerun_and_fork_keep_the_input_and_record_the_lineage(gw: Gateway)
 
     status, rerun, _ = await gw.call("POST", f"/jobs/{parent_id}/rerun", json={})
     assert status == 200 and rerun["status"] == "queued" and rerun["job_id"] != parent_id
+    assert rerun["parent_execution_id"] == parent_id and rerun["relationship"] == "rerun"
     status, fork, _ = await gw.call(
         "POST",
         f"/jobs/{parent_id}/fork",
