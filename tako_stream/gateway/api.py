@@ -156,6 +156,13 @@ ROUTES: tuple[Route, ...] = (
         "One job type",
         {200: ANY, 404: ERROR},
     ),
+    Route(
+        "POST",
+        "/job-types/{name}/build",
+        "build_job_type",
+        "Tako VM's image build: images are built on the workers' hosts (501)",
+        {501: ERROR, 404: ERROR},
+    ),
     Route("GET", "/health", "health", "Gateway health", {200: ANY}),
     Route(
         "GET",

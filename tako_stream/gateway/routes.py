@@ -43,6 +43,7 @@ from tako_stream.gateway.shapes import (
     iso_ms,
     payload_digest,
     sync_response,
+    tako_dlq_item,
     tako_status,
 )
 from tako_stream.gateway.store import sortable
@@ -71,8 +72,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def error_response(request: web.Request, status: int, detail: Any) -> web.Response:
-    return json_response({"detail": detail, "correlation_id": request["correlation_id"]}, status)
+def error_response(request: web.Request, status: int, detail: Any, **more: Any) -> web.Response:
+    body = {"detail": detail, "correlation_id": request["correlation_id"], **more}
+    return json_response(body, status)
 
 
 def job_type_body(job_type: JobType, image_exists: bool | None) -> dict[str, Any]:
@@ -234,8 +236,13 @@ class Routes:
             if known is not None and (known.partition, known.offset) == ours:
                 return JobAccepted(job_id=execution_id, status="queued")
         if known is None or known.digest != digest:
-            # Tako VM's words.
-            return error_response(request, 409, "Idempotency key reused with different payload")
+            # Tako VM's words, and the job the key names (its REST reference).
+            return error_response(
+                request,
+                409,
+                "Idempotency key reused with different payload",
+                existing_job_id=execution_id,
+            )
         state, result, _ = await self.view.find(execution_id)
         status = tako_status(result) if result is not None else _pending_status(state)
         log.info("idempotency hit: returning existing job %s", execution_id)
@@ -508,6 +515,18 @@ class Routes:
             job_type_body(job_type, self.view.workers.image_exists(job_type.image))
         )
 
+    async def build_job_type(self, request: web.Request) -> web.StreamResponse:
+        """Tako VM builds images on its one host; here the images live on every worker's
+        engine, which the gateway never reaches: 501, naming the way they are built."""
+        name = request.match_info["name"]
+        if name not in self.job_types:
+            return error_response(request, 404, f"Job type '{name}' not found")
+        detail = (
+            f"Images are built on each worker's host (scripts/build-images), not through the "
+            f"gateway; {name!r} uses {self.job_types[name].image}"
+        )
+        return error_response(request, 501, detail)
+
     async def health(self, request: web.Request) -> web.StreamResponse:
         """Tako VM's shape: the shared circuit breaker (read from its table's changelog, so
         every gateway agrees with every worker), the cluster's queue; ours: the broker and the
@@ -572,7 +591,7 @@ class Routes:
             limit=limit,
             offset=offset,
         )
-        return json_response(_paged([orjson.Fragment(e) for e in entries], limit, offset, total))
+        return json_response(_paged([tako_dlq_item(e) for e in entries], limit, offset, total))
 
     async def dlq_get(self, request: web.Request) -> web.StreamResponse:
         entry = await self.view.dead_letter(request.match_info["id"])

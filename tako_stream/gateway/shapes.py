@@ -9,8 +9,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from tako_stream.core.errors import Status
-from tako_stream.core.models import ExecutionResult, Relationship
+from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.models import DLQRecord, ExecutionResult, Relationship
 
 
 class SyncResponse(BaseModel):
@@ -128,6 +128,34 @@ def iso_ms(produced_ms: int | None) -> str | None:
     return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
 
 
+def tako_dlq_item(summary: bytes) -> dict[str, Any]:
+    """A DLQ entry as Tako VM lists one (``id``, ``job_id``, ``error_type``, ``error_message``,
+    ``retry_count``, ``created_at``, ``correlation_id``; ``job_data`` and ``client_ip`` are
+    not kept: the original bytes are on the DLQ topic), then the summary as stored."""
+    entry = DLQRecord.model_validate_json(summary)
+    return {
+        "id": entry.dlq_id,
+        "job_id": entry.execution_id,
+        "job_data": None,
+        "error_type": entry.error.type.value,
+        "error_message": entry.error.message,
+        "retry_count": entry.replay_count,
+        "created_at": entry.first_failure_at.isoformat(),
+        "client_ip": None,
+        **entry.model_dump(mode="json"),
+    }
+
+
+def tako_error(result: ExecutionResult) -> dict[str, Any] | None:
+    """The error as Tako VM's records carry it: type, message and the phase it happened in."""
+    if result.error is None:
+        return None
+    phase = "startup" if result.error.type is ErrorType.STARTUP_TIMEOUT else None
+    if phase is None and result.timing.sandbox is not None:
+        phase = "execution"
+    return {**result.error.model_dump(mode="json"), "phase": phase}
+
+
 def tako_timing(result: ExecutionResult) -> dict[str, Any]:
     """Tako VM's timing phases; ``queued_ms`` and ``warm`` are ours."""
     ran = result.timing.sandbox is not None
@@ -166,7 +194,7 @@ def execution_record(
         "stdout": result.stdout,
         "stderr": result.stderr,
         "output": result.output,
-        "error": result.error.model_dump(mode="json") if result.error else None,
+        "error": tako_error(result),
         "timing": timing,
     }
     if full:

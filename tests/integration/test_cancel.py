@@ -101,7 +101,11 @@ async def test_running_job_gets_sigterm_and_ends_cancelled_143(cgw: Gateway) -> 
     status, record, _ = await cgw.call("GET", f"/jobs/{job}/result?wait=true&timeout=60")
     assert status == 200, record
     assert record["status"] == "cancelled" and record["exit_code"] == 143, record
-    assert record["error"] == {"type": "cancelled", "message": "Execution cancelled"}
+    assert record["error"] == {
+        "type": "cancelled",
+        "message": "Execution cancelled",
+        "phase": "execution",  # Tako VM's error object names the phase
+    }
     assert record["stdout"] == "started\n"
     assert record["duration_ms"] is not None and record["duration_ms"] < 60_000
     # a finished job cannot be cancelled: Tako VM's 404

@@ -225,6 +225,7 @@ async def test_idempotency_key(gw: Gateway) -> None:
         "POST", "/execute/async", json={"code": "print('other')", "idempotency_key": key}
     )
     assert s3 == 409 and conflict["detail"] == "Idempotency key reused with different payload"
+    assert conflict["existing_job_id"] == first["job_id"]
     status, record, _ = await gw.call(
         "GET", f"/jobs/{first['job_id']}/result?wait=true&timeout=120"
     )
@@ -260,6 +261,9 @@ async def test_job_types(gw: Gateway) -> None:
     assert one["requirements"] == ["numpy==1.24.2", "pandas==1.5.3", "tabulate==0.8.9"]
     assert one["python_version"] == "3.11" and one["image_exists"] is True  # the worker says
     assert (await gw.call("GET", "/job-types/nope"))[0] == 404
+    status, body, _ = await gw.call("POST", "/job-types/default/build")
+    assert status == 501 and "scripts/build-images" in body["detail"], body
+    assert (await gw.call("POST", "/job-types/nope/build"))[0] == 404
 
 
 async def test_health_has_the_seed_shape(gw: Gateway) -> None:
@@ -294,6 +298,8 @@ async def test_dlq_endpoints(gw: Gateway) -> None:
     assert status == 200 and listing["total"] >= 1
     assert listing["count"] == len(listing["items"]) and listing["limit"] == 100
     entry = listing["items"][0]
+    assert entry["id"] == entry["dlq_id"] and entry["job_id"] == entry["execution_id"]  # Tako VM's
+    assert entry["error_type"] == entry["error"]["type"] and entry["retry_count"] == 0
     status, stats, _ = await gw.call("GET", "/dlq/stats")
     assert stats["total"] == listing["total"]
     assert stats["by_error_type"].get("invalid_request", 0) >= 1
