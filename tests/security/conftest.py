@@ -63,6 +63,8 @@ def _toml(value: object) -> str:
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):  # a job type's requirements
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     raise TypeError(f"unsupported TOML value {value!r}")
 
 
