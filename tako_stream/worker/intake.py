@@ -302,8 +302,11 @@ class Intake:
             max(0.0, time.time() - message.timestamp_ms / 1000) if message.timestamp_ms else None
         )
         reply_to: str | None = None
+        # Why a request was refused goes on its one "answered" line: a burst of bad requests
+        # costs one log line each, not two.
+        refused: str | None = None
         if isinstance(decoded, Rejection):
-            log.info("invalid request: %s", "; ".join(decoded.problems))
+            refused = "; ".join(decoded.problems)
             result = answer(
                 Job(execution_id, corr, self.worker_id), Verdict.rejected(decoded.problems)
             )
@@ -311,7 +314,7 @@ class Intake:
             request = decoded
             problem = await self._reply_to_problem(request.reply_to)
             if problem is not None:  # answered here only: never copied to that topic
-                log.info("invalid request: %s", problem)
+                refused = problem
                 result = answer(
                     self._job(request, execution_id, corr, queued), Verdict.rejected([problem])
                 )
@@ -339,10 +342,11 @@ class Intake:
         if final is not None:
             self.answers.record(execution_id, message.position_id)
         log.info(
-            "answered: status=%s error=%s in %.3fs",
+            "answered: status=%s error=%s in %.3fs%s",
             final.status.value if final else "unpublished",
             final.error.type.value if final and final.error else None,
             final.execution_time if final else 0.0,
+            f" (invalid request: {refused})" if refused else "",
         )
         return final
 

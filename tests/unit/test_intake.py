@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Any
 
 import pytest
@@ -115,6 +116,18 @@ async def test_an_invalid_request_is_rejected_dead_lettered_and_committed() -> N
         assert dlq_msg.key == record.dlq_id.encode()
         assert rig.sandbox.runs == []
         assert rig.sink.on(STATUS) == []
+
+
+async def test_a_rejection_is_logged_once_with_why(caplog: pytest.LogCaptureFixture) -> None:
+    """A state change is logged once: a burst of bad requests costs one line each."""
+    caplog.set_level(logging.INFO, logger="tako_stream.worker.intake")
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.source.add(b'{"code": ""}', key=b"blank-1")
+        await rig.source.wait_committed(0, 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tako_stream.worker.intake"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("answered: status=rejected error=invalid_request")
+    assert "(invalid request: code: String should have at least 1 character)" in lines[0]
 
 
 async def test_rejections_are_answered_while_every_slot_is_held() -> None:
