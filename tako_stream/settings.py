@@ -8,6 +8,7 @@ endpoint is deliberately *not* here: it comes from ``DOCKER_HOST``, as for Docke
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tako_stream.core.models import MAX_TIMEOUT
@@ -221,6 +222,9 @@ class Settings(BaseSettings):
     #: The largest request body (Tako VM: 413 beyond it); a request is at most 100 KB of code
     #: and 1 MiB of input, so the default leaves room for JSON's escaping.
     gateway_max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    #: API keys the gateway accepts, comma-separated (``X-API-Key`` or ``Authorization:
+    #: Bearer``); empty: no key is asked for.  Secret: never logged or shown.
+    gateway_api_keys: SecretStr = SecretStr("")
     #: Seconds a request that needs the store waits for it to catch up before answering 503.
     gateway_ready_wait: float = Field(default=10.0, ge=0)
     #: Seconds a sync ``POST /execute`` waits beyond the job's own timeout before answering 504.
@@ -234,6 +238,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @property
+    def api_key_digests(self) -> frozenset[str]:
+        """SHA-256 (hex) of each configured API key: what a request's key is compared with."""
+        keys = self.gateway_api_keys.get_secret_value().split(",")
+        return frozenset(hashlib.sha256(k.strip().encode()).hexdigest() for k in keys if k.strip())
 
     @property
     def topics(self) -> Topics:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -247,10 +248,16 @@ class Artifact(BaseModel):
     ``size_bytes``, ``sha256``, ``content_type``), plus where its bytes are on the artifacts
     topic (key ``execution_id/name``)."""
 
-    name: str = Field(description="The file's name: letters, digits, '.', '_', '-'.")
+    # Constrained here too: a result on the topic is anyone's, and these go into HTTP headers.
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$",
+        description="The file's name: letters, digits, '.', '_', '-'.",
+    )
     size_bytes: int = Field(ge=0)
-    sha256: str = Field(description="SHA-256 (hex) of the file's bytes.")
-    content_type: str = Field(description="Guessed from the name; application/octet-stream.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the file's bytes.")
+    content_type: str = Field(
+        max_length=255, description="Guessed from the name; application/octet-stream."
+    )
     partition: int | None = Field(
         default=None, description="The artifacts topic's partition holding it (not Tako VM's)."
     )
@@ -456,9 +463,9 @@ class WorkerReport(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"title": "WorkerReport"})
 
-    worker_id: str
-    at: datetime
-    interval: float = Field(gt=0, description="Seconds until its next report.")
+    worker_id: str = Field(min_length=1, max_length=256)
+    at: AwareDatetime
+    interval: float = Field(gt=0, le=300, description="Seconds until its next report.")
     version: str
     pool_size: int = Field(ge=0, description="Jobs it runs at once.")
     in_flight: int = Field(ge=0, description="Jobs it has taken and not answered yet.")

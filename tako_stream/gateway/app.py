@@ -7,6 +7,8 @@ unchanged.  The routes are in ``routes``, what the gateway knows of the cluster 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import logging
 from collections.abc import Iterable
 
@@ -38,6 +40,9 @@ SECURITY_HEADERS = {
 
 #: Never rate limited: the API document, and what probes and scrapers poll.
 UNLIMITED = frozenset({"/openapi.json", "/metrics", "/ready"})
+#: Served without an API key: the API document, and the readiness probe (which says nothing
+#: but 200 or 503).
+OPEN = frozenset({"/openapi.json", "/ready"})
 
 
 class Gateway:
@@ -48,6 +53,7 @@ class Gateway:
         self.view = ClusterView(settings)
         self.metrics = Metrics()
         self.metrics.add_gauges(self._gauges)
+        self.api_keys = settings.api_key_digests
         self.limiter = (
             FixedWindow(settings.gateway_rate_limit, settings.gateway_rate_window)
             if settings.gateway_rate_limit
@@ -118,18 +124,36 @@ class Gateway:
         return f"Payload too large. Maximum allowed size is {limit} bytes."  # Tako VM's words
 
     async def _protected(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Tako VM's API protections first: the rate limit (429 with Retry-After), then the
-        declared body size (413; a body that turns out longer is refused when read)."""
+        """Tako VM's API protections first: the rate limit (429 with Retry-After; keys are
+        guessed no faster than anything else is asked), the API key when keys are configured
+        (401), then the declared body size (413; a body that turns out longer is refused when
+        read)."""
         if self.limiter is not None and request.path not in UNLIMITED:
             allowed, retry_after = self.limiter.allow(request.remote or "unknown")
             if not allowed:
                 response = error_response(request, 429, "Rate limit exceeded. Try again later.")
                 response.headers["Retry-After"] = str(retry_after)
                 return response
+        if self.api_keys and request.path not in OPEN and not self._key_accepted(request):
+            response = error_response(request, 401, "Invalid or missing API key")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tako-stream"'
+            return response
         length = request.content_length
         if length is not None and length > self.settings.gateway_max_payload_bytes:
             return error_response(request, 413, self._too_large)
         return await handler(request)
+
+    def _key_accepted(self, request: web.Request) -> bool:
+        """Whether the request carries a configured key (``X-API-Key``, or ``Authorization:
+        Bearer``), compared by digest in constant time."""
+        key = request.headers.get("X-API-Key")
+        if key is None:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        if not key:
+            return False
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return any(hmac.compare_digest(digest, known) for known in self.api_keys)
 
     def _gauges(self) -> Iterable[Metric]:
         state = self.view.breakers.worst()

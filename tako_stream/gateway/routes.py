@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel, ValidationError
 
@@ -47,8 +49,8 @@ from tako_stream.gateway.shapes import (
     tako_status,
 )
 from tako_stream.gateway.store import sortable
-from tako_stream.gateway.views import ClusterView
-from tako_stream.kafka.artifacts import read_artifact
+from tako_stream.gateway.views import ClusterView, NotReady
+from tako_stream.kafka.artifacts import content_type, read_artifact
 from tako_stream.kafka.codec import dumps, new_id
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.state import State
@@ -61,6 +63,8 @@ IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
+#: Artifacts read from the topic at once (each on a consumer of its own).
+ARTIFACT_READS = 8
 #: Tako VM's bounds: a result is waited for 1-300 s; a page holds up to 1000 items.
 MIN_WAIT, MAX_WAIT = 1.0, 300.0
 MAX_PAGE = 1000
@@ -92,7 +96,10 @@ def job_type_body(job_type: JobType, image_exists: bool | None) -> dict[str, Any
         "gpu_vendor": None,
         "image_exists": image_exists,
         "versions": list(versions(job_type)),
-        **job_type.model_dump(mode="json", exclude={"name", "python_version", "requirements"}),
+        # Ours after Tako VM's, never over them (its timeout is whole seconds).
+        **job_type.model_dump(
+            mode="json", exclude={"name", "python_version", "requirements", "timeout"}
+        ),
     }
 
 
@@ -103,6 +110,11 @@ def _etag_matches(request: web.Request, etag: str) -> bool:
         return False
     tags = {tag.strip().removeprefix("W/") for tag in wanted.split(",")}
     return "*" in tags or etag in tags
+
+
+def _invalid(exc: InvalidRequestError) -> list[dict[str, Any]]:
+    """An ``InvalidRequestError``'s problems in FastAPI's shape, as ``_problems``."""
+    return [{"loc": ["body", e.split(":")[0]], "msg": e} for e in exc.errors]
 
 
 def _problems(exc: ValidationError) -> list[dict[str, Any]]:
@@ -140,10 +152,14 @@ def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, A
     }
 
 
-def _wait_query(request: web.Request) -> tuple[bool, float]:
-    """``?wait=true&timeout=N`` (30 s by default); ValueError when the timeout is no number."""
+def wait_query(request: web.Request) -> tuple[bool, float]:
+    """``?wait=true&timeout=N``: 30 s by default, 1-300 s as Tako VM bounds every wait (a
+    wait is a held connection); ValueError otherwise."""
     wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
-    return wait, max(0.0, float(request.query.get("timeout", "30")))
+    timeout = float(request.query.get("timeout", "30"))
+    if not MIN_WAIT <= timeout <= MAX_WAIT:  # NaN and infinities too
+        raise ValueError(f"timeout must be {MIN_WAIT:g}-{MAX_WAIT:g} seconds")
+    return wait, timeout
 
 
 class Routes:
@@ -162,6 +178,7 @@ class Routes:
         self.view = view
         self._openapi = openapi
         self._metrics = metrics
+        self._artifact_reads = asyncio.Semaphore(ARTIFACT_READS)
 
     # -- submitting ------------------------------------------------------------------------
     async def _body(
@@ -183,8 +200,17 @@ class Routes:
         except ValidationError as exc:
             return error_response(request, 422, _problems(exc))
         except InvalidRequestError as exc:
-            problems = [{"loc": ["body", e.split(":")[0]], "msg": e} for e in exc.errors]
-            return error_response(request, 422, problems)
+            return error_response(request, 422, _invalid(exc))
+        if isinstance(body, ExecutionRequest) and not empty:
+            # Lineage is the gateway's to set, by a rerun or a fork (Tako VM's submit has no
+            # such fields); a Kafka producer may still set it on its own requests.
+            lineage = [f for f in ("parent_execution_id", "relationship") if f in raw]
+            if lineage:
+                problems = [
+                    {"loc": ["body", f], "msg": "set by POST /jobs/{id}/rerun or /fork"}
+                    for f in lineage
+                ]
+                return error_response(request, 422, problems)
         if isinstance(body, ExecutionRequest):
             problem = await self.view.reply_to_problem(body.reply_to)
             if problem is not None:
@@ -313,7 +339,7 @@ class Routes:
         except ValidationError as exc:
             return error_response(request, 422, _problems(exc))
         except InvalidRequestError as exc:
-            return error_response(request, 422, exc.errors)
+            return error_response(request, 422, _invalid(exc))
         execution_id, landed = await self._produce(request, body, [])
         await self._read_back(landed)
         log.info("job %s created as %s of %s", execution_id, relationship, parent_id)
@@ -361,9 +387,10 @@ class Routes:
         up to ``timeout`` seconds for the job's result and adds its record as ``result``."""
         execution_id = request.match_info["id"]
         try:
-            wait, timeout = _wait_query(request)
+            wait, timeout = wait_query(request)
         except ValueError:
-            return error_response(request, 422, "timeout must be a number of seconds")
+            problem = {"loc": ["query", "timeout"], "msg": f"from {MIN_WAIT:g} to {MAX_WAIT:g} s"}
+            return error_response(request, 422, [problem])
         state, result, _ = await self.view.find(execution_id)
         if state == "unknown" or result is not None:
             return error_response(request, 404, "Job not found or already completed")
@@ -398,9 +425,7 @@ class Routes:
         ``timeout`` seconds (1-300), then 408."""
         execution_id = request.match_info["id"]
         try:
-            wait, timeout = _wait_query(request)
-            if not MIN_WAIT <= timeout <= MAX_WAIT:
-                raise ValueError
+            wait, timeout = wait_query(request)
         except ValueError:
             problem = {"loc": ["query", "timeout"], "msg": f"from {MIN_WAIT:g} to {MAX_WAIT:g} s"}
             return error_response(request, 422, [problem])
@@ -413,8 +438,10 @@ class Routes:
                 result = await self.view.result(execution_id, timeout=timeout)
             except TimeoutError:
                 return error_response(request, 408, "Timeout waiting for job")
-        if result is None:
+        if result is None and wait:  # the wait ended: the store may have the result now
             state, result, _ = await self.view.find(execution_id)
+        if result is None and state == "unknown":  # gone meanwhile: the store was rebuilt
+            return error_response(request, 404, "Job not found")
         if result is None:
             position = await self.view.queue_position(execution_id)
             body = InProgress(
@@ -447,9 +474,13 @@ class Routes:
         )
         full = request.query.get("view") == "full"
         items = []
-        for body in bodies:
-            result = ExecutionResult.model_validate_json(body)
-            items.append(await self._record(result, full=full))
+        for body, produced_ms in bodies:
+            try:
+                result = ExecutionResult.model_validate_json(body)
+            except ValidationError:  # another producer's record on the results topic
+                log.debug("skipped a stored result that is not one")
+                continue
+            items.append(execution_record(result, created_at=iso_ms(produced_ms), full=full))
         return json_response(_paged(items, limit, offset, total))
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
@@ -463,9 +494,13 @@ class Routes:
             return web.Response(status=304, headers={"ETag": headers["ETag"]})
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(listed.size_bytes)})
-        data = await read_artifact(
-            self.settings, execution_id, listed, timeout=self.settings.gateway_ready_wait
-        )
+        async with self._artifact_reads:  # each read is a consumer of its own: a few at once
+            try:
+                data = await read_artifact(
+                    self.settings, execution_id, listed, timeout=self.settings.gateway_ready_wait
+                )
+            except (KafkaError, OSError, LookupError) as exc:
+                raise NotReady(f"the artifacts topic cannot be read now ({exc!r})") from exc
         if data is None:  # the topic does not hold it (any more): Tako VM's words
             return error_response(request, 404, "Artifact file not found")
         return web.Response(body=data, headers=headers)
@@ -481,10 +516,13 @@ class Routes:
         if listed is None:
             return error_response(request, 404, "Artifact not found")
         headers = {
-            "Content-Type": listed.content_type,
+            # From the name (a listing's own content type is the producer's word, and a result
+            # on the topic may be anyone's); never rendered inline: the bytes are the job's,
+            # and the job is untrusted, so a browser gets no script or style of it either.
+            "Content-Type": content_type(listed.name),
             "ETag": f'"{listed.sha256}"',
-            # Never rendered inline: the bytes are the job's, and the job is untrusted.
             "Content-Disposition": f'attachment; filename="{listed.name}"',
+            "Content-Security-Policy": "sandbox; default-src 'none'",
         }
         return execution_id, listed, headers
 

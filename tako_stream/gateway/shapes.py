@@ -123,9 +123,14 @@ def _ms(seconds: float | None) -> int | None:
 
 
 def iso_ms(produced_ms: int | None) -> str | None:
+    """A record's timestamp as ISO 8601; None for none, or for one no date can hold (any
+    producer sets its records' CreateTime)."""
     if produced_ms is None:
         return None
-    return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
+    try:
+        return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def tako_dlq_item(summary: bytes) -> dict[str, Any]:

@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS positions (
 TABLES = ("results", "running", "requests", "pending", "dead_letters", "positions")
 #: Bumped whenever SCHEMA changes what a table holds: a store of another version is rebuilt
 #: from the topics (it is only a view of them), not migrated.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ class Store:
         try:
             body = orjson.loads(value)
             status, finished_at = str(body["status"]), sortable(body["finished_at"])
-            job_type = body.get("job_type")
+            # The job type's name, as Tako VM's job_type filter names it (a pin is not a type).
+            job_type = str(body["job_type"]).partition("@")[0] if body.get("job_type") else None
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return False  # not a result: another producer's noise, skipped
         db.execute(
@@ -291,16 +292,27 @@ class Store:
 
     def executions(
         self, *, limit: int, offset: int, status: str | None, job_type: str | None
-    ) -> tuple[int, list[bytes]]:
-        """(how many match, the page's result bodies), newest first."""
-        where, args = _filters(status=status, job_type=job_type)
+    ) -> tuple[int, list[tuple[bytes, int | None]]]:
+        """(how many match, the page's result bodies with their requests' produce times),
+        newest first.  ``status`` is Tako VM's: ``failed`` includes the ``rejected``."""
+        clauses: list[str] = []
+        args: list[str] = []
+        if status is not None:
+            statuses = ("failed", "rejected") if status == "failed" else (status,)
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if job_type is not None:
+            clauses.append("job_type = ?")
+            args.append(job_type.partition("@")[0])
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         db = self._db()
         total = db.execute(f"SELECT COUNT(*) FROM results{where}", args).fetchone()[0]
         rows = db.execute(
-            f"SELECT body FROM results{where} ORDER BY finished_at DESC LIMIT ? OFFSET ?",
+            f"SELECT body, requests.produced_ms FROM results LEFT JOIN requests USING "
+            f"(execution_id){where} ORDER BY finished_at DESC LIMIT ? OFFSET ?",
             (*args, limit, offset),
         )
-        return int(total), [row[0] for row in rows]
+        return int(total), [(row[0], row[1]) for row in rows]
 
     def queue_position(self, execution_id: str) -> int | None:
         """1 + the jobs ahead of this waiting one in its partition (neither running nor
@@ -392,13 +404,6 @@ def _keyed(
         db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
         return None
     return key, record.value
-
-
-def _filters(**equal: str | None) -> tuple[str, tuple[str, ...]]:
-    pairs = [(column, value) for column, value in equal.items() if value is not None]
-    if not pairs:
-        return "", ()
-    return " WHERE " + " AND ".join(f"{c} = ?" for c, _ in pairs), tuple(v for _, v in pairs)
 
 
 def _request_id(record: Record) -> str:

@@ -296,7 +296,7 @@ class ClusterView:
 
     async def executions(
         self, *, limit: int, offset: int, status: str | None, job_type: str | None
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[tuple[bytes, int | None]]]:
         await self.until_ready(self.settings.gateway_ready_wait)
         return await self._read(
             lambda: self.store.executions(

@@ -43,20 +43,20 @@ class WorkerReports:
             if now - report.at <= timedelta(seconds=report.interval * STALE_AFTER)
         ]
 
-    def slots(self) -> int:
+    def slots(self, now: datetime | None = None) -> int:
         """Jobs the live workers run at once (Tako VM's ``max_workers``)."""
-        return sum(report.pool_size for report in self.live())
+        return sum(report.pool_size for report in self.live(now))
 
-    def docker_available(self) -> bool | None:
+    def docker_available(self, now: datetime | None = None) -> bool | None:
         """Whether a live worker's engine answers; None when no worker reports."""
-        live = self.live()
+        live = self.live(now)
         return any(r.docker_available for r in live) if live else None
 
-    def has_runtime(self, runtime: str) -> bool:
+    def has_runtime(self, runtime: str, now: datetime | None = None) -> bool:
         """Whether a live worker's engine has the OCI runtime (``runsc``: gVisor)."""
-        return any(runtime in r.runtimes for r in self.live())
+        return any(runtime in r.runtimes for r in self.live(now))
 
-    def image_exists(self, image: str) -> bool | None:
+    def image_exists(self, image: str, now: datetime | None = None) -> bool | None:
         """Whether a live worker's engine holds the image; None when no worker reports."""
-        live = self.live()
+        live = self.live(now)
         return any(r.images.get(image, False) for r in live) if live else None

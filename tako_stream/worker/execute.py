@@ -17,7 +17,7 @@ from tako_stream.core.errors import (
     SandboxError,
     SandboxUnavailableError,
 )
-from tako_stream.core.jobtypes import JobTypes, Limits
+from tako_stream.core.jobtypes import JobTypes, Limits, default_limits
 from tako_stream.core.models import ExecutionRequest, ExecutionResult
 from tako_stream.core.requirements import unsatisfied
 from tako_stream.kafka.codec import dumps
@@ -116,19 +116,30 @@ class Executor:
         Nothing is installed: the code is untrusted and has no network.  An engine that does
         not answer is retried as a job's run is, and reported to the breaker."""
         requirements = request.requirements or []
+        # Listed in the job type's own container, not this request's: one listing serves every
+        # job on the image, and a request's small limits must not fail it for the others.
+        listing = default_limits(self.job_types[request.job_type.partition("@")[0]])
         failure: SandboxError | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
+            ticket = self.breaker.acquire() if self.breaker else None
+            if self.breaker is not None and ticket is None:
+                log.info("circuit breaker open: not listing %s", listing.image)
+                break
             try:
-                installed = await self.pool.sandbox.distributions(limits)
+                installed = await self.pool.sandbox.distributions(listing)
             except SandboxUnavailableError as exc:
                 failure = exc
-                log.warning("listing %s, attempt %d: %s", limits.image, attempt, exc)
+                log.warning("listing %s, attempt %d: %s", listing.image, attempt, exc)
                 await self._report(Outcome.FAILURE, str(exc))
                 if attempt < self.retry.max_attempts:
                     await asyncio.sleep(self.retry.delay(attempt))
                 continue
             except SandboxError as exc:  # the image is missing, or its listing makes no sense
                 return Verdict.failure(exc.error_type, message=str(exc))
+            finally:
+                if ticket is not None:
+                    ticket.release()
+            await self._report(Outcome.SUCCESS, None)
             try:
                 missing = unsatisfied(requirements, installed)
             except ValueError as exc:  # validated with the request already; kept fail-closed
@@ -140,9 +151,10 @@ class Executor:
                 message=f"Requirements not satisfied by job type {request.job_type!r} "
                 f"(nothing is installed at run time): " + "; ".join(missing),
             )
+        why = failure if failure is not None else "the circuit breaker is open"
         return Verdict.failure(
             ErrorType.SERVICE_UNAVAILABLE,
-            message=f"Could not list the distributions of {limits.image}: {failure}",
+            message=f"Could not list the distributions of {listing.image}: {why}",
         )
 
     async def _run_with_retries(

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from tako_stream import __version__
-from tako_stream.core.errors import BrokerError, SandboxUnavailableError
+from tako_stream.core.errors import BrokerError, SandboxError
 from tako_stream.core.models import WorkerReport
 from tako_stream.kafka.codec import dumps
 from tako_stream.logs import Condition
@@ -56,7 +56,7 @@ class Reporter:
         try:
             runtimes, images = await self._facts(self.images)
             available = True
-        except SandboxUnavailableError:
+        except SandboxError:  # away, or refusing (a socket proxy's 403): not usable
             runtimes, images, available = [], {}, False
         report = WorkerReport(
             worker_id=self.worker_id,
@@ -80,6 +80,9 @@ class Reporter:
                 async with asyncio.timeout(self.interval):
                     await self.report()
             except (TimeoutError, BrokerError) as exc:
+                self._failing.wrong(exc)
+            except Exception as exc:  # a report is never worth the worker: say so, go on
+                log.exception("reporting this worker failed")
                 self._failing.wrong(exc)
             else:
                 self._failing.right()

@@ -162,6 +162,8 @@ async def test_execute_failures_are_http_200_with_the_error(gw: Gateway) -> None
         ({"code": "print(1)", "job_type": "no-such-type"}, "job_type"),
         ({"code": "print(1)", "memory_limit": "64g"}, "memory_limit"),
         ({"code": "print(1)", "surprise": 1}, "surprise"),
+        # lineage is set by a rerun or a fork, never by a submit (Tako VM has no such field)
+        ({"code": "print(1)", "parent_execution_id": "p", "relationship": "fork"}, "parent"),
     ],
 )
 async def test_invalid_requests_are_422_naming_the_field(
@@ -442,6 +444,8 @@ async def test_result_in_progress_is_200_and_a_wait_that_times_out_is_408(gw: Ga
     for bad in ("0", "301", "soon"):  # Tako VM: 1-300 s
         status, body, _ = await gw.call("GET", f"/jobs/{job_id}/result?wait=true&timeout={bad}")
         assert status == 422 and body["detail"][0]["loc"] == ["query", "timeout"], body
+    status, body, _ = await gw.call("POST", f"/jobs/{job_id}/cancel?wait=true&timeout=inf")
+    assert status == 422 and body["detail"][0]["loc"] == ["query", "timeout"], body  # bounded
     status, body, _ = await gw.call("POST", f"/jobs/{job_id}/cancel")
     assert status == 200 and body == {"status": "cancelled", "job_id": job_id}
 
@@ -555,6 +559,7 @@ async def test_artifacts_are_served_with_etags(gw: Gateway) -> None:
     assert status == 200 and data == b"a,b\n1,2\n"
     assert headers["ETag"] == f'"{csv["sha256"]}"' and headers["Content-Type"] == "text/csv"
     assert headers["Content-Disposition"] == 'attachment; filename="report.csv"'
+    assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
     status, data, headers = await gw.raw("HEAD", path)
     assert status == 200 and data == b"" and headers["Content-Length"] == "8"
     assert headers["ETag"] == f'"{csv["sha256"]}"'

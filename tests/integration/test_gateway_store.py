@@ -351,3 +351,32 @@ async def test_tako_vms_api_protections_rate_limit_and_payload_cap(new_stack: St
             small = {"code": "print(1)"}
             async with session.post(gateway.url + "/execute/async", json=small) as resp:
                 assert resp.status == 200
+
+
+async def test_optional_api_keys(new_stack: Stack) -> None:
+    with gateways(new_stack, "keyed") as (gateway,):
+        gateway.start(TAKO_GATEWAY_API_KEYS="first-key-123, second-key-456")
+        await gateway.up()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # the readiness probe needs no key
+                async with session.get(gateway.url + "/ready") as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.25)
+            for headers, expected in (
+                ({}, 401),
+                ({"X-API-Key": "wrong"}, 401),
+                ({"Authorization": "Bearer first-key-12"}, 401),
+                ({"X-API-Key": "first-key-123"}, 200),
+                ({"Authorization": "Bearer second-key-456"}, 200),
+            ):
+                async with session.get(gateway.url + "/job-types", headers=headers) as resp:
+                    body = await resp.json()
+                    assert resp.status == expected, (headers, body)
+                    if expected == 401:
+                        assert body["detail"] == "Invalid or missing API key"
+                        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            async with session.post(
+                gateway.url + "/execute/async", json={"code": "print(1)"}
+            ) as resp:
+                assert resp.status == 401  # nothing reaches Kafka without a key

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
 from tako_stream.core.errors import ErrorType, Status
-from tako_stream.core.models import ErrorInfo, ExecutionRequest, ExecutionResult
+from tako_stream.core.models import Artifact, ErrorInfo, ExecutionRequest, ExecutionResult
 from tako_stream.gateway.openapi import document as openapi_document
-from tako_stream.gateway.shapes import payload_digest, sync_response
+from tako_stream.gateway.routes import wait_query
+from tako_stream.gateway.shapes import iso_ms, payload_digest, sync_response
 from tako_stream.settings import Settings
 
 
@@ -104,3 +106,29 @@ def test_idempotency_keys_follow_tako_vms_rule(key: str, valid: bool) -> None:
     else:
         with pytest.raises(ValidationError):
             ExecutionRequest.model_validate(body)
+
+
+@pytest.mark.parametrize("produced_ms", [10**18, -(10**18), 2**63 - 1])
+def test_a_timestamp_no_date_can_hold_is_no_created_at(produced_ms: int) -> None:
+    assert iso_ms(produced_ms) is None  # any producer sets CreateTime: never a 500
+    assert iso_ms(1_700_000_000_000) == "2023-11-14T22:13:20+00:00"
+
+
+@pytest.mark.parametrize(
+    "query", ["timeout=0", "timeout=301", "timeout=inf", "timeout=nan", "timeout=soon"]
+)
+def test_every_wait_is_bounded_as_tako_vm_bounds_it(query: str) -> None:
+    request = make_mocked_request("GET", f"/jobs/x/cancel?wait=true&{query}")
+    with pytest.raises(ValueError):
+        wait_query(request)
+    assert wait_query(make_mocked_request("GET", "/x?wait=true&timeout=300")) == (True, 300.0)
+    assert wait_query(make_mocked_request("GET", "/x")) == (False, 30.0)
+
+
+@pytest.mark.parametrize(
+    "name", ['a"; filename*=x', "a\r\nSet-Cookie: x", "../etc", ".hidden", "", "x" * 129]
+)
+def test_an_artifact_listing_cannot_carry_a_name_headers_would_break_on(name: str) -> None:
+    listing = {"name": name, "size_bytes": 1, "sha256": "0" * 64, "content_type": "text/plain"}
+    with pytest.raises(ValidationError):
+        Artifact.model_validate(listing)

@@ -101,14 +101,26 @@ def test_executions_page_newest_first_with_filters(store: Store) -> None:
             status = Status.FAILED
             fields["error"] = ErrorInfo(type=ErrorType.DIVISION_ERROR, message="x")
         records.append(record(TOPICS.results, f"e{n}", result(f"e{n}", n, status, **fields)))
+    # a rejected job is one of Tako VM's failed ones; a pinned job type filters by its name
+    records.append(record(TOPICS.results, "r", result("r", 4.5, Status.REJECTED)))
+    records.append(
+        record(TOPICS.results, "p", result("p", 0.5, job_type="default@1")),
+    )
+    records.append(record(TOPICS.requests, "e9", b'{"code": "1"}'))
     store.apply(records, TOPICS)
+
+    def ids(page: list[tuple[bytes, int | None]]) -> list[str]:
+        return [orjson.loads(body)["execution_id"] for body, _ in page]
+
     total, page = store.executions(limit=3, offset=0, status=None, job_type=None)
-    assert total == 10
-    assert [orjson.loads(b)["execution_id"] for b in page] == ["e9", "e8", "e7"]
+    assert total == 12 and ids(page) == ["e9", "e8", "e7"]
+    assert page[0][1] == 1_700_000_000_000 and page[1][1] is None  # e9's request was read
     total, page = store.executions(limit=2, offset=1, status="failed", job_type=None)
-    assert total == 4 and [orjson.loads(b)["execution_id"] for b in page] == ["e6", "e3"]
+    assert total == 5 and ids(page) == ["e6", "r"]
     total, page = store.executions(limit=10, offset=0, status="succeeded", job_type="default")
-    assert total == 3 and [orjson.loads(b)["execution_id"] for b in page] == ["e7", "e5", "e1"]
+    assert total == 4 and ids(page) == ["e7", "e5", "e1", "p"]
+    total, page = store.executions(limit=10, offset=0, status=None, job_type="default@1")
+    assert total == 6  # the name is what a job type filter compares
 
 
 def test_the_first_request_for_an_id_is_the_one_that_counts(store: Store) -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from tako_stream.core.errors import BrokerError, SandboxUnavailableError
+from tako_stream.core.errors import BrokerError, SandboxSetupError, SandboxUnavailableError
 from tako_stream.core.models import WorkerReport
 from tako_stream.gateway.workers import WorkerReports
 from tako_stream.kafka.codec import dumps
@@ -102,20 +102,74 @@ def report(worker: str, *, age: float = 0, **fields: object) -> bytes:
     return orjson.dumps(body)
 
 
-def test_the_gateway_counts_live_workers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gateway_counts_live_workers_only() -> None:
     reports = WorkerReports()
-    assert reports.docker_available() is None and reports.image_exists("img:1") is None
-    assert reports.slots() == 0 and not reports.has_runtime("runsc")
+    assert reports.docker_available(NOW) is None and reports.image_exists("img:1", NOW) is None
+    assert reports.slots(NOW) == 0 and not reports.has_runtime("runsc", NOW)
     reports.apply(b"w1", report("w1"))
     reports.apply(b"w2", report("w2", runtimes=["runc", "runsc"], images={"img:1": False}))
     reports.apply(b"w3", report("w3", age=31, pool_size=100))  # three intervals old: dead
-    reports.apply(b"junk", b"not a report")
     reports.apply(None, report("nobody"))
     assert {r.worker_id for r in reports.live(NOW)} == {"w1", "w2"}
-    monkeypatch.setattr(reports, "live", lambda now=None: WorkerReports.live(reports, NOW))
-    assert reports.slots() == 8
-    assert reports.has_runtime("runsc") and reports.image_exists("img:1") is True
-    assert reports.image_exists("other:1") is False and reports.docker_available() is True
+    assert reports.slots(NOW) == 8
+    assert reports.has_runtime("runsc", NOW) and reports.image_exists("img:1", NOW) is True
+    assert reports.image_exists("other:1", NOW) is False
+    assert reports.docker_available(NOW) is True
     reports.apply(b"w1", None)  # w1 stopped
     reports.apply(b"w2", report("w2", docker_available=False))
-    assert reports.docker_available() is False and reports.slots() == 4
+    assert reports.docker_available(NOW) is False and reports.slots(NOW) == 4
+    # an hour on, every report is stale
+    assert reports.slots(NOW + timedelta(hours=1)) == 0
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"not a report",
+        orjson.dumps({"worker_id": "w"}),
+        report("w", at="2026-11-30T12:00:00"),  # no time zone: no comparing it with now
+        report("w", interval=1e20),  # no timedelta holds it
+        report("w", interval=-1),
+    ],
+)
+def test_records_that_are_no_report_are_skipped(junk: bytes) -> None:
+    reports = WorkerReports()
+    reports.apply(b"w", junk)
+    assert reports.live(NOW) == [] and reports.slots(NOW) == 0
+
+
+async def test_an_engine_refusing_is_reported_unavailable_and_a_bug_does_not_stop_reports() -> None:
+    calls = 0
+    sent: list[tuple[bytes, bytes | None]] = []
+    two = asyncio.Event()
+
+    async def facts(images: list[str]) -> tuple[list[str], dict[str, bool]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SandboxSetupError("Container info failed: 403 Forbidden")  # a socket proxy
+        if calls == 2:
+            raise RuntimeError("a bug")
+        return [], {}
+
+    async def send(key: bytes, value: bytes | None) -> None:
+        sent.append((key, value))
+        if len(sent) == 2:
+            two.set()
+
+    worker = Reporter(
+        worker_id="w",
+        images=[],
+        pool_size=1,
+        interval=0.01,
+        facts=facts,
+        send=send,
+        in_flight=lambda: 0,
+    )
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(two.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    first = WorkerReport.model_validate_json(sent[0][1] or b"")
+    assert first.docker_available is False and calls >= 3

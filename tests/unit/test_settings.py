@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -137,3 +138,13 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(ValidationError):
         s.pool_size = 5  # type: ignore[misc]
+
+
+def test_api_keys_are_kept_as_digests_and_never_shown() -> None:
+    settings = Settings(gateway_api_keys=" a-key , another ,, ")
+    assert settings.api_key_digests == {
+        hashlib.sha256(b"a-key").hexdigest(),
+        hashlib.sha256(b"another").hexdigest(),
+    }
+    assert "a-key" not in repr(settings) and "another" not in str(settings.model_dump())
+    assert Settings().api_key_digests == frozenset()  # off by default
