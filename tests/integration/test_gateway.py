@@ -574,8 +574,15 @@ async def test_artifacts_are_served_with_etags(gw: Gateway) -> None:
     assert status == 404 and body["detail"] == "Job not found"
 
 
-async def test_a_connect_to_the_outside_is_a_network_error(gw: Gateway) -> None:
-    code = "import socket\nsocket.create_connection(('10.1.2.3', 80), timeout=5)"
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=5)",  # ENETUNREACH
+        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=5)",  # refused
+        "import socket\nsocket.getaddrinfo('example.com', 80)",  # no name resolution
+    ],
+)
+async def test_a_connect_to_the_outside_is_a_network_error(gw: Gateway, code: str) -> None:
     status, body, _ = await gw.call("POST", "/execute", json={"code": code})
     assert status == 200 and body["success"] is False, body
     assert body["error_type"] == "network_error", body  # Tako VM's type, not os_error
