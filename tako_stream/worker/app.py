@@ -152,8 +152,8 @@ def run_worker(settings: Settings) -> int:
         worker.execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-        return runtime.exit_code or code
-    return runtime.exit_code
+        return runtime.final_exit_code or code
+    return runtime.final_exit_code
 
 
 def _tune_gc() -> None:

@@ -178,14 +178,33 @@ class Runtime(Service):
         log.info("worker %s consuming %s", s.worker_id, s.requests_topic)
 
     async def on_stop(self) -> None:
-        if self.reporter is not None:  # while the producer is still there
-            await self.reporter.retire(STOP_STEP)
+        # The report's tombstone goes out alongside the stop, not before it: with the broker
+        # away it could only wait, and a stop's every second is budgeted (the producer it needs
+        # is stopped last, after the jobs' grace).
+        retiring = (
+            asyncio.ensure_future(self.reporter.retire(STOP_STEP))
+            if self.reporter is not None
+            else None
+        )
         if self.intake is not None and not await self.intake.stop():
             self.exit_code = EXIT_UNCOMMITTED
+        if retiring is not None:
+            retiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retiring
         await self.remove_containers()
         if self.docker is not None:
             await self.docker.close()
         self.stopped = True
+
+    @property
+    def final_exit_code(self) -> int:
+        """The process's exit code once faust is done: ``EXIT_UNCOMMITTED`` also when the stop
+        was cut short (faust's own stop gave up on it) while jobs had been taken, since what
+        they answered may not be committed."""
+        if self.intake is not None and not self.stopped:
+            return EXIT_UNCOMMITTED
+        return self.exit_code
 
     def watch_shutdown(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """Exit the process ``seconds`` from now if it has not exited by then, whatever it is
