@@ -27,6 +27,7 @@ from tako_stream.settings import OutputCaps
 from tako_stream.worker.verdict import Job, answer, classify
 from tests.faults.streamtools import topic_config
 from tests.integration.stack import Stack
+from tests.runtimes import GVISOR_RUNTIME, require_gvisor
 
 pytestmark = [pytest.mark.integration]
 
@@ -44,14 +45,14 @@ with open('/output/result.json', 'w') as f:
 
 
 #: Docker's default runtime, and gVisor's where it is registered (scripts/setup-docker).
-RUNTIMES = [None, "runsc"]
+RUNTIMES = [None, GVISOR_RUNTIME]
 
 
 async def run_in_sandbox(
     docker: aiodocker.Docker, code: str, timeout: float = 20, runtime: str | None = None
 ) -> ExecutionResult:
-    if runtime is not None and runtime not in (await docker.system.info()).get("Runtimes", {}):
-        pytest.skip(f"{runtime} is not registered with Docker")
+    if runtime == GVISOR_RUNTIME:
+        await require_gvisor(docker)
     limits = dataclasses.replace(default_limits(JobTypes.load()["default"]), runtime=runtime)
     sandbox = DockerSandbox(docker, worker_id=f"art-{uuid.uuid4().hex[:8]}", timeout_grace=10)
     job = encode_job(

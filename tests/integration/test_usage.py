@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -25,10 +24,11 @@ from tako_stream.sandbox.pool import SandboxPool
 from tako_stream.settings import OutputCaps, RetryPolicy
 from tako_stream.worker.execute import Executor
 from tests.integration.stack import Stack
+from tests.runtimes import GVISOR_RUNTIME, require_gvisor
 
 pytestmark = pytest.mark.integration
 
-GVISOR = "runsc"
+GVISOR = GVISOR_RUNTIME
 #: Touches every page of 64 MiB (bytes of 0x01, not calloc's untouched zero pages).
 ALLOCATE_64M = "block = b'\\x01' * (64 * 1024 * 1024)\nprint(len(block))\n"
 ALLOCATE_100M = "block = b'\\x01' * (100 * 1024 * 1024)\nprint(len(block))\n"
@@ -50,11 +50,7 @@ async def executor(
     """An executor over real containers (cold), every job type run by the param's runtime."""
     runtime = request.param
     if runtime == GVISOR:
-        info = await docker.system.info()
-        if GVISOR not in (info.get("Runtimes") or {}):
-            if os.environ.get("TAKO_TEST_NO_GVISOR") == "1":
-                pytest.skip("runsc not registered")
-            pytest.fail("runsc not registered (scripts/setup-docker --with-gvisor)")
+        await require_gvisor(docker)
     packaged = JobTypes.load()
     types = JobTypes(
         {

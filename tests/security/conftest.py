@@ -12,7 +12,6 @@ the worker's environment reaches a job.
 
 from __future__ import annotations
 
-import os
 import secrets
 import tomllib
 from collections.abc import AsyncIterator
@@ -23,9 +22,7 @@ import aiodocker
 import pytest
 
 from tests.integration.stack import Stack
-
-GVISOR_RUNTIME = "runsc"
-GVISOR_MISSING = "runsc not registered (scripts/setup-docker --with-gvisor)"
+from tests.runtimes import GVISOR_RUNTIME, require_gvisor
 
 #: Set on every worker of this tier: a value no job may ever see.
 CANARY_VAR = "TAKO_SECURITY_CANARY"
@@ -35,11 +32,6 @@ PLAIN_CANARY_VAR = "SECURITY_CANARY_PLAIN"
 def canary_env() -> dict[str, str]:
     value = "canary-" + secrets.token_hex(12)
     return {CANARY_VAR: value, PLAIN_CANARY_VAR: value}
-
-
-async def runtimes(docker: aiodocker.Docker) -> set[str]:
-    info = await docker.system.info()
-    return set(info.get("Runtimes") or {})
 
 
 def job_types_with_runtime(path: Path, runtime: str) -> Path:
@@ -81,11 +73,7 @@ async def stack(
     workdir = tmp_path_factory.mktemp(f"stack-{mode}")
     env = {"TAKO_WARM_POOL_SIZE": "0" if mode == "cold" else "2"}
     if mode == "gvisor":
-        if GVISOR_RUNTIME not in await runtimes(docker):
-            # scripts/setup registers it; only an explicit opt-out may skip these runs
-            if os.environ.get("TAKO_TEST_NO_GVISOR") == "1":
-                pytest.skip(GVISOR_MISSING)
-            pytest.fail(GVISOR_MISSING + "; or set TAKO_TEST_NO_GVISOR=1 to skip them")
+        await require_gvisor(docker)
         types_file = job_types_with_runtime(workdir / "job_types.toml", GVISOR_RUNTIME)
         env["TAKO_JOB_TYPES_FILE"] = str(types_file)
     s = Stack(bootstrap=bootstrap, workdir=workdir, mode=mode, extra_env=canary_env())

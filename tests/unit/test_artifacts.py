@@ -13,14 +13,18 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from tako_stream.core.errors import Status
-from tako_stream.core.models import ExecutionResult
+from tako_stream.core.models import Artifact, ExecutionResult
 from tako_stream.kafka import artifacts as kafka_artifacts
 from tako_stream.kafka.message import Incoming
 from tako_stream.sandbox import supervisor
 from tako_stream.sandbox.protocol import (
     ARTIFACT,
+    ARTIFACT_NAME,
     FRAME,
     REPORT,
     Collected,
@@ -423,3 +427,66 @@ async def test_a_result_replaced_for_its_output_still_lists_its_artifacts() -> N
     assert final.error.type.value == "invalid_output"
     assert [a.name for a in sink.result("exec-1").artifacts] == ["a.txt"]
     assert [s.key for s in sink.on(TOPICS.artifacts)] == [b"exec-1/a.txt"]
+
+
+# The artifact name rule lives in three places that cannot share code: the supervisor (stdlib
+# only, inside the container), the host's frame check (protocol.ARTIFACT_NAME) and the published
+# model (models.Artifact). These pin the three to one rule.
+NAME_EDGES = [
+    "",
+    ".",
+    "..",
+    ".hidden",
+    "a",
+    "-",
+    "_",
+    "a.b",
+    "report.csv",
+    "a" * 128,
+    "a" * 129,
+    "a/b",
+    "a\\b",
+    "a b",
+    "a\n",
+    "\na",
+    "a\x00",
+    "é",
+    "\uff41",  # a fullwidth letter: alphanumeric to str.isalnum, not to the rule
+    "٣",  # an Arabic-Indic digit: the same
+    "a:b",
+    "CON",
+]
+
+
+def model_accepts(name: str) -> bool:
+    try:
+        Artifact(name=name, size_bytes=0, sha256="0" * 64, content_type="text/plain")
+    except ValidationError:
+        return False
+    return True
+
+
+def accepted(name: str) -> tuple[bool, bool, bool]:
+    return (
+        supervisor.valid_name(name),
+        ARTIFACT_NAME.fullmatch(name) is not None,
+        model_accepts(name),
+    )
+
+
+@pytest.mark.parametrize("name", NAME_EDGES)
+def test_the_three_name_checks_agree_on_the_edges(name: str) -> None:
+    verdicts = accepted(name)
+    assert len(set(verdicts)) == 1, (name, verdicts)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=140))
+def test_the_three_name_checks_agree_on_any_text(name: str) -> None:
+    verdicts = accepted(name)
+    assert len(set(verdicts)) == 1, (name, verdicts)
+
+
+@given(st.text(alphabet="abcXYZ019._-", min_size=0, max_size=140))
+def test_the_three_name_checks_agree_on_names_near_the_rule(name: str) -> None:
+    verdicts = accepted(name)
+    assert len(set(verdicts)) == 1, (name, verdicts)
