@@ -48,7 +48,7 @@ from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, fold
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
 from tako_stream.worker.intake import Intake
-from tako_stream.worker.seams import Assigned, Revoked
+from tako_stream.worker.seams import Assigned, Outcome, Outgoing, Revoked
 
 T = TypeVar("T")
 
@@ -567,6 +567,8 @@ class FakeSink:
     def __init__(self) -> None:
         self.sent: list[Sent] = []
         self.attempts: list[Sent] = []
+        #: The size of each ``send_all`` call.
+        self.batches: list[int] = []
         self._failures: dict[str, deque[BrokerError]] = {}
         self._refused: dict[str, int] = {}
         self._gates: dict[str | None, asyncio.Event] = {}
@@ -650,6 +652,19 @@ class FakeSink:
             raise failures.popleft()
         self.sent.append(message)
         self.changed.fire()
+
+    async def send_all(self, messages: Sequence[Outgoing]) -> list[Outcome]:
+        """Each message as ``send`` would take it, all at once; failures become outcomes."""
+        self.batches.append(len(messages))
+
+        async def one(message: Outgoing) -> Outcome:
+            try:
+                await self.send(*message)
+            except BrokerError as exc:
+                return exc
+            return None
+
+        return list(await asyncio.gather(*(one(m) for m in messages)))
 
     async def stop(self) -> None:
         self.stopped = True

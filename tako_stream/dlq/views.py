@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 _Entry = tuple[ErrorType, "DLQRecord | bytes"]
 
 
+#: The largest record a view keeps as read (summarising it is what costs); larger ones are
+#: summarised on arrival, so a view holds at most ``keep`` times this.
+_RAW_MAX = 4096
+
+
 class DLQView:
     """What a long-lived process (a worker, a gateway) keeps of the DLQ: counts by error type
     and the newest ``keep`` entries as summaries.  Its memory does not grow with the topic;
@@ -36,22 +41,37 @@ class DLQView:
 
     def __init__(self, keep: int = 1000) -> None:
         self.counts: Counter[ErrorType] = Counter()
-        self._recent: KeyedView[tuple[ErrorType, bytes]] = KeyedView(summarise, keep=keep)
+        #: Per entry: its error type, its value, and whether that value is summarised.
+        self._recent: KeyedView[tuple[ErrorType, bytes, bool]] = KeyedView(self._summary, keep=keep)
+
+    @staticmethod
+    def _summary(value: bytes) -> tuple[ErrorType, bytes, bool]:
+        error_type, summary = summarise(value)
+        return error_type, summary, True
 
     def apply(self, record: Record) -> None:
-        """Fold one DLQ topic record in (``tako_stream.kafka.reader.tail_records`` calls this)."""
+        """Fold one DLQ topic record in (``tako_stream.kafka.reader.tail_records`` calls this).
+
+        A worker reads back every record it dead-letters, so this is on the path of a burst
+        of refused requests: a small record carrying its error type in a header (as ours do)
+        is kept as read and summarised only when asked for; others are summarised now."""
         if record.key is None:
             return
         dlq_id_ = record.key.decode("utf-8", "replace")
         old = self._recent.get(dlq_id_)
+        named = _error_type(header(record.headers, H_ERROR_TYPE))
         if record.value is None:
             self._recent.remove(dlq_id_)
-            named = header(record.headers, H_ERROR_TYPE)
-            gone = old[0] if old is not None else _error_type(named)
+            gone = old[0] if old is not None else named
             if gone is not None and self.counts[gone] > 0:
                 self.counts[gone] -= 1
             return
-        new = self._recent.apply(record.key, record.value)
+        new: tuple[ErrorType, bytes, bool] | None
+        if named is not None and len(record.value) <= _RAW_MAX:
+            new = (named, bytes(record.value), False)
+            self._recent.put(dlq_id_, new)
+        else:
+            new = self._recent.apply(record.key, record.value)
         if new is None:
             return  # unreadable: skipped (and logged) by the view
         if old is not None and self.counts[old[0]] > 0:
@@ -61,7 +81,14 @@ class DLQView:
     def get(self, dlq_id_: str) -> DLQRecord | None:
         """An entry, if it is among the newest ``keep`` (a summary, without original bytes)."""
         entry = self._recent.get(dlq_id_)
-        return DLQRecord.model_validate_json(entry[1]) if entry is not None else None
+        if entry is None:
+            return None
+        _, value, summarised = entry
+        try:
+            return DLQRecord.model_validate_json(value if summarised else summarise(value)[1])
+        except ValueError:
+            log.warning("DLQ: entry %r is unreadable", dlq_id_[:200])
+            return None
 
     def forget(self, dlq_id_: str) -> None:
         """Drop an entry this process just deleted, before its tombstone is read back (which

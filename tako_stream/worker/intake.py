@@ -9,9 +9,13 @@ nothing: uncommitted jobs are run again by whoever gets the partition (at-least-
 are keyed by ``execution_id`` so consumers can de-duplicate).
 
 Kafka itself stays behind two small seams, ``Source`` (a consumer group's partitions) and
-``Sink`` (a producer that returns once the broker has a message), implemented in ``stream`` and
-faked in the unit tests, so offsets, capacity, revocation and poison handling are tested in
-milliseconds.
+``Sink`` (a producer that returns once the broker has a message, or has many), implemented in
+``stream`` and faked in the unit tests, so offsets, capacity, revocation and poison handling are
+tested in milliseconds.
+
+Refused requests need no container, so a burst of them is answered as fast as Kafka allows:
+the refused records of a fetch are answered by one task, their results and DLQ records sent in
+two batches (``Publisher.publish_all``), each record's offset finished as its answer lands.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiokafka import TopicPartition
 
@@ -123,6 +128,7 @@ class Intake:
         self.publisher = Publisher(
             sink.send,
             topics,
+            send_all=sink.send_all,
             reply_to_timeout=reply_to.timeout,
             publish_timeout=publish_timeout,
             artifacts_timeout=artifacts_timeout,
@@ -222,52 +228,79 @@ class Intake:
             failing.right()
             generation = self._generation
             # Decoding is cheap and tells whether a record needs a container.  Rejections only
-            # need the producer, so the batch's rejections start first and a burst of bad
-            # messages is answered at once, never queued behind requests waiting for capacity;
-            # the requests then take capacity one by one, in order.
+            # need the producer, so the batch's rejections are answered first, together (their
+            # sends batched), never queued behind requests waiting for capacity; the requests
+            # then take capacity one by one, in order.
             decoded = [(message, decode(message)) for message in messages]
-            decoded.sort(key=lambda pair: not isinstance(pair[1], Rejection))  # stable
-            for message, request in decoded:
-                release: Callable[[], None]
-                if isinstance(request, Rejection):
-                    size = await self._rejections.acquire(rejection_cost(message))
-                    release = functools.partial(self._rejections.release, size)
-                else:
-                    await self._capacity.acquire()
-                    release = self._capacity.release
+            refused = [(m, r) for m, r in decoded if isinstance(r, Rejection)]
+            for group, cost in self._within_budget(refused):
+                size = await self._rejections.acquire(cost)
                 # A rebalance while we waited may have taken the partition (or reset its
                 # position): leave the record to whoever owns it now.
                 if generation != self._generation or not self._accepting:
-                    release()
+                    self._rejections.release(size)
+                    break
+                self._start_rejections(group, functools.partial(self._rejections.release, size))
+            for message, request in decoded:
+                if isinstance(request, Rejection):
                     continue
-                self._start(message, request, release)
+                await self._capacity.acquire()
+                if generation != self._generation or not self._accepting:
+                    self._capacity.release()
+                    continue
+                self._start(message, request, self._capacity.release)
+
+    def _within_budget(
+        self, refused: list[tuple[Incoming, Rejection]]
+    ) -> Iterator[tuple[list[tuple[Incoming, Rejection]], int]]:
+        """The refused records in groups answered together, each group's cost within the
+        rejection budget (a record larger than the whole budget alone), and each cost."""
+        group: list[tuple[Incoming, Rejection]] = []
+        total = 0
+        for pair in refused:
+            cost = rejection_cost(pair[0])
+            if group and total + cost > self._rejections.total:
+                yield group, total
+                group, total = [], 0
+            group.append(pair)
+            total += cost
+        if group:
+            yield group, total
 
     def _start(
+        self, message: Incoming, request: ExecutionRequest, release: Callable[[], None]
+    ) -> None:
+        self._track([message], self._handle(message, request), release)
+
+    def _start_rejections(
+        self, refused: list[tuple[Incoming, Rejection]], release: Callable[[], None]
+    ) -> None:
+        self._track([m for m, _ in refused], self._handle_rejections(refused), release)
+
+    def _track(
         self,
-        message: Incoming,
-        decoded: ExecutionRequest | Rejection,
+        messages: list[Incoming],
+        handling: Coroutine[None, None, None],
         release: Callable[[], None],
     ) -> None:
-        key = (message.tp, message.offset)
-        self.tracker.start(message.tp, message.offset)
-        task = asyncio.ensure_future(self._handle(message, decoded))
-        self._jobs[key] = task
+        """Run ``handling`` as the task answering ``messages`` (their offsets started here,
+        finished by it); ``release`` once it is done."""
+        keys = [(message.tp, message.offset) for message in messages]
+        for message in messages:
+            self.tracker.start(message.tp, message.offset)
+        task = asyncio.ensure_future(handling)
+        for key in keys:
+            self._jobs[key] = task
 
         def finished(_: asyncio.Task[None]) -> None:
-            self._jobs.pop(key, None)
+            for key in keys:
+                self._jobs.pop(key, None)
             release()
 
         task.add_done_callback(finished)
 
-    async def _handle(self, message: Incoming, decoded: ExecutionRequest | Rejection) -> None:
-        """Answer one record; its offset is done once the broker has the answer.
-
-        Whatever goes wrong while answering, the record gets an answer or, failing that, a DLQ
-        record, and its offset is finished: one record never stops its partition's commits.
-        Only a cancellation (revoke, shutdown) leaves it unfinished, to be run again.
-        """
-        corr = correlation_id(message.headers)
-        execution_id = decoded.execution_id or message.position_id
+    def _skipped(self, message: Incoming, execution_id: str, corr: str) -> bool:
+        """Whether the record is a repeat not to answer again (said, and its offset finished)."""
         skip = None
         if self.answers.answered(execution_id, message.position_id):
             skip = "already answered (delivered again after a failure): not run again"
@@ -276,69 +309,69 @@ class Intake:
         ):
             # An idempotent submit that lost the race: its key's first request is the job.
             skip = "a repeat of an idempotent request that is running or answered: skipped"
-        if skip is not None:
-            with job_context(execution_id, corr):
-                log.info(skip)
-            self.tracker.finish(message.tp, message.offset)
+        if skip is None:
+            return False
+        with job_context(execution_id, corr):
+            log.info(skip)
+        self.tracker.finish(message.tp, message.offset)
+        return True
+
+    async def _handle(self, message: Incoming, request: ExecutionRequest) -> None:
+        """Answer one record; its offset is done once the broker has the answer.
+
+        Whatever goes wrong while answering, the record gets an answer or, failing that, a DLQ
+        record, and its offset is finished: one record never stops its partition's commits.
+        Only a cancellation (revoke, shutdown) leaves it unfinished, to be run again.
+        """
+        corr = correlation_id(message.headers)
+        execution_id = request.execution_id or message.position_id
+        if self._skipped(message, execution_id, corr):
             return
         with job_context(execution_id, corr), self._running(execution_id):
-            final = await self._answer(message, decoded, execution_id, corr)
-        self.tracker.finish(message.tp, message.offset)
-        self.answered += 1
-        if self.on_answered is not None and final is not None:
-            since = time.time() - message.timestamp_ms / 1000 if message.timestamp_ms else None
-            self.on_answered(final, since)
+            final, refused = await self._answer(message, request, execution_id, corr)
+            self._answered(message, execution_id, final, refused)
 
-    async def _answer(
+    async def _handle_rejections(self, refused: list[tuple[Incoming, Rejection]]) -> None:
+        """Answer refused records together: their answers built here, their sends batched
+        (``Publisher.publish_all``), then each one finished as ``_handle`` finishes one."""
+        first_failure = now()
+        todo: list[tuple[Incoming, ExecutionResult, str]] = []
+        with contextlib.ExitStack() as running:
+            for message, rejection in refused:
+                corr = correlation_id(message.headers)
+                execution_id = rejection.execution_id or message.position_id
+                if self._skipped(message, execution_id, corr):
+                    continue
+                # noted at once: a repeat later in the same batch is seen as one
+                running.enter_context(self._running(execution_id))
+                result = answer(
+                    Job(execution_id, corr, self.worker_id), Verdict.rejected(rejection.problems)
+                )
+                todo.append((message, result, "; ".join(rejection.problems)))
+            try:
+                finals = await self.publisher.publish_all(
+                    [(message, result) for message, result, _ in todo], first_failure
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug of ours: each answer then takes the one-by-one path
+                log.exception("internal error while publishing answers together")
+                finals = [
+                    await self._publish_one(message, result, None, first_failure)
+                    for message, result, _ in todo
+                ]
+        for (message, result, why), final in zip(todo, finals, strict=True):
+            with job_context(result.execution_id, result.correlation_id):
+                self._answered(message, result.execution_id, final, why)
+
+    def _answered(
         self,
         message: Incoming,
-        decoded: ExecutionRequest | Rejection,
         execution_id: str,
-        corr: str,
-    ) -> ExecutionResult | None:
-        """Run (or reject) and publish; the answer on the results topic, if any could be."""
-        first_failure = now()
-        queued = (
-            max(0.0, time.time() - message.timestamp_ms / 1000) if message.timestamp_ms else None
-        )
-        reply_to: str | None = None
-        # Why a request was refused goes on its one "answered" line: a burst of bad requests
-        # costs one log line each, not two.
-        refused: str | None = None
-        if isinstance(decoded, Rejection):
-            refused = "; ".join(decoded.problems)
-            result = answer(
-                Job(execution_id, corr, self.worker_id), Verdict.rejected(decoded.problems)
-            )
-        else:
-            request = decoded
-            problem = await self._reply_to_problem(request.reply_to)
-            if problem is not None:  # answered here only: never copied to that topic
-                refused = problem
-                result = answer(
-                    self._job(request, execution_id, corr, queued), Verdict.rejected([problem])
-                )
-            else:
-                reply_to = request.reply_to
-                result = await self._run(request, execution_id, corr, queued)
-        try:
-            final = await self.publisher.publish(
-                message, result, reply_to=reply_to, first_failure_at=first_failure
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug of ours while answering: answer that instead
-            log.exception("internal error while publishing the answer")
-            try:
-                final = await self.publisher.publish(
-                    message,
-                    # still the same request's answer: its provenance and usage stay
-                    answer(Job.of(result, keep_metadata=False), Verdict.internal(exc)),
-                    first_failure_at=first_failure,
-                )
-            except Exception:  # nothing more can be done; the partition must move on
-                log.exception("could not publish any answer; the record is skipped")
-                final = None
+        final: ExecutionResult | None,
+        refused: str | None,
+    ) -> None:
+        """The record is answered (or could not be): its one log line, its offset finished."""
         if final is not None:
             self.answers.record(execution_id, message.position_id)
         log.info(
@@ -348,7 +381,63 @@ class Intake:
             final.execution_time if final else 0.0,
             f" (invalid request: {refused})" if refused else "",
         )
-        return final
+        self.tracker.finish(message.tp, message.offset)
+        self.answered += 1
+        if self.on_answered is not None and final is not None:
+            since = time.time() - message.timestamp_ms / 1000 if message.timestamp_ms else None
+            self.on_answered(final, since)
+
+    async def _answer(
+        self,
+        message: Incoming,
+        request: ExecutionRequest,
+        execution_id: str,
+        corr: str,
+    ) -> tuple[ExecutionResult | None, str | None]:
+        """Run (or refuse) and publish: the answer on the results topic, if any could be, and
+        why the request was refused, if it was (for its one "answered" line)."""
+        first_failure = now()
+        queued = (
+            max(0.0, time.time() - message.timestamp_ms / 1000) if message.timestamp_ms else None
+        )
+        reply_to: str | None = None
+        problem = await self._reply_to_problem(request.reply_to)
+        if problem is not None:  # answered here only: never copied to that topic
+            result = answer(
+                self._job(request, execution_id, corr, queued), Verdict.rejected([problem])
+            )
+        else:
+            reply_to = request.reply_to
+            result = await self._run(request, execution_id, corr, queued)
+        return await self._publish_one(message, result, reply_to, first_failure), problem
+
+    async def _publish_one(
+        self,
+        message: Incoming,
+        result: ExecutionResult,
+        reply_to: str | None,
+        first_failure: datetime,
+    ) -> ExecutionResult | None:
+        """Publish one answer; a bug of ours on the way is answered instead (internal_error),
+        and when nothing can be published the record is still finished (None)."""
+        try:
+            return await self.publisher.publish(
+                message, result, reply_to=reply_to, first_failure_at=first_failure
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours while answering: answer that instead
+            log.exception("internal error while publishing the answer")
+            try:
+                return await self.publisher.publish(
+                    message,
+                    # still the same request's answer: its provenance and usage stay
+                    answer(Job.of(result, keep_metadata=False), Verdict.internal(exc)),
+                    first_failure_at=first_failure,
+                )
+            except Exception:  # nothing more can be done; the partition must move on
+                log.exception("could not publish any answer; the record is skipped")
+                return None
 
     @contextlib.contextmanager
     def _running(self, execution_id: str) -> Iterator[None]:

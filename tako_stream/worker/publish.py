@@ -20,21 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import orjson
 
 from tako_stream.core.errors import BrokerError, ErrorType, PublishRefusedError
 from tako_stream.core.models import CORRELATION_HEADER, Artifact, ExecutionResult, SkippedArtifact
-from tako_stream.dlq import DEAD_LETTER_TYPES, dead_letter
+from tako_stream.dlq import DEAD_LETTER_TYPES, DeadLetter, dead_letter
 from tako_stream.kafka import artifacts
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.codec import dumps
 from tako_stream.kafka.message import Headers, Incoming
+from tako_stream.logs import job_context
 from tako_stream.settings import Topics
 from tako_stream.worker.answered import SOURCE_HEADER
 from tako_stream.worker.artifacts import pending
+from tako_stream.worker.seams import Outcome, Outgoing
 from tako_stream.worker.verdict import Job, Verdict, answer, now
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,23 @@ RETRY_FIRST, RETRY_CAP = 0.2, 5.0
 
 #: Sends one message; where it landed (partition, offset) when the sink can tell.
 Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[tuple[int, int] | None]]
+#: Sends many at once: one outcome per message (see ``Sink.send_all``).
+SendAll = Callable[[Sequence[Outgoing]], Awaitable[list[Outcome]]]
+
+
+def _one_by_one(send: Send) -> SendAll:
+    """``send_all`` for a sink that has only ``send``: each message concurrently."""
+
+    async def send_all(messages: Sequence[Outgoing]) -> list[Outcome]:
+        async def one(message: Outgoing) -> Outcome:
+            try:
+                return await send(*message)
+            except BrokerError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(m) for m in messages)))
+
+    return send_all
 
 
 def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
@@ -97,12 +116,14 @@ class Publisher:
         send: Send,
         topics: Topics,
         *,
+        send_all: SendAll | None = None,
         reply_to_timeout: float,
         publish_timeout: float,
         artifacts_timeout: float = 10.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._send = send
+        self._send_many = send_all or _one_by_one(send)
         self.topics = topics
         self.reply_to_timeout = reply_to_timeout
         self.publish_timeout = publish_timeout
@@ -140,26 +161,104 @@ class Publisher:
                 self.publish_timeout,
             )
             published = None
+        record = self._dead_letter(message, result, published, first_failure_at)
+        if record is not None:
+            await self._send_dead(record)
+        return published
+
+    async def publish_all(
+        self, answers: Sequence[tuple[Incoming, ExecutionResult]], first_failure_at: datetime
+    ) -> list[ExecutionResult | None]:
+        """Publish many plain answers (no artifacts, no ``reply_to``: a burst of refused
+        requests) with their sends batched: every result at once, then every DLQ record their
+        answers call for, each step's acknowledgements awaited together.  An answer whose send
+        fails in any way takes ``publish``'s path alone (retries, a reduced answer,
+        dead-lettering), so each one ends as it would have alone; the answers published on the
+        results topic, in order (None where even a reduced answer was refused)."""
+        encoded = [encode(result) for _, result in answers]
+        outcomes = await self._send_all_within(
+            [
+                self._result_message(self.topics.results, result, value, message.position_id)
+                for (message, _), (result, value) in zip(answers, encoded, strict=True)
+            ]
+        )
+        finals: list[ExecutionResult | None] = [None] * len(answers)
+        alone: list[int] = []
+        dead: list[tuple[int, DeadLetter]] = []
+        for i, ((message, _), (result, _), outcome) in enumerate(
+            zip(answers, encoded, outcomes, strict=True)
+        ):
+            if isinstance(outcome, BaseException):
+                alone.append(i)
+                continue
+            finals[i] = result
+            record = self._dead_letter(message, result, result, first_failure_at)
+            if record is not None:
+                dead.append((i, record))
+        dead_outcomes = await self._send_all_within(
+            [(self.topics.dlq, r.record.dlq_id.encode(), r.value, r.headers) for _, r in dead]
+        )
+        retry_dead = [
+            r
+            for (_, r), o in zip(dead, dead_outcomes, strict=True)
+            if o is not None and isinstance(o, BaseException)
+        ]
+
+        async def one(i: int) -> None:
+            message, result = answers[i]
+            with job_context(result.execution_id, result.correlation_id):
+                finals[i] = await self.publish(message, result, first_failure_at=first_failure_at)
+
+        async def dead_again(record: DeadLetter) -> None:
+            with job_context(record.record.execution_id, record.record.correlation_id):
+                await self._send_dead(record)
+
+        await asyncio.gather(*(one(i) for i in alone), *(dead_again(r) for r in retry_dead))
+        return finals
+
+    async def _send_all_within(self, messages: list[Outgoing]) -> list[Outcome]:
+        """``send_all`` bounded by ``publish_timeout``: past it, every message counts as
+        failed (each is then retried alone, under its own bound)."""
+        if not messages:
+            return []
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                return await self._send_many(messages)
+        except TimeoutError:
+            failed = BrokerError(f"not acknowledged within {self.publish_timeout:g}s")
+            return [failed] * len(messages)
+
+    def _dead_letter(
+        self,
+        message: Incoming,
+        result: ExecutionResult,
+        published: ExecutionResult | None,
+        first_failure_at: datetime | None,
+    ) -> DeadLetter | None:
+        """The DLQ record the answer calls for (its error type, or no answer published at
+        all), or None."""
         dead = published is None or (
             published.error is not None and published.error.type in DEAD_LETTER_TYPES
         )
-        if dead:
-            final = published or answer(
-                Job.of(result),
-                Verdict.failure(
-                    ErrorType.INTERNAL_ERROR,
-                    message="No answer could be published: the results topic refused it or did "
-                    f"not acknowledge it within {self.publish_timeout:g}s",
-                ),
-                attempts=result.attempts,
-            )
-            record = dead_letter(message, final, first_failure_at=first_failure_at or now())
-            try:
-                dlq_key = record.record.dlq_id.encode()
-                await self._send_acked(self.topics.dlq, dlq_key, record.value, record.headers)
-            except PublishRefusedError as exc:
-                log.error("the DLQ topic refused a %d-byte record: %s", len(record.value), exc)
-        return published
+        if not dead:
+            return None
+        final = published or answer(
+            Job.of(result),
+            Verdict.failure(
+                ErrorType.INTERNAL_ERROR,
+                message="No answer could be published: the results topic refused it or did "
+                f"not acknowledge it within {self.publish_timeout:g}s",
+            ),
+            attempts=result.attempts,
+        )
+        return dead_letter(message, final, first_failure_at=first_failure_at or now())
+
+    async def _send_dead(self, record: DeadLetter) -> None:
+        try:
+            dlq_key = record.record.dlq_id.encode()
+            await self._send_acked(self.topics.dlq, dlq_key, record.value, record.headers)
+        except PublishRefusedError as exc:
+            log.error("the DLQ topic refused a %d-byte record: %s", len(record.value), exc)
 
     async def _artifacts(self, result: ExecutionResult) -> ExecutionResult:
         """Publish the result's artifacts; the result listing those that landed (with their
@@ -245,15 +344,19 @@ class Publisher:
             return None
         return reduced
 
-    async def _until_acked(
-        self, topic: str, result: ExecutionResult, value: bytes, source: str
-    ) -> None:
+    @staticmethod
+    def _result_message(topic: str, result: ExecutionResult, value: bytes, source: str) -> Outgoing:
         headers = [
             (CORRELATION_HEADER, result.correlation_id.encode()),
             ("x-tako-status", result.status.value.encode()),
             (SOURCE_HEADER, source.encode()),
         ]
-        await self._send_acked(topic, result.execution_id.encode(), value, headers)
+        return topic, result.execution_id.encode(), value, headers
+
+    async def _until_acked(
+        self, topic: str, result: ExecutionResult, value: bytes, source: str
+    ) -> None:
+        await self._send_acked(*self._result_message(topic, result, value, source))
 
     async def _send_acked(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers

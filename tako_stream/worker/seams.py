@@ -6,17 +6,23 @@ Kafka implements ``Source`` and ``Sink`` (``worker.stream``), the results topic 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from aiokafka import TopicPartition
 
+from tako_stream.core.errors import BrokerError
 from tako_stream.kafka.message import Headers, Incoming
 
 Revoked = Callable[[set[TopicPartition]], Awaitable[None]]
 Assigned = Callable[[set[TopicPartition]], Awaitable[None]]
 #: Whether a topic exists (``BrokerError`` when the broker cannot tell).
 TopicExists = Callable[[str], Awaitable[bool]]
+#: A message to send: topic, key, value, headers.
+Outgoing = tuple[str, bytes | None, bytes | None, Headers]
+#: What became of one message of ``Sink.send_all``: where it landed (partition, offset) when
+#: known, or why not (``PublishRefusedError`` for good, ``BrokerError`` otherwise).
+Outcome = tuple[int, int] | None | BrokerError
 
 
 class Source(Protocol):
@@ -63,6 +69,12 @@ class Sink(Protocol):
     ) -> tuple[int, int] | None:
         """Where it landed (partition, offset), if known; ``PublishRefusedError`` when the
         broker refuses it for good, ``BrokerError`` when it did not answer."""
+        ...
+
+    async def send_all(self, messages: Sequence[Outgoing]) -> list[Outcome]:
+        """Send every message at once (batched by the producer, no wait for each ack in
+        turn); returns when the broker answered for all of them, one outcome per message, in
+        order.  Never raises for a message's failure: that is its outcome."""
         ...
 
     async def stop(self) -> None: ...

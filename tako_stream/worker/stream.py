@@ -6,8 +6,9 @@ aiokafka's errors are mapped to ours here, at the boundary, so the intake knows 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -19,13 +20,13 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
 )
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.structs import OffsetAndMetadata, RecordMetadata
 
 from tako_stream.core.errors import BrokerError, PublishRefusedError
 from tako_stream.kafka.clients import consumer, producer_options
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.settings import Settings
-from tako_stream.worker.seams import Assigned, Revoked
+from tako_stream.worker.seams import Assigned, Outcome, Outgoing, Revoked
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,27 @@ REFUSALS = (
     TopicAuthorizationFailedError,
     InvalidTopicError,
 )
+
+
+def mapped(exc: KafkaError) -> BrokerError:
+    """aiokafka's error as ours: a refusal for good, or a fault worth retrying."""
+    if isinstance(exc, REFUSALS):
+        return PublishRefusedError(str(exc) or type(exc).__name__)
+    return BrokerError(str(exc) or type(exc).__name__)
+
+
+def _outcome(ack: asyncio.Future[RecordMetadata] | BrokerError) -> Outcome:
+    if isinstance(ack, BrokerError):
+        return ack
+    if ack.cancelled():
+        return BrokerError("the send was cancelled")
+    exc = ack.exception()
+    if exc is None:
+        landed = ack.result()
+        return landed.partition, landed.offset
+    if isinstance(exc, KafkaError):
+        return mapped(exc)
+    return BrokerError(repr(exc))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -133,10 +155,28 @@ class KafkaSink:
             ack = await self._producer.send(topic, value=value, key=key, headers=list(headers))
             landed = await ack
             return landed.partition, landed.offset
-        except REFUSALS as exc:
-            raise PublishRefusedError(str(exc) or type(exc).__name__) from exc
         except KafkaError as exc:
-            raise BrokerError(str(exc) or type(exc).__name__) from exc
+            raise mapped(exc) from exc
+
+    async def send_all(self, messages: Sequence[Outgoing]) -> list[Outcome]:
+        """Every message handed to the producer first (it batches them per partition), then
+        the acks awaited together: one round trip for a burst, not one per message."""
+        if self._producer is None:
+            return [BrokerError("the producer is not started")] * len(messages)
+        acks: list[asyncio.Future[RecordMetadata] | BrokerError] = []
+        for topic, key, value, headers in messages:
+            try:
+                acks.append(
+                    await self._producer.send(topic, value=value, key=key, headers=list(headers))
+                )
+            except KafkaError as exc:
+                acks.append(mapped(exc))
+        waiting = [ack for ack in acks if isinstance(ack, asyncio.Future)]
+        if waiting:
+            # asyncio.wait, not gather: a caller's timeout must not cancel the producer's
+            # futures (the messages are in its batches whatever happens to this wait).
+            await asyncio.wait(waiting)
+        return [_outcome(ack) for ack in acks]
 
     async def stop(self) -> None:
         if self._producer is not None:

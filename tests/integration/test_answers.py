@@ -15,14 +15,16 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tako_stream import dlq
 from tako_stream.client import Client, Producer, ResultReader
+from tako_stream.core.errors import PublishRefusedError
 from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult
 from tako_stream.kafka.clients import producer_options
-from tako_stream.kafka.reader import TopicReader, read_to_end
+from tako_stream.kafka.reader import TopicReader, read_record, read_to_end
+from tako_stream.worker.stream import KafkaSink
 from tests.faults.streamtools import Answers, committed_offsets, submit, topic_config
 from tests.integration.stack import Stack
 
@@ -207,3 +209,31 @@ async def test_the_dlq_topic_is_compacted_and_never_expires(new_stack: Stack) ->
     config = await topic_config(new_stack.settings, new_stack.settings.dlq_topic)
     assert config.get("cleanup.policy") == "compact", config
     assert config.get("retention.ms") == "-1", config
+
+
+async def test_send_all_lands_each_message_and_names_a_refusal_among_them(
+    new_stack: Stack,
+) -> None:
+    """The worker's batched sends against the real broker: every message handed over at once,
+    one outcome each, in order; a message too large for the producer refused alone."""
+    settings = new_stack.settings.model_copy(update={"kafka_max_message_bytes": 48 * 1024})
+    sink = KafkaSink(settings)
+    await sink.start()
+    topic = settings.results_topic
+    messages = [
+        (topic, f"k{n}".encode(), b"x" * (60_000 if n == 7 else 100 + n), [("n", str(n).encode())])
+        for n in range(30)
+    ]
+    try:
+        outcomes = await asyncio.wait_for(sink.send_all(messages), 60)
+    finally:
+        await sink.stop()
+    assert isinstance(outcomes[7], PublishRefusedError), outcomes[7]
+    for n, outcome in enumerate(outcomes):
+        if n == 7:
+            continue
+        assert isinstance(outcome, tuple), (n, outcome)
+        partition, offset = outcome
+        record = await read_record(settings, TopicPartition(topic, partition), offset, timeout=30)
+        assert record is not None and record.key == f"k{n}".encode()
+        assert record.value == messages[n][2]

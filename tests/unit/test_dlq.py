@@ -298,3 +298,39 @@ def test_view_counts_an_entry_written_twice_once_while_in_the_window() -> None:
     assert view.stats()["total"] == 1
     view.apply(consumed(record.dlq_id, b"not json"))  # unreadable: skipped
     assert view.stats()["total"] == 1
+
+
+def test_view_keeps_a_small_record_with_its_type_header_as_read_and_summarises_on_demand() -> None:
+    # what a worker dead-letters: headers mirror the record (the error type among them)
+    view = dlq.DLQView()
+    record, encoded, headers = build(source=SOURCE.model_copy(update={"offset": 41}))
+    view.apply(consumed(record.dlq_id, encoded, headers))
+    assert view.stats() == {"total": 1, "by_error_type": {"invalid_request": 1}}
+    kept = view.get(record.dlq_id)
+    assert kept is not None and kept.original_omitted and kept.original_value is None
+    assert (
+        kept.model_copy(
+            update={
+                "original_omitted": False,
+                "original_value": record.original_value,
+                "original_key": record.original_key,
+                "original_headers": record.original_headers,
+            }
+        )
+        == record
+    )
+
+
+def test_view_summarises_a_large_record_on_arrival_and_answers_none_for_an_unreadable_one() -> None:
+    view = dlq.DLQView()
+    big, big_value, big_headers = build(
+        value=b"x" * 10_000, source=SOURCE.model_copy(update={"offset": 42})
+    )
+    view.apply(consumed(big.dlq_id, big_value, big_headers))
+    kept = view.get(big.dlq_id)
+    assert kept is not None and kept.original_omitted
+    # a foreign record claiming our header but not a DLQ record: counted by its header, never
+    # served as an entry
+    view.apply(consumed("forged", b"not json", dlq.tombstone_headers(big)[:1]))
+    assert view.stats()["total"] == 2
+    assert view.get("forged") is None

@@ -16,8 +16,10 @@ from tako_stream.core.models import (
     ExecutionRequest,
     ExecutionResult,
 )
+from tako_stream.kafka.codec import dumps
 from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.intake import Rejection, decode, rejection_cost
+from tako_stream.worker.verdict import Job, Verdict, answer
 from tests.fakes import (
     TOPICS,
     FakeAnswers,
@@ -128,6 +130,70 @@ async def test_a_rejection_is_logged_once_with_why(caplog: pytest.LogCaptureFixt
     assert len(lines) == 1, lines
     assert lines[0].startswith("answered: status=rejected error=invalid_request")
     assert "(invalid request: code: String should have at least 1 character)" in lines[0]
+
+
+async def test_a_burst_of_rejections_is_answered_with_batched_sends() -> None:
+    """The Kafka path's throughput: refused records of a fetch are answered together, their
+    results in one ``send_all`` and their DLQ records in another, not a send (and a wait for
+    its acknowledgement) per message."""
+    async with intake_rig(partitions=(0,)) as rig:
+        ids = [f"blank-{n}" for n in range(20)]
+        for execution_id in ids:
+            rig.source.add(request_bytes(execution_id=execution_id, code=""))
+        await rig.source.wait_committed(0, 20)
+        assert sorted(r.execution_id for r in rig.sink.results()) == sorted(ids)
+        assert sorted(d.execution_id for d in rig.sink.dead_letters()) == sorted(ids)
+        assert sum(rig.sink.batches) == 40
+        assert max(rig.sink.batches) > 1 and len(rig.sink.batches) < 40, rig.sink.batches
+
+
+async def test_a_rejection_whose_batched_send_fails_is_retried_alone_and_answered_once() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        rig.sink.fail(RESULTS, times=1)
+        rig.sink.fail(DLQ, times=1)
+        ids = [f"blank-{n}" for n in range(5)]
+        for execution_id in ids:
+            rig.source.add(request_bytes(execution_id=execution_id, code=""))
+        await rig.source.wait_committed(0, 5)
+        assert sorted(r.execution_id for r in rig.sink.results()) == sorted(ids)  # once each
+        assert sorted(d.execution_id for d in rig.sink.dead_letters()) == sorted(ids)
+        assert len(rig.sink.tries(RESULTS)) == 6 and len(rig.sink.tries(DLQ)) == 6
+
+
+def answer_of(execution_id: bytes) -> bytes:
+    """The encoded answer to a blank-code request with correlation id ``c``."""
+    refused = decode(incoming(request_bytes(execution_id=execution_id.decode(), code="")))
+    assert isinstance(refused, Rejection)
+    result = answer(Job(execution_id.decode(), "c", "worker-1"), Verdict.rejected(refused.problems))
+    return dumps(result)
+
+
+async def test_a_rejection_whose_batched_result_is_refused_is_dead_lettered_alone() -> None:
+    """A refusal for good in a batch takes ``publish``'s path for that answer alone: here even
+    its reduced answer is refused, so its request lands in the DLQ saying so; the other
+    answers of the batch are published as usual."""
+    async with intake_rig(partitions=(0,)) as rig:
+        # the same refusal, but one answer carries a long correlation id: 200 bytes larger
+        rig.sink.refuse(RESULTS, larger_than=len(answer_of(b"short")) + 100)
+        rig.source.add(request_bytes(execution_id="short", code=""), headers=correlation("c"))
+        rig.source.add(request_bytes(execution_id="long", code=""), headers=correlation("c" * 200))
+        await rig.source.wait_committed(0, 2)
+        assert [r.execution_id for r in rig.sink.results()] == ["short"]
+        by_id = {d.execution_id: d for d in rig.sink.dead_letters()}
+        assert by_id["short"].error.type is ErrorType.INVALID_REQUEST
+        assert by_id["long"].error.type is ErrorType.INTERNAL_ERROR
+        assert "No answer could be published" in by_id["long"].error.message
+        assert by_id["long"].original_value is not None
+
+
+async def test_an_idempotent_repeat_in_the_same_batch_of_rejections_is_skipped() -> None:
+    async with intake_rig(partitions=(0,)) as rig:
+        for _ in range(2):
+            rig.source.add(
+                request_bytes(execution_id="same", code=""), headers=[(PAYLOAD_HEADER, b"k")]
+            )
+        await rig.source.wait_committed(0, 2)
+        assert [r.execution_id for r in rig.sink.results()] == ["same"]
 
 
 async def test_rejections_are_answered_while_every_slot_is_held() -> None:
