@@ -747,14 +747,16 @@ def make_warm(
     *,
     pool: Callable[[], SandboxPool | None] = lambda: None,
     max_idle: float = 3600.0,
+    capacity: int = 2,
 ) -> WarmPool:
-    """A warm pool whose ``busy`` is the in-flight count of ``pool()`` once it exists."""
+    """A warm pool whose ``busy`` is the in-flight count of ``pool()`` once it exists, and
+    ``capacity`` the size of that pool."""
 
     def busy() -> int:
         current = pool()
         return current.in_flight if current is not None else 0
 
-    return WarmPool(sandbox, shapes, max_idle=max_idle, busy=busy)
+    return WarmPool(sandbox, shapes, max_idle=max_idle, busy=busy, capacity=capacity)
 
 
 def make_executor(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -34,8 +35,26 @@ def warm_key(limits: Limits) -> Limits:
     return replace(limits, timeout=0, startup_timeout=None)
 
 
+#: Seconds a job that finds its shape empty waits for a refill already under way (which
+#: started earlier, so ends sooner than a cold start would) before it runs cold.
+REFILL_WAIT = 2.0
+#: Seconds between looks at the running jobs while a refill waits for a free slot or an idle
+#: worker (the pool has no event for a job's end).
+POLL = 0.02
+
+
 class WarmPool:
-    """Started containers waiting for a job, per container shape; refilled one at a time."""
+    """Started containers waiting for a job, per container shape, refilled as they are taken.
+
+    Creating and starting a container costs the engine ~0.2 s of CPU that a running job would
+    lose, and the engine churns only so many containers a second, so refills follow demand
+    within the pool's slots (``capacity``, the jobs a worker runs at once): containers being
+    prepared and jobs running never exceed it.  A shape with at least half of its containers
+    waiting is refilled only while no job runs (takes are rare: spaced jobs keep their
+    latency); a shape drained below half (back-to-back or bursty jobs) is refilled at once,
+    several at a time, in whatever slots the running jobs leave free.  A saturated worker
+    prepares nothing ahead: its jobs start their own containers in their own slots.
+    """
 
     def __init__(
         self,
@@ -44,17 +63,23 @@ class WarmPool:
         *,
         max_idle: float,
         busy: Callable[[], int] = lambda: 0,
+        capacity: int = 1,
     ) -> None:
         """``shapes``: each container shape with how many of it to keep ready (job types that
-        share a shape share its containers: the largest count wins)."""
+        share a shape share its containers: the largest count wins); ``busy``: jobs running
+        now; ``capacity``: the most jobs the worker runs at once."""
         self._sandbox = sandbox
         self._busy = busy
+        self._capacity = max(1, capacity)
         self._max_idle = max_idle
         self._size: dict[Limits, int] = {}
         for shape, size in shapes:
             key = warm_key(shape)
             self._size[key] = max(size, self._size.get(key, 0))
         self._ready: dict[Limits, list[Prepared]] = {key: [] for key in self._size}
+        self._preparing: dict[Limits, set[asyncio.Task[None]]] = {k: set() for k in self._size}
+        self._failures = 0
+        self._retry_at = 0.0
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
 
@@ -64,6 +89,11 @@ class WarmPool:
         for shape, ready in self._ready.items():
             by_image[shape.image] = by_image.get(shape.image, 0) + len(ready)
         return by_image
+
+    @property
+    def preparing(self) -> int:
+        """Refills under way."""
+        return sum(len(tasks) for tasks in self._preparing.values())
 
     def start(self) -> None:
         if any(self._size.values()) and self._filler is None:
@@ -78,37 +108,74 @@ class WarmPool:
         self._wanted.set()
         return prepared
 
-    async def _idle(self, ready: list[Prepared]) -> None:
-        """While a shape still has a container waiting, refill only when no job runs: creating
-        and starting a container costs the engine ~0.2 s of CPU that a running job would lose.
-        An empty shape is refilled at once (its next job would otherwise run cold)."""
-        while ready and self._busy():  # noqa: ASYNC110 - polls a counter; no event to wait on
-            await asyncio.sleep(0.02)
+    async def claim(self, limits: Limits, wait: float = REFILL_WAIT) -> Prepared | None:
+        """A waiting container of the shape, or the first refill of it under way to end
+        (within ``wait`` seconds); None when there is neither: the job runs cold."""
+        key = warm_key(limits)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            prepared = self.take(limits)
+            if prepared is not None:
+                return prepared
+            refills = self._preparing.get(key)
+            left = deadline - loop.time()
+            if not refills or left <= 0:
+                return None
+            # asyncio.wait: ending this wait (a timeout, a cancel) never cancels a refill
+            await asyncio.wait(set(refills), timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     async def _fill(self) -> None:
-        """Top every shape up, one container at a time, never more than one create+start at
-        once, and only while the worker is idle unless a shape ran dry."""
-        failures = 0
+        """Start the refills each wake-up allows; wake again on a take, a refill's end, a
+        back-off's end, or every ``POLL`` seconds while a refill waits for a slot."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wanted.wait()
             self._wanted.clear()
             await self._expire()
-            for shape, ready in self._ready.items():
-                while len(ready) < self._size[shape]:
-                    await self._idle(ready)
-                    try:
-                        ready.append(await self._sandbox.prepare(shape))
-                        failures = 0
-                    except SandboxError as exc:
-                        failures += 1
-                        log.warning("warm pool: could not start a container: %s", exc)
-                        # Docker is failing: back off, and let the breaker's pings judge it.
-                        await asyncio.sleep(min(30.0, 0.5 * 2**failures))
-                        self._wanted.set()
-                        break
+            if self._refill():
+                loop.call_later(POLL, self._wanted.set)
             if self._max_idle > 0:
                 # wake up to recycle idle containers even when nobody takes one
-                asyncio.get_running_loop().call_later(self._max_idle / 2, self._wanted.set)
+                loop.call_later(self._max_idle / 2, self._wanted.set)
+
+    def _refill(self) -> bool:
+        """Start the refills allowed now (see the class docstring); whether one is waiting."""
+        if time.monotonic() < self._retry_at:
+            return True
+        busy = self._busy()
+        free = self._capacity - busy - self.preparing
+        waiting = False
+        for shape, ready in self._ready.items():
+            preparing = self._preparing[shape]
+            while len(ready) + len(preparing) < self._size[shape]:
+                if free <= 0:
+                    return True
+                if busy and 2 * len(ready) >= self._size[shape]:
+                    waiting = True  # taken rarely: wait for an idle worker
+                    break
+                task = asyncio.ensure_future(self._prepare(shape, ready))
+                preparing.add(task)
+                task.add_done_callback(functools.partial(self._prepared, preparing))
+                free -= 1
+        return waiting
+
+    async def _prepare(self, shape: Limits, ready: list[Prepared]) -> None:
+        try:
+            ready.append(await self._sandbox.prepare(shape))
+            self._failures = 0
+        except SandboxError as exc:
+            self._failures += 1
+            log.warning("warm pool: could not start a container: %s", exc)
+            # Docker is failing: back off, and let the breaker's pings judge it.
+            delay = min(30.0, 0.5 * 2**self._failures)
+            self._retry_at = time.monotonic() + delay
+            asyncio.get_running_loop().call_later(delay, self._wanted.set)
+
+    def _prepared(self, preparing: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        """A refill ended: no longer counted, and the filler may start the next."""
+        preparing.discard(task)
+        self._wanted.set()
 
     async def _expire(self) -> None:
         now = time.monotonic()
@@ -125,6 +192,11 @@ class WarmPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filler
             self._filler = None
+        refills = [task for tasks in self._preparing.values() for task in tasks]
+        for task in refills:
+            task.cancel()
+        if refills:  # a cancelled prepare removes what it created
+            await asyncio.gather(*refills, return_exceptions=True)
         for ready in self._ready.values():
             while ready:
                 await self._sandbox.discard(ready.pop())
@@ -158,7 +230,7 @@ class SandboxPool:
             if on_start is not None:
                 on_start()
             try:
-                prepared = self.warm.take(limits) if self.warm else None
+                prepared = await self.warm.claim(limits) if self.warm else None
                 while True:
                     try:
                         return await self.sandbox.run(

@@ -109,7 +109,11 @@ class Runtime(Service):
             for t in self.job_types.values()
         ]
         self.warm = WarmPool(
-            self.sandbox, shapes, max_idle=s.warm_max_idle, busy=lambda: pool.in_flight
+            self.sandbox,
+            shapes,
+            max_idle=s.warm_max_idle,
+            busy=lambda: pool.in_flight,
+            capacity=s.pool_size,
         )
         pool = SandboxPool(self.sandbox, s.pool_size, self.warm)
         self.warm.start()

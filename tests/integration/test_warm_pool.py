@@ -16,7 +16,12 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from tako_stream.sandbox.docker import LABEL_WORKER
+from tako_stream.core.jobtypes import JobTypes, default_limits
+from tako_stream.sandbox.docker import LABEL_WORKER, DockerSandbox
+from tako_stream.sandbox.pool import SandboxPool, WarmPool
+from tako_stream.sandbox.protocol import encode_job
+from tako_stream.settings import OutputCaps
+from tests.fakes import bounded, eventually
 from tests.integration.stack import Stack, WorkerProcess
 
 pytestmark = [pytest.mark.integration]
@@ -120,3 +125,55 @@ async def test_per_job_type_sizes_cold_fallback_and_clean_drain(
     worker.kill(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait_exit, 60) == 0
     assert await containers_of(docker, worker) == []
+
+
+async def test_a_job_finding_the_pool_empty_takes_the_refill_under_way(
+    docker: aiodocker.Docker,
+) -> None:
+    """Back to back, a job that finds no container waiting takes the one being prepared
+    (started earlier, so ready sooner than a cold start of its own) rather than running cold."""
+    limits = default_limits(JobTypes.load()["default"])
+    worker_id = f"claim-{uuid.uuid4().hex[:8]}"
+    sandbox = DockerSandbox(docker, worker_id=worker_id, timeout_grace=10)
+    pool: SandboxPool | None = None
+    warm = WarmPool(
+        sandbox,
+        [(limits, 1)],
+        max_idle=3600,
+        busy=lambda: pool.in_flight if pool is not None else 0,
+        capacity=2,
+    )
+    pool = SandboxPool(sandbox, 2, warm)
+    caps = OutputCaps()
+    job_bytes = encode_job(
+        code="print('warm')",
+        input_json=b"{}",
+        timeout=20,
+        stdout_cap=caps.stdout,
+        stderr_cap=caps.stderr,
+        result_cap=caps.result,
+        artifact_files=caps.artifact_files,
+        artifact_file_cap=caps.artifact_file,
+        artifact_total_cap=caps.artifact_total,
+    )
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes().get(DEFAULT_IMAGE) == 1, "the pool to fill", 120)
+        taken = warm.take(limits)
+        assert taken is not None
+        await sandbox.discard(taken)
+        await eventually(lambda: warm.preparing == 1, "the refill to start", 30)
+        run = await bounded(
+            pool.run(job_bytes, limits, execution_id="claim", caps=caps), "the job", 120
+        )
+        assert run.warm is True
+        report = run.collected.report
+        assert report is not None and report.exit_code == 0
+        assert run.collected.stdout == b"warm\n"
+    finally:
+        await warm.drain()
+        await sandbox.drain()
+    assert (
+        await docker.containers.list(all=True, filters={"label": [f"{LABEL_WORKER}={worker_id}"]})
+        == []
+    )

@@ -51,7 +51,7 @@ class Warm:
     def __init__(self, shapes: list[tuple[Limits, int]], size: int = 2) -> None:
         self.sandbox = FakeSandbox()
         self.pool: SandboxPool | None = None
-        self.warm: WarmPool = make_warm(self.sandbox, shapes, pool=lambda: self.pool)
+        self.warm: WarmPool = make_warm(self.sandbox, shapes, pool=lambda: self.pool, capacity=size)
         self.pool = SandboxPool(self.sandbox, size, self.warm)
 
     @property
@@ -291,3 +291,139 @@ async def test_on_start_is_called_once_the_job_has_its_slot() -> None:
     release.set()
     await bounded(asyncio.gather(holder, second), "the jobs")
     assert started == [1]  # before its own run began
+
+
+class GatedSandbox(FakeSandbox):
+    """Prepares wait for ``gate``; ``peak`` is the most prepares in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.preparing = 0
+        self.peak = 0
+
+    async def prepare(self, limits: Limits, *, execution_id: str = "warm") -> FakePrepared:
+        self.preparing += 1
+        self.peak = max(self.peak, self.preparing)
+        try:
+            await bounded(self.gate.wait(), "the test to let prepares end")
+            prepared = await super().prepare(limits, execution_id=execution_id)
+            assert isinstance(prepared, FakePrepared)
+            return prepared
+        finally:
+            self.preparing -= 1
+
+
+def gated_warm(size: int, capacity: int) -> tuple[GatedSandbox, list[int], WarmPool]:
+    sandbox, busy = GatedSandbox(), [0]
+    warm = WarmPool(
+        sandbox, [(DEFAULT, size)], max_idle=3600, busy=lambda: busy[0], capacity=capacity
+    )
+    return sandbox, busy, warm
+
+
+async def test_a_rarely_taken_shape_is_refilled_only_while_no_job_runs() -> None:
+    """Spaced jobs keep their latency: with half the shape still waiting, a refill would only
+    take CPU from the running job."""
+    sandbox, busy, warm = gated_warm(size=2, capacity=4)
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
+        calls = len(sandbox.prepare_calls)
+        busy[0] = 1
+        assert warm.take(DEFAULT) is not None  # one of two still waits
+        await asyncio.sleep(0.1)
+        assert len(sandbox.prepare_calls) == calls, "refilled while a job ran"
+        busy[0] = 0
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the refill once idle")
+    finally:
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_drained_shape_is_refilled_at_once_in_the_slots_jobs_leave_free() -> None:
+    """Back-to-back jobs: one job runs, so three of the four slots may prepare containers."""
+    sandbox, busy, warm = gated_warm(size=4, capacity=4)
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 4, "the warm pool to fill")
+        sandbox.gate.clear()
+        sandbox.peak = 0
+        busy[0] = 1
+        for _ in range(4):
+            assert warm.take(DEFAULT) is not None
+        await eventually(lambda: sandbox.preparing == 3, "three refills at once")
+        await asyncio.sleep(0.05)
+        assert sandbox.peak == 3 and warm.preparing == 3
+        busy[0] = 0
+        await eventually(lambda: sandbox.preparing == 4, "the fourth once the job ended")
+        sandbox.gate.set()
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 4, "the pool refilled")
+    finally:
+        sandbox.gate.set()
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_saturated_worker_prepares_nothing_ahead() -> None:
+    """Every slot runs a job: a refill would only take CPU from them (jobs start their own
+    containers, in their own slots)."""
+    sandbox, busy, warm = gated_warm(size=2, capacity=2)
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
+        calls = len(sandbox.prepare_calls)
+        busy[0] = 2
+        assert warm.take(DEFAULT) is not None and warm.take(DEFAULT) is not None
+        await asyncio.sleep(0.1)
+        assert len(sandbox.prepare_calls) == calls
+        busy[0] = 1
+        await eventually(lambda: len(sandbox.prepare_calls) == calls + 1, "one slot freed")
+    finally:
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_job_finding_its_shape_empty_waits_for_the_refill_under_way() -> None:
+    sandbox, _, warm = gated_warm(size=1, capacity=2)
+    warm.start()
+    pool = SandboxPool(sandbox, 2, warm)
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 1, "the warm pool to fill")
+        sandbox.gate.clear()
+        assert warm.take(DEFAULT) is not None
+        await eventually(lambda: warm.preparing == 1, "the refill to start")
+        running = asyncio.ensure_future(pool.run(b"job", DEFAULT, execution_id="j", caps=CAPS))
+        await asyncio.sleep(0.05)
+        assert not running.done()
+        sandbox.gate.set()
+        result = await bounded(running, "the job")
+        assert result.warm is True
+        assert [label for _, label in sandbox.prepare_calls] == ["warm"] * len(
+            sandbox.prepare_calls
+        )  # no cold start of its own
+    finally:
+        sandbox.gate.set()
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_job_waits_for_a_refill_no_longer_than_its_bound() -> None:
+    sandbox, _, warm = gated_warm(size=1, capacity=2)
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 1, "the warm pool to fill")
+        sandbox.gate.clear()
+        assert warm.take(DEFAULT) is not None
+        await eventually(lambda: warm.preparing == 1, "the refill to start")
+        assert await bounded(warm.claim(DEFAULT, wait=0.05), "the claim") is None
+        assert warm.preparing == 1  # the refill goes on for the next job
+    finally:
+        sandbox.gate.set()
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_draining_cancels_refills_under_way() -> None:
+    sandbox, _, warm = gated_warm(size=2, capacity=2)
+    sandbox.gate.clear()
+    warm.start()
+    await eventually(lambda: sandbox.preparing == 2, "two refills")
+    await bounded(warm.drain(), "the warm pool to drain")
+    assert warm.preparing == 0 and sandbox.preparing == 0
