@@ -171,10 +171,13 @@ class Publisher:
     ) -> list[ExecutionResult | None]:
         """Publish many plain answers (no artifacts, no ``reply_to``: a burst of refused
         requests) with their sends batched: every result at once, then every DLQ record their
-        answers call for, each step's acknowledgements awaited together.  An answer whose send
-        fails in any way takes ``publish``'s path alone (retries, a reduced answer,
-        dead-lettering), so each one ends as it would have alone; the answers published on the
-        results topic, in order (None where even a reduced answer was refused)."""
+        answers call for, each step's acknowledgements awaited together.  Whatever fails is
+        done alone after, as ``publish`` would: a result not acknowledged or refused takes
+        ``publish``'s whole path (retries, a reduced answer, dead-lettering); a DLQ record not
+        acknowledged is re-sent until it is.  A batch not acknowledged within
+        ``publish_timeout`` counts as failed, so an answer may take up to twice that before
+        its request is dead-lettered.  Returns the answers published on the results topic, in
+        order (None where even a reduced answer was refused)."""
         encoded = [encode(result) for _, result in answers]
         outcomes = await self._send_all_within(
             [
@@ -184,25 +187,21 @@ class Publisher:
         )
         finals: list[ExecutionResult | None] = [None] * len(answers)
         alone: list[int] = []
-        dead: list[tuple[int, DeadLetter]] = []
+        dead: list[DeadLetter] = []
         for i, ((message, _), (result, _), outcome) in enumerate(
             zip(answers, encoded, outcomes, strict=True)
         ):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, BrokerError):
                 alone.append(i)
                 continue
             finals[i] = result
             record = self._dead_letter(message, result, result, first_failure_at)
             if record is not None:
-                dead.append((i, record))
+                dead.append(record)
         dead_outcomes = await self._send_all_within(
-            [(self.topics.dlq, r.record.dlq_id.encode(), r.value, r.headers) for _, r in dead]
+            [(self.topics.dlq, r.record.dlq_id.encode(), r.value, r.headers) for r in dead]
         )
-        retry_dead = [
-            r
-            for (_, r), o in zip(dead, dead_outcomes, strict=True)
-            if o is not None and isinstance(o, BaseException)
-        ]
+        unsent = [r for r, o in zip(dead, dead_outcomes, strict=True) if isinstance(o, BrokerError)]
 
         async def one(i: int) -> None:
             message, result = answers[i]
@@ -213,7 +212,7 @@ class Publisher:
             with job_context(record.record.execution_id, record.record.correlation_id):
                 await self._send_dead(record)
 
-        await asyncio.gather(*(one(i) for i in alone), *(dead_again(r) for r in retry_dead))
+        await asyncio.gather(*(one(i) for i in alone), *(dead_again(r) for r in unsent))
         return finals
 
     async def _send_all_within(self, messages: list[Outgoing]) -> list[Outcome]:
