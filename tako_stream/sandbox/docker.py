@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -346,7 +346,9 @@ class DockerSandbox:
             async with asyncio.timeout_at(deadline):
                 container = await asyncio.shield(creating)
         except BaseException as exc:
-            creating.add_done_callback(self._remove_created)
+            # A removal task of its own from now on, so ``drain`` waits for the create to end
+            # and its container to go (a warm pool's refill cancelled at shutdown lands here).
+            self._in_background(self._remove_when_created(creating))
             if isinstance(exc, TimeoutError):
                 raise _startup_timeout(timeout) from None
             raise
@@ -369,14 +371,20 @@ class DockerSandbox:
             raise
         return prepared
 
-    def _remove_created(
+    async def _remove_when_created(
         self, creating: asyncio.Future[aiodocker.containers.DockerContainer]
     ) -> None:
-        if creating.cancelled() or creating.exception() is not None:
+        try:
+            container = await creating
+        except Exception:  # nothing was created (the create's own error is reported)
             return
-        removal = asyncio.ensure_future(self._remove(creating.result()))
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
+        await self._remove(container)
+
+    def _in_background(self, removal: Coroutine[None, None, None]) -> None:
+        """Run ``removal`` as a task ``drain`` waits for."""
+        task = asyncio.ensure_future(removal)
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
 
     async def distributions(self, limits: Limits) -> Mapping[str, str]:
         """The Python distributions in ``limits.image`` (normalised name → version), listed
@@ -495,9 +503,7 @@ class DockerSandbox:
         (shutdown, revoke) still leaves nothing behind, and ``drain`` waits for all of them."""
         container = _own(prepared)
         await container.stream.close()
-        removal = asyncio.ensure_future(self._remove(container.container))
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
+        self._in_background(self._remove(container.container))
 
     async def _execute(
         self,
@@ -596,13 +602,17 @@ class DockerSandbox:
                 log.warning("container %s removal failed: %s", container.id[:12], exc)
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Wait for background removals, so a stopping worker leaves no container behind; at
-        most ``timeout`` (with the daemon away, the next start on this host reaps the rest)."""
-        if self._removals:
-            _, pending = await asyncio.wait(set(self._removals), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Wait for background removals (those that start meanwhile too), so a stopping worker
+        leaves no container behind; at most ``timeout`` (with the daemon away, the next start
+        on this host reaps the rest)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._removals and loop.time() < deadline:
+            await asyncio.wait(set(self._removals), timeout=deadline - loop.time())
+        pending = set(self._removals)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def reap(self) -> int:
         """Remove sandboxes left behind by dead workers; returns how many.
