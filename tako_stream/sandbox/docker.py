@@ -481,14 +481,7 @@ class DockerSandbox:
                 container,
                 job,
                 limits,
-                FrameReader(
-                    stdout_cap=caps.stdout,
-                    stderr_cap=caps.stderr,
-                    result_cap=caps.result,
-                    artifact_files=caps.artifact_files,
-                    artifact_file_cap=caps.artifact_file,
-                    artifact_total_cap=caps.artifact_total,
-                ),
+                FrameReader.for_caps(caps),
                 cancel,
             )
             run.warm = warm

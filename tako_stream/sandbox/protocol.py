@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from tako_stream.settings import OutputCaps
+
 FRAME = struct.Struct(">BI")
 STDOUT, STDERR, RESULT, ARTIFACT, REPORT = 1, 2, 3, 4, 9
 NAME_LEN = struct.Struct(">H")
@@ -38,30 +40,27 @@ def encode_job(
     code: str,
     input_json: bytes,
     timeout: float,
-    stdout_cap: int,
-    stderr_cap: int,
-    result_cap: int,
+    caps: OutputCaps,
     cancel_grace: float = 2.0,
-    artifact_files: int = 0,
-    artifact_file_cap: int = 0,
-    artifact_total_cap: int = 0,
 ) -> bytes:
     """The job for the supervisor's stdin: a length, a one-line ASCII header, code and input.
 
     Not JSON: decoding JSON would make the supervisor import ``json`` (and ``re``), a third of
     its start-up, which every job pays.  Code keeps lone surrogates (``surrogatepass``), as
-    Python source read back from the file reports them.  ``artifact_files`` 0 collects none.
+    Python source read back from the file reports them.  ``caps.artifact_files`` 0 collects
+    none.  The caps are named here and in ``FrameReader.for_caps`` only, so the supervisor
+    keeps to the same caps the host checks its frames against.
     """
     code_bytes = code.encode("utf-8", "surrogatepass")
     fields = {
         "timeout": repr(float(timeout)),
         "cancel_grace": repr(float(cancel_grace)),
-        "stdout_cap": int(stdout_cap),
-        "stderr_cap": int(stderr_cap),
-        "result_cap": int(result_cap),
-        "artifact_files": max(0, int(artifact_files)),
-        "artifact_file_cap": max(0, int(artifact_file_cap)),
-        "artifact_total_cap": max(0, int(artifact_total_cap)),
+        "stdout_cap": int(caps.stdout),
+        "stderr_cap": int(caps.stderr),
+        "result_cap": int(caps.result),
+        "artifact_files": max(0, int(caps.artifact_files)),
+        "artifact_file_cap": max(0, int(caps.artifact_file)),
+        "artifact_total_cap": max(0, int(caps.artifact_total)),
         "uid": JOB_UID,
         "gid": JOB_GID,
         "python": JOB_PYTHON,
@@ -185,6 +184,18 @@ class FrameReader:
         self._artifact_bytes = 0
         self.collected = Collected()
         self.broken = False
+
+    @classmethod
+    def for_caps(cls, caps: OutputCaps) -> FrameReader:
+        """A reader holding a job's frames to ``caps``, the caps ``encode_job`` sent it."""
+        return cls(
+            stdout_cap=caps.stdout,
+            stderr_cap=caps.stderr,
+            result_cap=caps.result,
+            artifact_files=caps.artifact_files,
+            artifact_file_cap=caps.artifact_file,
+            artifact_total_cap=caps.artifact_total,
+        )
 
     @property
     def done(self) -> bool:

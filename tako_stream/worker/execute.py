@@ -85,13 +85,8 @@ class Executor:
             code=request.code,
             input_json=dumps(request.input_data),
             timeout=limits.timeout,
-            stdout_cap=self.caps.stdout,
-            stderr_cap=self.caps.stderr,
-            result_cap=self.caps.result,
+            caps=self.caps,
             cancel_grace=self.cancel_grace,
-            artifact_files=self.caps.artifact_files,
-            artifact_file_cap=self.caps.artifact_file,
-            artifact_total_cap=self.caps.artifact_total,
         )
         try:
             run, attempts, failure = await self._run_with_retries(

@@ -30,6 +30,7 @@ from tako_stream.core.models import JobStatus
 from tako_stream.kafka.reader import read_to_end
 from tako_stream.sandbox.docker import LABEL_WORKER, DockerPrepared, DockerSandbox
 from tako_stream.sandbox.protocol import CANCEL, FrameReader, encode_job
+from tako_stream.settings import OutputCaps
 from tests.faults.dockerproxy import DockerProxy
 from tests.faults.streamtools import Answers, job, private_broker, submit
 from tests.integration.stack import Stack, WorkerProcess
@@ -199,20 +200,18 @@ async def test_a_cancel_landing_as_the_job_ends_leaves_its_result(
     (the supervisor once read the control channel as a job pipe there and died reportless)."""
     limits = default_limits(JobTypes.load()["default"])
     sandbox = DockerSandbox(docker, worker_id=f"race-{uuid.uuid4().hex[:8]}", timeout_grace=5)
+    # Artifacts off: the race is between the job's end and the cancel; collecting /output
+    # would only add to the job's end.
+    caps = OutputCaps(
+        stdout=1024, stderr=1024, result=1024, artifact_files=0, artifact_file=0, artifact_total=0
+    )
     reports = []
     try:
         for _ in range(15):
             prepared = await sandbox.prepare(limits)
             assert isinstance(prepared, DockerPrepared)
-            reader = FrameReader(stdout_cap=1024, stderr_cap=1024, result_cap=1024)
-            payload = encode_job(
-                code="print('done')",
-                input_json=b"{}",
-                timeout=10,
-                stdout_cap=1024,
-                stderr_cap=1024,
-                result_cap=1024,
-            )
+            reader = FrameReader.for_caps(caps)
+            payload = encode_job(code="print('done')", input_json=b"{}", timeout=10, caps=caps)
             stream = prepared.stream
             try:
                 await stream.write_in(payload)

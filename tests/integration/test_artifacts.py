@@ -59,12 +59,7 @@ async def run_in_sandbox(
         code=code,
         input_json=dumps({}),
         timeout=timeout,
-        stdout_cap=CAPS.stdout,
-        stderr_cap=CAPS.stderr,
-        result_cap=CAPS.result,
-        artifact_files=CAPS.artifact_files,
-        artifact_file_cap=CAPS.artifact_file,
-        artifact_total_cap=CAPS.artifact_total,
+        caps=CAPS,
     )
     try:
         run = await sandbox.run(job, limits, execution_id="art", caps=CAPS)

@@ -152,17 +152,10 @@ async def test_a_missing_image_is_image_missing_for_listing_and_run(
     absent = replace(DEFAULT, image=ABSENT_IMAGE)
     with pytest.raises(ImageMissingError, match=ABSENT_IMAGE):
         await sandbox.distributions(absent)
-    job_bytes = encode_job(
-        code="print(1)",
-        input_json=b"{}",
-        timeout=5,
-        stdout_cap=1024,
-        stderr_cap=1024,
-        result_cap=1024,
-        cancel_grace=1,
-    )
+    caps = OutputCaps()
+    job_bytes = encode_job(code="print(1)", input_json=b"{}", timeout=5, caps=caps, cancel_grace=1)
     with pytest.raises(ImageMissingError, match="Docker image not found"):
-        await sandbox.run(job_bytes, absent, execution_id="absent", caps=OutputCaps())
+        await sandbox.run(job_bytes, absent, execution_id="absent", caps=caps)
     await sandbox.drain()
 
 

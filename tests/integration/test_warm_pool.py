@@ -149,12 +149,7 @@ async def test_a_job_finding_the_pool_empty_takes_the_refill_under_way(
         code="print('warm')",
         input_json=b"{}",
         timeout=20,
-        stdout_cap=caps.stdout,
-        stderr_cap=caps.stderr,
-        result_cap=caps.result,
-        artifact_files=caps.artifact_files,
-        artifact_file_cap=caps.artifact_file,
-        artifact_total_cap=caps.artifact_total,
+        caps=caps,
     )
     warm.start()
     try:

@@ -32,6 +32,7 @@ from tako_stream.sandbox.protocol import (
     Report,
     encode_job,
 )
+from tako_stream.settings import OutputCaps
 from tako_stream.worker.artifacts import attach, pending
 from tako_stream.worker.publish import Publisher
 from tako_stream.worker.verdict import Job, Verdict, answer
@@ -43,12 +44,14 @@ def job(files: int = 4, file_cap: int = 100, total_cap: int = 250) -> supervisor
         code="pass",
         input_json=b"{}",
         timeout=5,
-        stdout_cap=1024,
-        stderr_cap=1024,
-        result_cap=1024,
-        artifact_files=files,
-        artifact_file_cap=file_cap,
-        artifact_total_cap=total_cap,
+        caps=OutputCaps(
+            stdout=1024,
+            stderr=1024,
+            result=1024,
+            artifact_files=files,
+            artifact_file=file_cap,
+            artifact_total=total_cap,
+        ),
     )
     return supervisor.Job(payload[8:])
 
@@ -227,13 +230,15 @@ def report(**fields: object) -> bytes:
 
 
 def reader(files: int = 3, file_cap: int = 10, total_cap: int = 25) -> FrameReader:
-    return FrameReader(
-        stdout_cap=100,
-        stderr_cap=100,
-        result_cap=100,
-        artifact_files=files,
-        artifact_file_cap=file_cap,
-        artifact_total_cap=total_cap,
+    return FrameReader.for_caps(
+        OutputCaps(
+            stdout=100,
+            stderr=100,
+            result=100,
+            artifact_files=files,
+            artifact_file=file_cap,
+            artifact_total=total_cap,
+        )
     )
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tako_stream.sandbox.protocol import (
+    ARTIFACT,
     FRAME,
     JOB_GID,
     JOB_PYTHON,
@@ -27,6 +28,7 @@ from tako_stream.sandbox.protocol import (
     job_summary,
 )
 from tako_stream.sandbox.supervisor import Job, to_json
+from tako_stream.settings import OutputCaps
 
 REPORT_JSON = {
     "exit_code": 0,
@@ -197,6 +199,34 @@ def test_result_over_its_cap_is_broken() -> None:
     assert r.broken and r.collected.result is None
 
 
+def test_for_caps_holds_each_frame_to_its_own_cap() -> None:
+    """Every cap a different size, so a field read into the wrong one shows."""
+    caps = OutputCaps(
+        stdout=3, stderr=4, result=6, artifact_files=2, artifact_file=5, artifact_total=7
+    )
+
+    def artifact(name: bytes, data: bytes) -> bytes:
+        return frame(ARTIFACT, struct.pack(">H", len(name)) + name + data)
+
+    r = FrameReader.for_caps(caps)
+    r.feed(frame(STDOUT, b"abcdefgh") + frame(STDERR, b"12345678") + frame(RESULT, b"{}{}{}"))
+    r.feed(artifact(b"a", b"x" * 5) + artifact(b"b", b"x" * 6))  # one file's cap
+    r.feed(artifact(b"c", b"x" * 3) + artifact(b"d", b"x" * 2))  # the total's: 5 + 3 > 7
+    r.feed(artifact(b"e", b""))  # the count's: a and d taken
+    c = r.collected
+    assert (bytes(c.stdout), bytes(c.stderr), c.result) == (b"abc", b"1234", b"{}{}{}")
+    assert [name for name, _ in c.artifacts] == ["a", "d"]
+    assert c.artifacts_refused == [
+        ("b", "larger than 5 bytes"),
+        ("c", "the job's artifacts would exceed 7 bytes"),
+        ("e", "more than 2 files"),
+    ]
+    assert not r.broken
+    r = FrameReader.for_caps(caps)
+    r.feed(frame(RESULT, b"1234567"))
+    assert r.broken
+
+
 def test_oversized_report_is_broken() -> None:
     r = reader()
     r.feed(FRAME.pack(REPORT, 1024 * 1024 + 1))
@@ -352,9 +382,9 @@ def test_encode_job_length_prefix_and_payload() -> None:
         code="print('héllo')\n",
         input_json=b'{"a": "\xc3\xa9"}',
         timeout=5.0,
-        stdout_cap=100,
-        stderr_cap=200,
-        result_cap=300,
+        caps=OutputCaps(
+            stdout=100, stderr=200, result=300, artifact_files=0, artifact_file=0, artifact_total=0
+        ),
     )
     (length,) = struct.unpack(">Q", raw[:8])
     assert length == len(raw) - 8
@@ -365,6 +395,16 @@ def test_encode_job_length_prefix_and_payload() -> None:
     assert (job.timeout, job.cancel_grace) == (5.0, 2.0)
     assert (job.stdout_cap, job.stderr_cap, job.result_cap) == (100, 200, 300)
     assert (job.uid, job.gid, job.python) == (JOB_UID, JOB_GID, JOB_PYTHON)
+
+
+def test_encode_job_sends_every_cap() -> None:
+    """Every cap a different size, so a field sent under the wrong name shows."""
+    caps = OutputCaps(
+        stdout=1, stderr=2, result=3, artifact_files=4, artifact_file=5, artifact_total=6
+    )
+    job = Job(encode_job(code="", input_json=b"", timeout=1, caps=caps)[8:])
+    assert (job.stdout_cap, job.stderr_cap, job.result_cap) == (1, 2, 3)
+    assert (job.artifact_files, job.artifact_file_cap, job.artifact_total_cap) == (4, 5, 6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -379,9 +419,9 @@ def test_encode_job_round_trips(code: str, data: bytes, timeout: float, grace: f
         code=code,
         input_json=data,
         timeout=timeout,
-        stdout_cap=1,
-        stderr_cap=2,
-        result_cap=3,
+        caps=OutputCaps(
+            stdout=1, stderr=2, result=3, artifact_files=0, artifact_file=0, artifact_total=0
+        ),
         cancel_grace=grace,
     )
     assert struct.unpack(">Q", raw[:8])[0] == len(raw) - 8
