@@ -45,12 +45,15 @@ def encode_job(
     artifact_files: int = 0,
     artifact_file_cap: int = 0,
     artifact_total_cap: int = 0,
+    python: str = JOB_PYTHON,
 ) -> bytes:
     """The job for the supervisor's stdin: a length, a one-line ASCII header, code and input.
 
     Not JSON: decoding JSON would make the supervisor import ``json`` (and ``re``), a third of
     its start-up, which every job pays.  Code keeps lone surrogates (``surrogatepass``), as
     Python source read back from the file reports them.  ``artifact_files`` 0 collects none.
+    ``python`` other than the supervisor's own interpreter is started for the job (tests use
+    it to compare that start with the supervisor's forked child, which every job uses).
     """
     code_bytes = code.encode("utf-8", "surrogatepass")
     fields = {
@@ -64,7 +67,7 @@ def encode_job(
         "artifact_total_cap": max(0, int(artifact_total_cap)),
         "uid": JOB_UID,
         "gid": JOB_GID,
-        "python": JOB_PYTHON,
+        "python": python,
         "code": len(code_bytes),
         "input": len(input_json),
     }
