@@ -42,6 +42,7 @@ def encode_job(
     timeout: float,
     caps: OutputCaps,
     cancel_grace: float = 2.0,
+    python: str = JOB_PYTHON,
 ) -> bytes:
     """The job for the supervisor's stdin: a length, a one-line ASCII header, code and input.
 
@@ -49,7 +50,9 @@ def encode_job(
     its start-up, which every job pays.  Code keeps lone surrogates (``surrogatepass``), as
     Python source read back from the file reports them.  ``caps.artifact_files`` 0 collects
     none.  The caps are named here and in ``FrameReader.for_caps`` only, so the supervisor
-    keeps to the same caps the host checks its frames against.
+    keeps to the same caps the host checks its frames against.  A ``python`` other than the
+    supervisor's own interpreter is started for the job (tests use it to compare that start
+    with the supervisor's forked child, which every job uses).
     """
     code_bytes = code.encode("utf-8", "surrogatepass")
     fields = {
@@ -63,7 +66,7 @@ def encode_job(
         "artifact_total_cap": max(0, int(caps.artifact_total)),
         "uid": JOB_UID,
         "gid": JOB_GID,
-        "python": JOB_PYTHON,
+        "python": python,
         "code": len(code_bytes),
         "input": len(input_json),
     }

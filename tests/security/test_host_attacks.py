@@ -228,7 +228,7 @@ SECRET_HOLDER = """
 """
 
 SEARCHER = """
-    import itertools, json, os, time
+    import itertools, json, os, subprocess, sys, time
     # The needles come reversed through the input, so neither /code/main.py nor
     # /input/data.json holds them as they are searched for.
     data = json.load(open('/input/data.json'))
@@ -243,6 +243,10 @@ SEARCHER = """
                 found.setdefault(needle, []).append(where)
 
     time.sleep(1)  # let the other jobs start
+    # The control: a program the job starts has an environ the job may read (the job's own
+    # process, the supervisor's forked child after setuid, is not dumpable: root's to read).
+    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
+    time.sleep(0.2)
     deadline = time.monotonic() + 6
     for pid in os.listdir('/proc'):
         if not pid.isdigit():
@@ -278,6 +282,7 @@ SEARCHER = """
                 scanned['files'] += 1
             except OSError:
                 pass
+    child.kill()
     print(json.dumps({'found': found, 'scanned': scanned}))
 """
 
@@ -317,7 +322,11 @@ async def test_no_other_jobs_input_and_no_worker_secrets(stack: Stack) -> None:
 
 
 ENVIRON_PROBE = """
-    import json, os
+    import json, os, subprocess, sys, time
+    # A program the job starts: its environ the job may read (the job's own process is the
+    # supervisor's forked child, made not dumpable by setuid: root's to read under runc).
+    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
+    time.sleep(0.2)
     readable = {}
     for pid in os.listdir('/proc'):
         if pid.isdigit():
@@ -325,7 +334,8 @@ ENVIRON_PROBE = """
                 readable[pid] = open('/proc/%s/environ' % pid, 'rb').read().decode(errors='replace')
             except OSError as exc:
                 pass
-    json.dump({'env': dict(os.environ), 'self': os.getpid(), 'environs': readable},
+    child.kill()
+    json.dump({'env': dict(os.environ), 'child': child.pid, 'environs': readable},
               open('/output/result.json', 'w'))
 """
 
@@ -339,7 +349,7 @@ async def test_environment_holds_no_secrets(stack: Stack) -> None:
     environs = facts["environs"]
     assert isinstance(env, dict) and isinstance(environs, dict)
     assert set(env) <= JOB_ENV, env
-    assert str(facts["self"]) in environs  # the probe can read an environ: its own
+    assert str(facts["child"]) in environs  # the probe can read an environ: its child's
     for pid, text in environs.items():
         for needle in (canary, "TAKO_", "KAFKA", "DOCKER", stack.workers[0].worker_id):
             assert needle not in text, (pid, text)
@@ -414,7 +424,7 @@ async def test_links_and_odd_files_in_output(stack: Stack) -> None:
 # --- ptrace ---------------------------------------------------------------------------------
 
 PTRACE_PROBE = """
-    import ctypes, json, os, time
+    import ctypes, json, os, subprocess, sys, time
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     PTRACE_ATTACH, PTRACE_DETACH, PTRACE_SEIZE = 16, 17, 0x4206
@@ -451,14 +461,14 @@ PTRACE_PROBE = """
             'vm_readv': vm_read(pid),
             'mem': mem(pid),
         }
-    # Control: the job may trace its own child (same user, inside the sandbox), so the calls
-    # above fail for lack of privilege, not because the probe is broken.
-    child = os.fork()
-    if child == 0:
-        time.sleep(30)
-        os._exit(0)
-    facts['own_child'] = attempt(lambda: libc.ptrace(PTRACE_ATTACH, child, None, None))
-    os.kill(child, 9)
+    # Control: the job may trace a program it starts (same user, inside the sandbox), so the
+    # calls above fail for lack of privilege, not because the probe is broken.  (Not a forked
+    # child of its own: the job's process, and so its forks, are not dumpable; see
+    # tests/integration/test_job_interpreter.py.)
+    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
+    time.sleep(0.2)
+    facts['own_child'] = attempt(lambda: libc.ptrace(PTRACE_ATTACH, child.pid, None, None))
+    child.kill()
     json.dump(facts, open('/output/result.json', 'w'))
 """
 
