@@ -38,9 +38,6 @@ def warm_key(limits: Limits) -> Limits:
 #: Seconds a job that finds its shape empty waits for a refill already under way (which
 #: started earlier, so ends sooner than a cold start would) before it runs cold.
 REFILL_WAIT = 2.0
-#: Seconds between looks at the running jobs while a refill waits for a free slot or an idle
-#: worker (the pool has no event for a job's end).
-POLL = 0.02
 
 
 class WarmPool:
@@ -125,40 +122,41 @@ class WarmPool:
             # asyncio.wait: ending this wait (a timeout, a cancel) never cancels a refill
             await asyncio.wait(set(refills), timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
+    def job_ended(self) -> None:
+        """A job's end frees a slot (and may leave the worker idle): a refill waiting for
+        either may start now."""
+        self._wanted.set()
+
     async def _fill(self) -> None:
-        """Start the refills each wake-up allows; wake again on a take, a refill's end, a
-        back-off's end, or every ``POLL`` seconds while a refill waits for a slot."""
+        """Start the refills each wake-up allows; wake again on a take, a job's end, a
+        refill's end or a back-off's end: whatever a waiting refill waits for is one of them."""
         loop = asyncio.get_running_loop()
         while True:
             await self._wanted.wait()
             self._wanted.clear()
             await self._expire()
-            if self._refill():
-                loop.call_later(POLL, self._wanted.set)
+            self._refill()
             if self._max_idle > 0:
                 # wake up to recycle idle containers even when nobody takes one
                 loop.call_later(self._max_idle / 2, self._wanted.set)
 
-    def _refill(self) -> bool:
-        """Start the refills allowed now (see the class docstring); whether one is waiting."""
+    def _refill(self) -> None:
+        """Start the refills allowed now (see the class docstring)."""
         if time.monotonic() < self._retry_at:
-            return True
+            return  # the back-off's end wakes the filler
         busy = self._busy()
         free = self._capacity - busy - self.preparing
-        waiting = False
         for shape, ready in self._ready.items():
             preparing = self._preparing[shape]
             while len(ready) + len(preparing) < self._size[shape]:
                 if free <= 0:
-                    return True
+                    return  # a job's or a refill's end wakes the filler
                 if busy and 2 * len(ready) >= self._size[shape]:
-                    waiting = True  # taken rarely: wait for an idle worker
-                    break
+                    break  # taken rarely: a job's end wakes the filler once the worker idles
                 task = asyncio.ensure_future(self._prepare(shape, ready))
                 preparing.add(task)
                 task.add_done_callback(functools.partial(self._prepared, preparing))
                 free -= 1
-        return waiting
 
     async def _prepare(self, shape: Limits, ready: list[Prepared]) -> None:
         try:
@@ -250,6 +248,8 @@ class SandboxPool:
                         prepared = None
             finally:
                 self.in_flight -= 1
+                if self.warm is not None:
+                    self.warm.job_ended()
         finally:
             self._slots.release()
 

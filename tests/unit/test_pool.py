@@ -315,27 +315,41 @@ class GatedSandbox(FakeSandbox):
             self.preparing -= 1
 
 
-def gated_warm(size: int, capacity: int) -> tuple[GatedSandbox, list[int], WarmPool]:
-    sandbox, busy = GatedSandbox(), [0]
-    warm = WarmPool(
-        sandbox, [(DEFAULT, size)], max_idle=3600, busy=lambda: busy[0], capacity=capacity
+class Jobs:
+    """Jobs running, as a warm pool's ``busy`` counts them; each end told to the warm pool as
+    ``SandboxPool`` tells it (nothing polls the count)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.warm: WarmPool | None = None
+
+    def end(self, n: int = 1) -> None:
+        self.count -= n
+        assert self.warm is not None
+        self.warm.job_ended()
+
+
+def gated_warm(size: int, capacity: int) -> tuple[GatedSandbox, Jobs, WarmPool]:
+    sandbox, jobs = GatedSandbox(), Jobs()
+    jobs.warm = WarmPool(
+        sandbox, [(DEFAULT, size)], max_idle=3600, busy=lambda: jobs.count, capacity=capacity
     )
-    return sandbox, busy, warm
+    return sandbox, jobs, jobs.warm
 
 
 async def test_a_rarely_taken_shape_is_refilled_only_while_no_job_runs() -> None:
     """Spaced jobs keep their latency: with half the shape still waiting, a refill would only
     take CPU from the running job."""
-    sandbox, busy, warm = gated_warm(size=2, capacity=4)
+    sandbox, jobs, warm = gated_warm(size=2, capacity=4)
     warm.start()
     try:
         await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
         calls = len(sandbox.prepare_calls)
-        busy[0] = 1
+        jobs.count = 1
         assert warm.take(DEFAULT) is not None  # one of two still waits
         await asyncio.sleep(0.1)
         assert len(sandbox.prepare_calls) == calls, "refilled while a job ran"
-        busy[0] = 0
+        jobs.end()
         await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the refill once idle")
     finally:
         await bounded(warm.drain(), "the warm pool to drain")
@@ -343,19 +357,19 @@ async def test_a_rarely_taken_shape_is_refilled_only_while_no_job_runs() -> None
 
 async def test_a_drained_shape_is_refilled_at_once_in_the_slots_jobs_leave_free() -> None:
     """Back-to-back jobs: one job runs, so three of the four slots may prepare containers."""
-    sandbox, busy, warm = gated_warm(size=4, capacity=4)
+    sandbox, jobs, warm = gated_warm(size=4, capacity=4)
     warm.start()
     try:
         await eventually(lambda: warm.sizes()[DEFAULT.image] == 4, "the warm pool to fill")
         sandbox.gate.clear()
         sandbox.peak = 0
-        busy[0] = 1
+        jobs.count = 1
         for _ in range(4):
             assert warm.take(DEFAULT) is not None
         await eventually(lambda: sandbox.preparing == 3, "three refills at once")
         await asyncio.sleep(0.05)
         assert sandbox.peak == 3 and warm.preparing == 3
-        busy[0] = 0
+        jobs.end()
         await eventually(lambda: sandbox.preparing == 4, "the fourth once the job ended")
         sandbox.gate.set()
         await eventually(lambda: warm.sizes()[DEFAULT.image] == 4, "the pool refilled")
@@ -367,18 +381,53 @@ async def test_a_drained_shape_is_refilled_at_once_in_the_slots_jobs_leave_free(
 async def test_a_saturated_worker_prepares_nothing_ahead() -> None:
     """Every slot runs a job: a refill would only take CPU from them (jobs start their own
     containers, in their own slots)."""
-    sandbox, busy, warm = gated_warm(size=2, capacity=2)
+    sandbox, jobs, warm = gated_warm(size=2, capacity=2)
     warm.start()
     try:
         await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
         calls = len(sandbox.prepare_calls)
-        busy[0] = 2
+        jobs.count = 2
         assert warm.take(DEFAULT) is not None and warm.take(DEFAULT) is not None
         await asyncio.sleep(0.1)
         assert len(sandbox.prepare_calls) == calls
-        busy[0] = 1
+        jobs.end()
         await eventually(lambda: len(sandbox.prepare_calls) == calls + 1, "one slot freed")
     finally:
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_job_ending_in_the_pool_lets_a_refill_waiting_for_its_slot_start() -> None:
+    """``SandboxPool`` tells the warm pool of each job's end: a refill waiting for a free slot
+    waits for exactly that."""
+    sandbox = GatedSandbox()
+    pool: SandboxPool | None = None
+    warm = WarmPool(
+        sandbox,
+        [(DEFAULT, 2)],
+        max_idle=3600,
+        busy=lambda: pool.in_flight if pool else 0,
+        capacity=2,
+    )
+    pool = SandboxPool(sandbox, 2, warm)
+    first, second = asyncio.Event(), asyncio.Event()
+    sandbox.then(blocking(first), blocking(second))
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
+        calls = len(sandbox.prepare_calls)
+        running = [
+            asyncio.ensure_future(pool.run(b"job", DEFAULT, execution_id=f"j{i}", caps=CAPS))
+            for i in range(2)
+        ]
+        await eventually(lambda: sandbox.running == 2, "both jobs to run, warm")
+        await asyncio.sleep(0.1)
+        assert len(sandbox.prepare_calls) == calls, "prepared ahead while saturated"
+        first.set()
+        await eventually(lambda: len(sandbox.prepare_calls) == calls + 1, "the freed slot used")
+        second.set()
+        assert all(run.warm for run in await bounded(asyncio.gather(*running), "the jobs"))
+    finally:
+        sandbox.release_all()
         await bounded(warm.drain(), "the warm pool to drain")
 
 
