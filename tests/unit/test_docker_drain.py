@@ -44,15 +44,21 @@ class ScriptedDocker:
         self.containers = ScriptedContainers()
 
 
-async def test_a_container_created_after_its_prepare_was_cancelled_is_removed_by_drain() -> None:
+async def cancelled_prepare() -> tuple[ScriptedDocker, DockerSandbox]:
+    """A sandbox over the scripted engine whose one prepare was cancelled while the engine
+    still creates its container (the create goes on there: that container must not stay)."""
     engine = ScriptedDocker()
     sandbox = DockerSandbox(cast(aiodocker.Docker, engine), worker_id="w", timeout_grace=1)
-    limits = default_limits(JobTypes.load()["default"])
-    preparing = asyncio.ensure_future(sandbox.prepare(limits))
+    preparing = asyncio.ensure_future(sandbox.prepare(default_limits(JobTypes.load()["default"])))
     await eventually(lambda: engine.containers.asked == 1, "the create to be asked")
-    preparing.cancel()  # the create goes on in the engine: its container must not stay
+    preparing.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await preparing
+    return engine, sandbox
+
+
+async def test_a_container_created_after_its_prepare_was_cancelled_is_removed_by_drain() -> None:
+    engine, sandbox = await cancelled_prepare()
     draining = asyncio.ensure_future(sandbox.drain(5))
     await asyncio.sleep(0.01)
     assert not draining.done(), "drain returned while a container was still being created"
@@ -62,13 +68,6 @@ async def test_a_container_created_after_its_prepare_was_cancelled_is_removed_by
 
 
 async def test_drain_gives_up_at_its_bound() -> None:
-    engine = ScriptedDocker()
-    sandbox = DockerSandbox(cast(aiodocker.Docker, engine), worker_id="w", timeout_grace=1)
-    limits = default_limits(JobTypes.load()["default"])
-    preparing = asyncio.ensure_future(sandbox.prepare(limits))
-    await eventually(lambda: engine.containers.asked == 1, "the create to be asked")
-    preparing.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await preparing
+    engine, sandbox = await cancelled_prepare()
     await bounded(sandbox.drain(0.05), "a drain bounded at 50 ms", timeout=5)
     assert engine.containers.deleted == []  # the engine never answered: left to the next reap
