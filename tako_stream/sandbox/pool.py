@@ -63,8 +63,8 @@ class WarmPool:
         capacity: int = 1,
     ) -> None:
         """``shapes``: each container shape with how many of it to keep ready (job types that
-        share a shape share its containers: the largest count wins); ``busy``: jobs running
-        now; ``capacity``: the most jobs the worker runs at once."""
+        share a shape share its containers: the largest count wins); ``busy``: jobs running or
+        waiting for a slot now; ``capacity``: the most jobs the worker runs at once."""
         self._sandbox = sandbox
         self._busy = busy
         self._capacity = max(1, capacity)
@@ -209,6 +209,14 @@ class SandboxPool:
         self.warm = warm
         self._slots = asyncio.Semaphore(size)
         self.in_flight = 0
+        self._waiting = 0
+
+    @property
+    def busy(self) -> int:
+        """Jobs running or waiting for a slot: what a warm pool must not prepare ahead of.  A
+        job ending while another waits leaves the worker as saturated as before: the waiting
+        job starts its own container in the freed slot."""
+        return self.in_flight + self._waiting
 
     async def run(
         self,
@@ -222,7 +230,11 @@ class SandboxPool:
     ) -> SandboxRun:
         """Run in a slot; raises ``CancelledBeforeStart`` if cancelled while waiting for one.
         ``on_start`` is called once the job has its slot, as it starts."""
-        await self._acquire(cancel)
+        self._waiting += 1
+        try:
+            await self._acquire(cancel)
+        finally:
+            self._waiting -= 1
         try:
             self.in_flight += 1
             if on_start is not None:

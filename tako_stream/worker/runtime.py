@@ -112,7 +112,7 @@ class Runtime(Service):
             self.sandbox,
             shapes,
             max_idle=s.warm_max_idle,
-            busy=lambda: pool.in_flight,
+            busy=lambda: pool.busy,
             capacity=s.pool_size,
         )
         pool = SandboxPool(self.sandbox, s.pool_size, self.warm)

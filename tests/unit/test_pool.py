@@ -405,7 +405,7 @@ async def test_a_job_ending_in_the_pool_lets_a_refill_waiting_for_its_slot_start
         sandbox,
         [(DEFAULT, 2)],
         max_idle=3600,
-        busy=lambda: pool.in_flight if pool else 0,
+        busy=lambda: pool.busy if pool else 0,
         capacity=2,
     )
     pool = SandboxPool(sandbox, 2, warm)
@@ -426,6 +426,42 @@ async def test_a_job_ending_in_the_pool_lets_a_refill_waiting_for_its_slot_start
         await eventually(lambda: len(sandbox.prepare_calls) == calls + 1, "the freed slot used")
         second.set()
         assert all(run.warm for run in await bounded(asyncio.gather(*running), "the jobs"))
+    finally:
+        sandbox.release_all()
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
+async def test_a_job_ending_while_others_wait_for_a_slot_starts_no_refill() -> None:
+    """Still saturated: the job waiting for the freed slot starts its own container, so a
+    refill there would only add a container to the engine's load (or make that job wait)."""
+    sandbox = GatedSandbox()
+    pool: SandboxPool | None = None
+    warm = WarmPool(
+        sandbox, [(DEFAULT, 2)], max_idle=3600, busy=lambda: pool.busy if pool else 0, capacity=2
+    )
+    pool = SandboxPool(sandbox, 2, warm)
+    first, second, third = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    sandbox.script_job("j0", blocking(first))
+    sandbox.script_job("j1", blocking(second))
+    sandbox.script_job("j2", blocking(third))
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
+        calls = len(sandbox.prepare_calls)
+        running = [
+            asyncio.ensure_future(pool.run(b"job", DEFAULT, execution_id=f"j{i}", caps=CAPS))
+            for i in range(3)
+        ]
+        await eventually(lambda: sandbox.running == 2, "two jobs to run, warm")
+        await spin()
+        assert pool.busy == 3  # two running, one waiting for a slot
+        first.set()
+        await eventually(lambda: len(sandbox.runs_of("j2")) == 1, "the third job to start")
+        assert sandbox.prepare_calls[calls:] == [], "a refill started"
+        assert sandbox.runs_of("j2")[0].prepared is None  # its own container, cold
+        second.set()
+        third.set()
+        await bounded(asyncio.gather(*running), "the jobs")
     finally:
         sandbox.release_all()
         await bounded(warm.drain(), "the warm pool to drain")
