@@ -233,8 +233,12 @@ class SandboxPool:
         self._waiting += 1
         try:
             await self._acquire(cancel)
-        finally:
+        except BaseException:
             self._waiting -= 1
+            if self.warm is not None:
+                self.warm.job_ended()  # it leaves without running: demand fell all the same
+            raise
+        self._waiting -= 1
         try:
             self.in_flight += 1
             if on_start is not None:

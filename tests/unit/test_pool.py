@@ -467,6 +467,39 @@ async def test_a_job_ending_while_others_wait_for_a_slot_starts_no_refill() -> N
         await bounded(warm.drain(), "the warm pool to drain")
 
 
+async def test_a_job_leaving_while_waiting_for_a_slot_lets_the_refill_start() -> None:
+    """A job cancelled while it waits for a slot lowers the demand as an ending job does: the
+    filler must hear of it, or an idle worker's refill waits for the next take."""
+    sandbox = GatedSandbox()
+    pool: SandboxPool | None = None
+    warm = WarmPool(
+        sandbox, [(DEFAULT, 2)], max_idle=3600, busy=lambda: pool.busy if pool else 0, capacity=1
+    )
+    pool = SandboxPool(sandbox, 1, warm)
+    release, cancel = asyncio.Event(), asyncio.Event()
+    sandbox.script_job("runs", blocking(release))
+    warm.start()
+    try:
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the warm pool to fill")
+        running = asyncio.ensure_future(pool.run(b"job", DEFAULT, execution_id="runs", caps=CAPS))
+        await eventually(lambda: sandbox.running == 1, "the job to run, warm")
+        waiting = asyncio.ensure_future(
+            pool.run(b"job", DEFAULT, execution_id="leaves", caps=CAPS, cancel=cancel)
+        )
+        await spin()
+        assert pool.busy == 2 and warm.sizes()[DEFAULT.image] == 1  # half full: no refill yet
+        release.set()  # the job ends and frees the slot ...
+        await bounded(running, "the running job")
+        cancel.set()  # ... as the waiting one is cancelled
+        with pytest.raises(CancelledBeforeStart):
+            await bounded(waiting, "the cancelled job")
+        assert pool.busy == 0
+        await eventually(lambda: warm.sizes()[DEFAULT.image] == 2, "the refill once idle")
+    finally:
+        sandbox.release_all()
+        await bounded(warm.drain(), "the warm pool to drain")
+
+
 async def test_a_job_finding_its_shape_empty_waits_for_the_refill_under_way() -> None:
     sandbox, _, warm = gated_warm(size=1, capacity=2)
     warm.start()
