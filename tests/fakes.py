@@ -749,12 +749,13 @@ def make_warm(
     max_idle: float = 3600.0,
     capacity: int = 2,
 ) -> WarmPool:
-    """A warm pool whose ``busy`` is the in-flight count of ``pool()`` once it exists, and
-    ``capacity`` the size of that pool."""
+    """A warm pool whose ``busy`` is that of ``pool()`` once it exists (jobs running or
+    waiting for a slot, as the worker's runtime wires it), and ``capacity`` the size of that
+    pool."""
 
     def busy() -> int:
         current = pool()
-        return current.in_flight if current is not None else 0
+        return current.busy if current is not None else 0
 
     return WarmPool(sandbox, shapes, max_idle=max_idle, busy=busy, capacity=capacity)
 

@@ -48,8 +48,10 @@ def run(
 class Warm:
     """A pool with a warm pool over one fake sandbox, drained at the end of the test."""
 
-    def __init__(self, shapes: list[tuple[Limits, int]], size: int = 2) -> None:
-        self.sandbox = FakeSandbox()
+    def __init__(
+        self, shapes: list[tuple[Limits, int]], size: int = 2, sandbox: FakeSandbox | None = None
+    ) -> None:
+        self.sandbox = sandbox or FakeSandbox()
         self.pool: SandboxPool | None = None
         self.warm: WarmPool = make_warm(self.sandbox, shapes, pool=lambda: self.pool, capacity=size)
         self.pool = SandboxPool(self.sandbox, size, self.warm)
@@ -400,15 +402,8 @@ async def test_a_job_ending_in_the_pool_lets_a_refill_waiting_for_its_slot_start
     """``SandboxPool`` tells the warm pool of each job's end: a refill waiting for a free slot
     waits for exactly that."""
     sandbox = GatedSandbox()
-    pool: SandboxPool | None = None
-    warm = WarmPool(
-        sandbox,
-        [(DEFAULT, 2)],
-        max_idle=3600,
-        busy=lambda: pool.busy if pool else 0,
-        capacity=2,
-    )
-    pool = SandboxPool(sandbox, 2, warm)
+    pooled = Warm([(DEFAULT, 2)], size=2, sandbox=sandbox)
+    pool, warm = pooled.p, pooled.warm
     first, second = asyncio.Event(), asyncio.Event()
     sandbox.then(blocking(first), blocking(second))
     warm.start()
@@ -435,11 +430,8 @@ async def test_a_job_ending_while_others_wait_for_a_slot_starts_no_refill() -> N
     """Still saturated: the job waiting for the freed slot starts its own container, so a
     refill there would only add a container to the engine's load (or make that job wait)."""
     sandbox = GatedSandbox()
-    pool: SandboxPool | None = None
-    warm = WarmPool(
-        sandbox, [(DEFAULT, 2)], max_idle=3600, busy=lambda: pool.busy if pool else 0, capacity=2
-    )
-    pool = SandboxPool(sandbox, 2, warm)
+    pooled = Warm([(DEFAULT, 2)], size=2, sandbox=sandbox)
+    pool, warm = pooled.p, pooled.warm
     first, second, third = asyncio.Event(), asyncio.Event(), asyncio.Event()
     sandbox.script_job("j0", blocking(first))
     sandbox.script_job("j1", blocking(second))
@@ -471,11 +463,8 @@ async def test_a_job_leaving_while_waiting_for_a_slot_lets_the_refill_start() ->
     """A job cancelled while it waits for a slot lowers the demand as an ending job does: the
     filler must hear of it, or an idle worker's refill waits for the next take."""
     sandbox = GatedSandbox()
-    pool: SandboxPool | None = None
-    warm = WarmPool(
-        sandbox, [(DEFAULT, 2)], max_idle=3600, busy=lambda: pool.busy if pool else 0, capacity=1
-    )
-    pool = SandboxPool(sandbox, 1, warm)
+    pooled = Warm([(DEFAULT, 2)], size=1, sandbox=sandbox)
+    pool, warm = pooled.p, pooled.warm
     release, cancel = asyncio.Event(), asyncio.Event()
     sandbox.script_job("runs", blocking(release))
     warm.start()
