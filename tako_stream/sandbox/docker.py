@@ -275,6 +275,10 @@ class DockerSandbox:
         self._grace = timeout_grace
         self._api_timeout = api_timeout
         self._removals: set[asyncio.Task[None]] = set()
+        #: The containers this sandbox owns and has not handed to removal: by name while their
+        #: create is under way, by id once made.  ``sweep`` removes the worker's others.
+        self._creating: set[str] = set()
+        self._live: set[str] = set()
         #: Each image's distributions by image id (a rebuilt tag is listed again), and the
         #: listings under way, so concurrent jobs on a new image start one container, not many.
         self._listings: dict[str, Mapping[str, str]] = {}
@@ -341,18 +345,28 @@ class DockerSandbox:
 
         # Not cancelled when the deadline passes: the daemon would go on creating a container
         # nobody removes.  It is left to finish and removed then.
+        self._creating.add(name)
         creating = asyncio.ensure_future(create())
+        creating.add_done_callback(lambda done: self._made(name, done))
         try:
             async with asyncio.timeout_at(deadline):
                 container = await asyncio.shield(creating)
         except BaseException as exc:
             # A removal task of its own from now on, so ``drain`` waits for the create to end
             # and its container to go (a warm pool's refill cancelled at shutdown lands here).
-            self._in_background(self._remove_when_created(creating))
+            self._in_background(self._remove_when_created(creating, name))
             if isinstance(exc, TimeoutError):
                 raise _startup_timeout(timeout) from None
             raise
         return DockerCreated(container, deadline, timeout)
+
+    def _made(
+        self, name: str, creating: asyncio.Future[aiodocker.containers.DockerContainer]
+    ) -> None:
+        """The create has ended: its container, if the sandbox learnt of it, is known by id."""
+        if not creating.cancelled() and creating.exception() is None:
+            self._live.add(creating.result().id)
+        self._creating.discard(name)
 
     async def _start(self, created: DockerCreated) -> DockerPrepared:
         container = created.container
@@ -372,11 +386,16 @@ class DockerSandbox:
         return prepared
 
     async def _remove_when_created(
-        self, creating: asyncio.Future[aiodocker.containers.DockerContainer]
+        self, creating: asyncio.Future[aiodocker.containers.DockerContainer], name: str
     ) -> None:
         try:
             container = await creating
-        except Exception:  # nothing was created (the create's own error is reported)
+        except SandboxUnavailableError:
+            # The engine may have made it and lost the answer (a daemon killed or restarted
+            # mid-request, a 5xx, a timeout): removed by the name this sandbox chose, a 404
+            # when it was never made.
+            container = self._docker.containers.container(name)
+        except Exception:  # refused: nothing was made (the create's own error is reported)
             return
         await self._remove(container)
 
@@ -580,7 +599,8 @@ class DockerSandbox:
 
     async def _remove(self, container: aiodocker.containers.DockerContainer) -> None:
         # Retried for about 20 s: a daemon restart (which stops every container first) takes
-        # more than a few seconds, and giving up leaves the container behind until a restart.
+        # more than a few seconds; one given up on is no longer live, so ``sweep`` finds it.
+        self._live.discard(container.id)
         for attempt in range(8):
             if attempt:
                 await asyncio.sleep(min(5.0, 0.5 * 2 ** (attempt - 1)))
@@ -606,6 +626,28 @@ class DockerSandbox:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def sweep(self) -> int:
+        """Remove this worker's containers that it no longer owns: ones whose removal gave up
+        while the engine was away, or that the engine made while the worker lost track of
+        them.  Containers being created, prepared or run are left alone.  Returns how many;
+        the removals run in the background (``drain`` waits for them)."""
+        with engine_errors("list"):
+            async with asyncio.timeout(self._api_timeout):
+                found = await self._docker.containers.list(
+                    all=True, filters={"label": [f"{LABEL_WORKER}={self._worker_id}"]}
+                )
+        # Compared after the listing returns: a create ending meanwhile moved its container
+        # from _creating to _live in one step, so it is in one or the other.
+        strays = [
+            container
+            for container in found
+            if container.id not in self._live
+            and not any(n.lstrip("/") in self._creating for n in container["Names"] or [])
+        ]
+        for container in strays:
+            self._in_background(self._remove(container))
+        return len(strays)
 
     async def reap(self) -> int:
         """Remove sandboxes left behind by dead workers; returns how many.

@@ -17,7 +17,7 @@ import faust
 from mode import Service
 
 from tako_stream import dlq
-from tako_stream.core.errors import SandboxUnavailableError
+from tako_stream.core.errors import SandboxError, SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.dlq import DLQView
 from tako_stream.kafka.reader import tail
@@ -48,6 +48,10 @@ EXIT_UNCOMMITTED = 75
 #: Seconds a starting worker waits to know the cancels on the control topic and the answers
 #: published lately: a broker slow to answer must not keep it from starting.
 CATCH_UP = 15.0
+
+#: Seconds between two looks for containers this worker lost track of (one filtered listing),
+#: besides the look each time the engine answers again after it was away.
+SWEEP_EVERY = 60.0
 
 
 class Runtime(Service):
@@ -262,6 +266,8 @@ class Runtime(Service):
         """Feed the breaker without traffic: a dead daemon is noticed, a live one closes it."""
         if self.sandbox is None:
             return
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + SWEEP_EVERY
         while True:
             await asyncio.sleep(self.settings.breaker_ping_interval)
             try:
@@ -270,10 +276,27 @@ class Runtime(Service):
                 self.docker_available = False
                 self.engine.wrong(exc)
                 await self.breaker.record(Outcome.FAILURE, source="ping", detail=str(exc))
-            else:
-                self.docker_available = True
-                self.engine.right()
-                await self.breaker.record(Outcome.SUCCESS, source="ping")
+                continue
+            recovered = not self.engine.ok
+            self.docker_available = True
+            self.engine.right()
+            await self.breaker.record(Outcome.SUCCESS, source="ping")
+            # After the engine was away, and now and then besides (it can restart between
+            # two pings): containers made while their create's answer was lost, or whose
+            # removal gave up, would otherwise stay until this worker's next start.
+            if recovered or loop.time() >= next_sweep:
+                next_sweep = loop.time() + SWEEP_EVERY
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        assert self.sandbox is not None
+        try:
+            swept = await self.sandbox.sweep()
+        except SandboxError as exc:  # the engine went away again: the next sweep will do
+            log.info("could not look for stray containers: %s", exc)
+        else:
+            if swept:
+                log.warning("removing %d container(s) this worker had lost track of", swept)
 
     def _gauges(self) -> Iterable[Metric]:
         state = self.breaker.view()

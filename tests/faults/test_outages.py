@@ -25,6 +25,7 @@ import aiodocker
 import pytest
 
 from tako_stream import dlq
+from tako_stream.core.errors import SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.core.models import JobStatus
 from tako_stream.kafka.reader import read_to_end
@@ -161,6 +162,77 @@ async def test_a_daemon_lost_mid_job_is_service_unavailable(
     )
     await until("the job is dead-lettered", 30, _dead_lettered(new_stack, [execution_id]))
     proxy.set_down(False)
+
+
+async def test_a_container_made_by_a_create_whose_answer_was_lost_is_removed(
+    proxy: DockerProxy, docker: aiodocker.Docker
+) -> None:
+    """The daemon makes the container and the connection breaks before its answer (a daemon
+    killed or restarted mid-create): the sandbox never learns the id, and removes it by the
+    name it chose (such a container once stayed after test_docker_daemon_restarted_under_load)."""
+    worker_id = f"lost-{uuid.uuid4().hex[:8]}"
+    client = aiodocker.Docker(url=proxy.docker_host)
+    sandbox = DockerSandbox(client, worker_id=worker_id, timeout_grace=5)
+    rule = proxy.fail_next(1, path_regex=r"/containers/create", action="drop", when="after")
+    try:
+        with pytest.raises(SandboxUnavailableError):
+            await sandbox.prepare(default_limits(JobTypes.load()["default"]))
+        assert rule.matched == 1
+        await sandbox.drain(30)
+        mine = {"label": [f"{LABEL_WORKER}={worker_id}"]}
+        assert await docker.containers.list(all=True, filters=mine) == []
+    finally:
+        await client.close()
+
+
+async def test_sweep_removes_only_the_containers_a_sandbox_lost_track_of(
+    docker: aiodocker.Docker,
+) -> None:
+    """A container with the worker's labels that its sandbox does not own (its removal gave up
+    while the engine was away) is removed; the one it prepared for a job stays."""
+    worker_id = f"sweep-{uuid.uuid4().hex[:8]}"
+    limits = default_limits(JobTypes.load()["default"])
+    sandbox = DockerSandbox(docker, worker_id=worker_id, timeout_grace=5)
+    other = DockerSandbox(docker, worker_id=worker_id, timeout_grace=5)
+    mine = {"label": [f"{LABEL_WORKER}={worker_id}"]}
+    prepared = await sandbox.prepare(limits)
+    try:
+        stray = await other.prepare(limits)  # another sandbox's, forgotten: a stray here
+        assert isinstance(stray, DockerPrepared)
+        assert await sandbox.sweep() == 1
+        await sandbox.drain(30)
+        assert isinstance(prepared, DockerPrepared)
+        left = await docker.containers.list(all=True, filters=mine)
+        assert [c.id for c in left] == [prepared.container.id]
+        await stray.stream.close()
+    finally:
+        await sandbox.discard(prepared)
+        await sandbox.drain(30)
+    assert await docker.containers.list(all=True, filters=mine) == []
+
+
+async def test_a_worker_removes_its_lost_containers_when_the_engine_is_back(
+    new_stack: Stack, proxy: DockerProxy, docker: aiodocker.Docker
+) -> None:
+    """A container with the worker's labels that the worker does not own (made while a
+    create's answer was lost, or whose removal gave up while the engine was away) is removed
+    once the engine answers again, not at the worker's next start."""
+    worker = new_stack.start_worker(DOCKER_HOST=proxy.docker_host, **BREAKER_ENV)
+    await worker.wait_ready()
+    stranger = DockerSandbox(docker, worker_id=worker.worker_id, timeout_grace=5)
+    stray = await stranger.prepare(default_limits(JobTypes.load()["default"]))
+    assert isinstance(stray, DockerPrepared)
+    await stray.stream.close()
+    proxy.set_down(True)
+    away = _health(worker, lambda h: not h["docker_available"])
+    await until("the worker sees the engine away", 30, away)
+    proxy.set_down(False)
+
+    async def removed() -> bool:
+        return stray.container.id not in {c.id for c in await leftovers(docker, worker)}
+
+    await until("the stray container is removed", 60, removed)
+    assert "container(s) this worker had lost track of" in worker.log_path.read_text()
 
 
 async def test_a_missing_image_never_opens_the_breaker(new_stack: Stack, tmp_path: Path) -> None:

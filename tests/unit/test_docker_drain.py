@@ -12,31 +12,55 @@ import contextlib
 from typing import Any, cast
 
 import aiodocker
+import pytest
 
+from tako_stream.core.errors import SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.sandbox.docker import DockerSandbox
 from tests.fakes import bounded, eventually
 
 
 class ScriptedContainer:
-    def __init__(self, container_id: str, deleted: list[str]) -> None:
+    def __init__(self, container_id: str, engine: ScriptedContainers) -> None:
         self.id = container_id
-        self._deleted = deleted
+        self._engine = engine
+
+    def __getitem__(self, key: str) -> Any:  # as aiodocker's, over the listing's fields
+        return {"Id": self.id, "Names": [f"/{self.id}"]}[key]
 
     async def delete(self, **_: Any) -> None:
-        self._deleted.append(self.id)
+        if self.id not in self._engine.made:
+            raise aiodocker.DockerError(404, f"No such container: {self.id}")
+        self._engine.made.discard(self.id)
+        self._engine.deleted.append(self.id)
 
 
 class ScriptedContainers:
+    """Containers named by their name (ids and names are one here)."""
+
     def __init__(self) -> None:
         self.answer = asyncio.Event()
         self.asked = 0
+        self.made: set[str] = set()
         self.deleted: list[str] = []
+        #: The engine makes the container, and its answer is lost (a daemon dying mid-request).
+        self.lose_answer = False
 
     async def create(self, config: dict[str, Any], name: str) -> ScriptedContainer:
         self.asked += 1
+        self.made.add(name)  # made at once; its answer comes when the test says
         await self.answer.wait()
-        return ScriptedContainer(name, self.deleted)
+        if self.lose_answer:
+            raise aiodocker.DockerError(
+                900, "Cannot connect to Docker Engine [Server disconnected]"
+            )
+        return ScriptedContainer(name, self)
+
+    def container(self, container_id: str) -> ScriptedContainer:
+        return ScriptedContainer(container_id, self)
+
+    async def list(self, **_: Any) -> list[ScriptedContainer]:
+        return [ScriptedContainer(name, self) for name in sorted(self.made)]
 
 
 class ScriptedDocker:
@@ -71,3 +95,33 @@ async def test_drain_gives_up_at_its_bound() -> None:
     engine, sandbox = await cancelled_prepare()
     await bounded(sandbox.drain(0.05), "a drain bounded at 50 ms", timeout=5)
     assert engine.containers.deleted == []  # the engine never answered: left to the next reap
+
+
+async def test_a_container_made_by_a_create_whose_answer_was_lost_is_removed_by_name() -> None:
+    # The engine made it, then the connection broke (a daemon killed or restarted mid-create):
+    # the sandbox never learnt its id, only the name it chose.
+    engine = ScriptedDocker()
+    engine.containers.answer.set()
+    engine.containers.lose_answer = True
+    sandbox = DockerSandbox(cast(aiodocker.Docker, engine), worker_id="w", timeout_grace=1)
+    with pytest.raises(SandboxUnavailableError):
+        await sandbox.prepare(default_limits(JobTypes.load()["default"]))
+    await bounded(sandbox.drain(5), "the drain")
+    assert engine.containers.made == set()
+    assert len(engine.containers.deleted) == 1
+
+
+async def test_sweep_removes_the_workers_containers_it_does_not_know_of() -> None:
+    engine = ScriptedDocker()
+    sandbox = DockerSandbox(cast(aiodocker.Docker, engine), worker_id="w", timeout_grace=1)
+    engine.containers.made.add("tako-orphan")  # a removal that gave up while the engine was away
+    preparing = asyncio.ensure_future(sandbox.prepare(default_limits(JobTypes.load()["default"])))
+    await eventually(lambda: engine.containers.asked == 1, "the create to be asked")
+    # The container of the create under way is listed already; it is the sandbox's own.
+    assert await bounded(sandbox.sweep(), "the sweep") == 1
+    await bounded(sandbox.drain(5), "the drain")
+    assert engine.containers.deleted == ["tako-orphan"]
+    assert len(engine.containers.made) == 1
+    preparing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await preparing
