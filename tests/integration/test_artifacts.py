@@ -7,25 +7,20 @@ the artifacts topic, and ``read_artifact`` / ``read_record`` fetch their bytes b
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import uuid
 
 import aiodocker
 import pytest
 from aiokafka import TopicPartition
 
 from tako_stream.core.errors import Status
-from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.core.models import ExecutionResult
 from tako_stream.kafka.artifacts import read_artifact
-from tako_stream.kafka.codec import dumps
 from tako_stream.kafka.reader import read_record
-from tako_stream.sandbox.docker import DockerSandbox
-from tako_stream.sandbox.protocol import encode_job
 from tako_stream.settings import OutputCaps
 from tako_stream.worker.verdict import Job, answer, classify
 from tests.faults.streamtools import topic_config
+from tests.integration.sandboxrun import run_in_sandbox
 from tests.integration.stack import Stack
 from tests.runtimes import GVISOR_RUNTIME, require_gvisor
 
@@ -48,23 +43,12 @@ with open('/output/result.json', 'w') as f:
 RUNTIMES = [None, GVISOR_RUNTIME]
 
 
-async def run_in_sandbox(
+async def run_job(
     docker: aiodocker.Docker, code: str, timeout: float = 20, runtime: str | None = None
 ) -> ExecutionResult:
     if runtime == GVISOR_RUNTIME:
         await require_gvisor(docker)
-    limits = dataclasses.replace(default_limits(JobTypes.load()["default"]), runtime=runtime)
-    sandbox = DockerSandbox(docker, worker_id=f"art-{uuid.uuid4().hex[:8]}", timeout_grace=10)
-    job = encode_job(
-        code=code,
-        input_json=dumps({}),
-        timeout=timeout,
-        caps=CAPS,
-    )
-    try:
-        run = await sandbox.run(job, limits, execution_id="art", caps=CAPS)
-    finally:
-        await sandbox.drain()
+    run, limits = await run_in_sandbox(docker, code, caps=CAPS, runtime=runtime, timeout=timeout)
     return answer(Job("art", "corr", "w"), classify(run, limits), run=run)
 
 
@@ -76,7 +60,7 @@ def skipped(result: ExecutionResult) -> dict[str, str]:
 async def test_two_files_are_listed_with_their_size_and_digest(
     docker: aiodocker.Docker, runtime: str | None
 ) -> None:
-    result = await run_in_sandbox(docker, TWO_FILES, runtime=runtime)
+    result = await run_job(docker, TWO_FILES, runtime=runtime)
     assert result.status is Status.SUCCEEDED, result
     assert result.output == {"ok": True}
     blob = bytes(range(256)) * 4
@@ -107,7 +91,7 @@ with open('/output/.hidden', 'w') as f:
 with open('/output/ok.txt', 'w') as f:
     f.write('fine')
 """
-    result = await run_in_sandbox(docker, code, runtime=runtime)
+    result = await run_job(docker, code, runtime=runtime)
     assert result.status is Status.SUCCEEDED, result
     assert [a.name for a in result.artifacts] == ["ok.txt"]
     assert skipped(result) == {
@@ -129,7 +113,7 @@ for name in ('b1', 'b2'):
     with open('/output/' + name, 'wb') as f:
         f.write(b'y' * (60 * 1024))
 """
-    result = await run_in_sandbox(docker, code)
+    result = await run_job(docker, code)
     assert result.status is Status.SUCCEEDED, result
     assert [(a.name, a.size_bytes) for a in result.artifacts] == [("b1", 60 * 1024)]
     assert skipped(result) == {
@@ -144,7 +128,7 @@ for i in range(200):
     with open(f'/output/f{i:03}.txt', 'w') as f:
         f.write(str(i))
 """
-    result = await run_in_sandbox(docker, code)
+    result = await run_job(docker, code)
     assert [a.name for a in result.artifacts] == ["f000.txt", "f001.txt", "f002.txt"]
     reasons = [s.reason for s in result.artifacts_skipped]
     assert reasons[:32] == ["more than 3 files"] * 32
@@ -160,7 +144,7 @@ with open('/output/partial.log', 'w') as f:
     f.write('step 1')
 time.sleep(60)
 """
-    result = await run_in_sandbox(docker, code, timeout=2)
+    result = await run_job(docker, code, timeout=2)
     assert result.status is Status.TIMEOUT
     assert [a.name for a in result.artifacts] == ["partial.log"]
 

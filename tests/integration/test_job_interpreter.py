@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from typing import Any
 
 import aiodocker
 import pytest
 
-from tako_stream.core.jobtypes import JobTypes, default_limits
 from tako_stream.kafka.codec import dumps
-from tako_stream.sandbox.docker import DockerSandbox
-from tako_stream.sandbox.protocol import JOB_PYTHON, Collected, encode_job
+from tako_stream.sandbox.protocol import JOB_PYTHON, Collected
 from tako_stream.settings import OutputCaps
+from tests.integration.sandboxrun import run_in_sandbox
 from tests.runtimes import GVISOR_RUNTIME, require_gvisor
 
 pytestmark = [pytest.mark.integration]
@@ -137,20 +135,10 @@ async def runtime(request: pytest.FixtureRequest, docker: aiodocker.Docker) -> s
 
 
 async def run(docker: aiodocker.Docker, code: str, python: str, runtime: str | None) -> Collected:
-    limits = dataclasses.replace(default_limits(JobTypes.load()["default"]), runtime=runtime)
-    sandbox = DockerSandbox(docker, worker_id=f"interp-{uuid.uuid4().hex[:8]}", timeout_grace=10)
-    job = encode_job(
-        code=code,
-        input_json=dumps({"n": 1}),
-        timeout=20,
-        caps=CAPS,
-        python=python,
+    ran, _ = await run_in_sandbox(
+        docker, code, caps=CAPS, runtime=runtime, input_json=dumps({"n": 1}), python=python
     )
-    try:
-        run = await sandbox.run(job, limits, execution_id="interp", caps=CAPS)
-    finally:
-        await sandbox.drain()
-    return run.collected
+    return ran.collected
 
 
 def seen(collected: Collected) -> dict[str, Any]:
