@@ -25,6 +25,14 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 BREAKER_VALUES = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
+#: The label of a job type or HTTP method that is not one of the known ones: every series is
+#: memory kept for the process's life (about 4.5 KB a job type, measured) and lines on every
+#: scrape, so a value a requester makes up must never name one.
+OTHER = "other"
+
+#: HTTP methods counted by name (aiohttp accepts any token as a method).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class _Gauges(Collector):
     """Gauges computed by callbacks when scraped."""
@@ -47,9 +55,15 @@ def gauge(
 
 
 class Metrics:
-    """One process's metrics: job outcomes and latencies, plus whatever gauges it registers."""
+    """One process's metrics: job outcomes and latencies, plus whatever gauges it registers.
 
-    def __init__(self) -> None:
+    ``job_types`` are the names jobs are counted under (a pinned ``name@version`` under its
+    name); jobs of any other type a request named are counted under ``other``."""
+
+    def __init__(self, job_types: Iterable[str] = ()) -> None:
+        self._job_types = frozenset(job_types)
+        self._counted: dict[tuple[str, str, str], Counter] = {}
+        self._timed: dict[str, Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter(
             "tako_jobs",
@@ -80,15 +94,36 @@ class Metrics:
         self._gauges = _Gauges()
         self.registry.register(self._gauges)
 
+    def _job_type(self, name: str | None) -> str:
+        if name is None:
+            return "-"  # a request that did not validate
+        name = name.partition("@")[0]
+        return name if name in self._job_types else OTHER
+
     def observe(self, result: ExecutionResult, end_to_end: float | None) -> None:
-        job_type = result.job_type or "-"
+        job_type = self._job_type(result.job_type)
         error_type = result.error.type.value if result.error else "none"
-        self.jobs.labels(result.status.value, error_type, job_type).inc()
+        # Each series' child kept here: labels() checks and locks on every call, a few µs of
+        # every answer on the Kafka path; the labels are bounded, so this is too.
+        key = (result.status.value, error_type, job_type)
+        counted = self._counted.get(key)
+        if counted is None:
+            counted = self._counted[key] = self.jobs.labels(*key)
+        counted.inc()
         if end_to_end is not None:
-            self.end_to_end.labels(job_type).observe(max(0.0, end_to_end))
+            timed = self._timed.get(job_type)
+            if timed is None:
+                timed = self._timed[job_type] = self.end_to_end.labels(job_type)
+            timed.observe(max(0.0, end_to_end))
         if result.timing.sandbox is not None:
             start = "warm" if result.timing.warm else "cold"
             self.execution.labels(job_type, start).observe(result.execution_time)
+
+    def count_http(self, method: str, route: str, code: int) -> None:
+        """One HTTP request served; ``route`` is the matched route's template (or "unmatched"),
+        never the path a client sent."""
+        method = method if method in HTTP_METHODS else OTHER
+        self.http.labels(method, route, str(code)).inc()
 
     def add_gauges(self, source: Callable[[], Iterable[Metric]]) -> None:
         self._gauges.sources.append(source)

@@ -115,7 +115,7 @@ class Gateway:
         response.headers.update(SECURITY_HEADERS)
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "unmatched"
-        self.metrics.http.labels(request.method, path, str(response.status)).inc()
+        self.metrics.count_http(request.method, path, response.status)
         return response
 
     @property

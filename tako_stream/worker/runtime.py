@@ -80,7 +80,7 @@ class Runtime(Service):
         self.docker_available = False
         self.dlq = DLQView()
         self.cancellations = Cancellations()
-        self.metrics = Metrics()
+        self.metrics = Metrics(job_types=job_types)
         self.metrics.add_gauges(self._gauges)
         #: Set once faust has joined its group and recovered the breaker table.
         self.app_started = False

@@ -355,6 +355,9 @@ async def test_gateway_metrics_count_requests_by_route(gw: Gateway) -> None:
 
     await gw.call("GET", "/job-types")
     await gw.call("GET", "/job-types/nope")
+    # Other methods the HTTP parser takes (WebDAV's among them) are counted as one: "other".
+    for method in ("PROPFIND", "PURGE", "MKCOL"):
+        await gw.call(method, "/job-types")
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
@@ -367,6 +370,10 @@ async def test_gateway_metrics_count_requests_by_route(gw: Gateway) -> None:
     missing = frozenset({"method": "GET", "route": "/job-types/{name}", "code": "404"}.items())
     assert samples[("tako_http_requests_total", ok)] >= 1
     assert samples[("tako_http_requests_total", missing)] >= 1
+    # aiohttp matches no route for a method it does not allow: "unmatched"
+    other = frozenset({"method": "other", "route": "unmatched", "code": "405"}.items())
+    assert samples[("tako_http_requests_total", other)] == 3
+    assert "PROPFIND" not in text
     assert samples[("tako_breaker_state", frozenset())] == 0
     assert ("tako_dlq_size", frozenset()) in samples
 

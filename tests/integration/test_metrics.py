@@ -54,6 +54,9 @@ async def test_worker_metrics_count_jobs_by_status_and_type(one: Stack) -> None:
         {"execution_id": str(uuid.uuid4()), "code": "print('ok again')"},
         {"execution_id": str(uuid.uuid4()), "code": "1 / 0"},
         {"execution_id": str(uuid.uuid4()), "code": "print(1)", "timeout": 999},
+        # a job type the requester made up: every such name a series would be memory kept
+        {"execution_id": str(uuid.uuid4()), "code": "print(1)", "job_type": "made-up-1"},
+        {"execution_id": str(uuid.uuid4()), "code": "print(1)", "job_type": "made-up-2"},
     ]
     await one.run_jobs(jobs, timeout=180)
     after = await scrape(worker)
@@ -70,6 +73,9 @@ async def test_worker_metrics_count_jobs_by_status_and_type(one: Stack) -> None:
     assert delta("tako_jobs_total", **rejected) == 1
     assert delta("tako_end_to_end_seconds_count", job_type="default") == 3
     assert delta("tako_end_to_end_seconds_count", job_type="-") == 1
+    made_up = {"status": "rejected", "error_type": "invalid_request", "job_type": "other"}
+    assert delta("tako_jobs_total", **made_up) == 2
+    assert not any("made-up" in str(labels) for _, labels in after)
     ran = sum(
         delta("tako_execution_seconds_count", job_type="default", start=start)
         for start in ("warm", "cold")
