@@ -40,13 +40,18 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 128
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
 
-_SIZE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?\s*", re.IGNORECASE | re.ASCII)
+#: One run of spaces at most, between the number and its unit (the ends are stripped first):
+#: two adjacent optional runs made a digit, 100 KB of spaces and a bad character backtrack
+#: for minutes, with the worker's event loop blocked.
+_SIZE = re.compile(r"(\d{1,12}(?:\.\d{1,6})?)\s*([bkmg]?)(?:i?b)?", re.IGNORECASE | re.ASCII)
+#: Longer than any size spelled sensibly ("512 MiB", "0.500000 g").
+MAX_SIZE_TEXT = 32
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def parse_size(text: str) -> int:
     """Bytes in a Docker-style size string (``"256m"``, ``"1g"``, ``"512MiB"``)."""
-    match = _SIZE.fullmatch(text)
+    match = _SIZE.fullmatch(text.strip()) if len(text) <= MAX_SIZE_TEXT else None
     if match is None:
         raise ValueError(f"{text!r} is not a size such as '256m' or '1g'")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
@@ -84,7 +89,9 @@ TopicName = Annotated[
     StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$"),
     AfterValidator(_usable_topic),
 ]
-MemoryLimit = Annotated[str, AfterValidator(_check_size)]
+MemoryLimit = Annotated[
+    str, StringConstraints(max_length=MAX_SIZE_TEXT), AfterValidator(_check_size)
+]
 #: Tako VM's rule: a key is an identifier, not free text (it names a job everywhere).
 IdempotencyKey = Annotated[
     str, StringConstraints(min_length=8, max_length=255, pattern=r"^[A-Za-z0-9_-]+$")

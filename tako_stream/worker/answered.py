@@ -21,7 +21,7 @@ import logging
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from tako_stream.kafka.reader import TopicReader
+from tako_stream.kafka.reader import Record, TopicReader
 from tako_stream.kafka.view import KeyedView
 from tako_stream.logs import Condition
 from tako_stream.settings import Settings
@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 
 #: The header naming the request record a result answers: ``topic:partition:offset``.
 SOURCE_HEADER = "x-tako-source"
+#: Longest execution id (the request model's) and position (a 249-byte topic name, two numbers).
+MAX_ID, MAX_POSITION = 128, 300
+
+
+def answered_position(record: Record) -> tuple[str, str] | None:
+    """(execution id, position) of a result record, None for one that names none.  Anyone may
+    write to the results topic: a key or header that is not UTF-8 or is too long to be ours is
+    skipped, never raised on (the worker would stop, and stop again on every restart while the
+    record is within the index's window)."""
+    if record.key is None or len(record.key) > MAX_ID:
+        return None
+    source = next((v for k, v in record.headers or () if k == SOURCE_HEADER), None)
+    if source is None or len(source) > MAX_POSITION:
+        return None
+    return record.key.decode("utf-8", "replace"), source.decode("utf-8", "replace")
 
 
 class AnsweredIndex:
@@ -91,9 +106,9 @@ class AnsweredIndex:
             await reader.from_offsets({tp: max(0, end[tp] - self.window) for tp in end})
             while True:
                 for record in await reader.fetch(timeout=1.0):
-                    source = dict(record.headers or ()).get(SOURCE_HEADER)
-                    if record.key is not None and source is not None:
-                        self._positions.put(record.key.decode("utf-8", "replace"), source.decode())
+                    answered = answered_position(record)
+                    if answered is not None:
+                        self._positions.put(*answered)
                 for tp in reader.partitions:
                     self._reached[tp] = await reader.position(tp)
                 self._progress.set()

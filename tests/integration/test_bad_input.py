@@ -516,6 +516,48 @@ async def test_a_header_key_that_is_not_utf8_is_no_poison_pill(bad_stack: Stack)
     await assert_healthy_and_runs_a_job(stack, stack.workers[0])
 
 
+async def test_a_long_memory_limit_is_answered_and_stalls_nothing(bad_stack: Stack) -> None:
+    """A digit, 300 KB of spaces and a bad character: once many minutes of backtracking with the
+    event loop blocked (no heartbeat, evicted, the record delivered to the next owner)."""
+    stack = bad_stack
+    execution_id = f"size-{uuid.uuid4()}"
+    padded = "1" + " " * 300_000 + "x"
+    body = {"execution_id": execution_id, "code": "print(1)", "memory_limit": padded}
+    async with ResultReader(stack.settings) as reader:
+        producer = raw_producer(stack)
+        await producer.start()
+        try:
+            await producer.send_and_wait(stack.settings.requests_topic, orjson.dumps(body))
+        finally:
+            await producer.stop()
+        found = await reader.wait_for({execution_id}, 60)
+    result = found[execution_id]
+    assert result.error is not None and result.error.type == "invalid_request", result
+    assert "memory_limit" in result.error.message, result.error
+    await assert_healthy_and_runs_a_job(stack, stack.workers[0])
+
+
+async def test_foreign_records_on_the_results_topic_are_no_poison(bad_stack: Stack) -> None:
+    """The results topic is anyone's: its follower (the answered index) skips a key or a
+    source header that is not UTF-8 or too long to be ours.  One once ended the follower's
+    task, and with it the worker, again on every restart."""
+    stack = bad_stack
+    topic = stack.settings.results_topic
+    producer = raw_producer(stack)
+    await producer.start()
+    try:
+        for key, source in (
+            (b"foreign-\xff", b"\xff\xfe"),
+            (b"k" * 10_000, b"t:0:1"),
+            (b"foreign-long-source", b"p" * 100_000),
+        ):
+            await producer.send_and_wait(topic, b"{}", key=key, headers=[("x-tako-source", source)])
+    finally:
+        await producer.stop()
+    await asyncio.sleep(3)  # the index reads them (it polls every second)
+    await assert_healthy_and_runs_a_job(stack, stack.workers[0])
+
+
 def vm_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -402,3 +402,15 @@ def test_dumps_and_loads_round_trip_models() -> None:
     request = decode_request(body(execution_id="r"), None)
     assert loads(dumps(request)) == request.model_dump(mode="json")
     assert is_uuid(new_id())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "padding", ["1" + " " * 100_000 + "x", " " * 100_000 + "1 x", "1" * 200_000]
+)
+def test_a_long_memory_limit_is_refused_at_once(padding: str) -> None:
+    # A digit, spaces and a bad character made the size pattern backtrack: minutes of one
+    # core for 100 KB, with the worker's event loop blocked (no heartbeat: evicted, and the
+    # record went on to its next owner).  The test's timeout is a hang guard, not a target.
+    exc = rejected(body(code="x", memory_limit=padding))
+    assert names_field(exc, "memory_limit")
