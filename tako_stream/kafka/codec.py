@@ -6,6 +6,7 @@ Decoding is where untrusted input enters the service, so it never raises anythin
 
 from __future__ import annotations
 
+import gc
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,17 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
-    return orjson.loads(data)
+    """orjson.loads with the cyclic garbage collector paused: a value of a million small
+    containers (anyone's message, a job's result.json) set off a collection every few hundred
+    allocations, each walking the young objects: 0.7 s for a 4 MB message, 0.1 s paused
+    (measured).  A parsed value holds no cycle, so nothing is left for the collector."""
+    if not gc.isenabled():
+        return orjson.loads(data)
+    gc.disable()
+    try:
+        return orjson.loads(data)
+    finally:
+        gc.enable()
 
 
 def new_id() -> str:
@@ -121,7 +132,7 @@ def decode_request(
     if value is None:
         raise InvalidRequestError(["request: message has no value"], usable_id(key))
     try:
-        body = orjson.loads(value)
+        body = loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError([_json_problem(value, exc)], usable_id(key)) from None
     if not isinstance(body, dict):

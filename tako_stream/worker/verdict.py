@@ -31,8 +31,9 @@ from tako_stream.core.models import (
     Relationship,
     ResourceUsage,
     Timing,
-    json_depth,
+    too_deep,
 )
+from tako_stream.kafka.codec import loads
 from tako_stream.sandbox.base import SandboxRun
 from tako_stream.sandbox.protocol import Report, decode_text
 from tako_stream.worker.artifacts import attach
@@ -316,7 +317,7 @@ def _output(run: SandboxRun, result_error: str | None) -> Verdict:
     if raw is None:
         return Verdict.success()
     try:
-        output = orjson.loads(raw)
+        output = loads(raw)
     except orjson.JSONDecodeError as exc:
         return Verdict.failure(
             ErrorType.INVALID_OUTPUT, 0, message=f"result.json is not valid JSON: {exc}"
@@ -327,7 +328,7 @@ def _output(run: SandboxRun, result_error: str | None) -> Verdict:
             0,
             message=f"result.json must hold a JSON object, not {type(output).__name__}",
         )
-    if json_depth(output) > MAX_JSON_DEPTH:
+    if too_deep(output):
         return Verdict.failure(
             ErrorType.INVALID_OUTPUT,
             0,
