@@ -15,8 +15,10 @@ Connections are not shared between threads: the writer has its own, each reader 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +32,8 @@ from tako_stream.kafka.codec import header, usable_id
 from tako_stream.kafka.message import position_id
 from tako_stream.kafka.reader import Record
 from tako_stream.settings import Topics
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -111,6 +115,9 @@ class Store:
         self.path = path
         self.cache_mb = cache_mb
         self._local = threading.local()
+        #: Records skipped because the store cannot use them, per kind ("results", "dead
+        #: letters"); only the first of each kind is logged (see ``_skip``).
+        self.skipped: Counter[str] = Counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
@@ -187,8 +194,9 @@ class Store:
             status, finished_at = str(body["status"]), sortable(body["finished_at"])
             # The job type's name, as Tako VM's job_type filter names it (a pin is not a type).
             job_type = str(body["job_type"]).partition("@")[0] if body.get("job_type") else None
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return False  # not a result: another producer's noise, skipped
+        except Exception as exc:  # noise, or a time that is none or overflows in UTC: anyone
+            self._skip("results", record, exc)  # may write here, and raised it would stop
+            return False  # the store's reader (and again on every restart)
         db.execute(
             "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
             (execution_id, status, job_type, finished_at, value),
@@ -242,12 +250,28 @@ class Store:
         try:
             error_type, summary = summarise(value)
             last_failure_at = sortable(orjson.loads(summary)["last_failure_at"])
-        except (ValueError, KeyError, TypeError):
+        except Exception as exc:  # as for results (a valid record may still overflow in UTC)
+            self._skip("dead letters", record, exc)
             return
         db.execute(
             "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?)",
             (dlq_id, error_type.value, last_failure_at, summary),
         )
+
+    def _skip(self, kind: str, record: Record, exc: Exception) -> None:
+        """Count a record the store cannot use; the first of each kind is logged (a line per
+        record would let any producer flood the log)."""
+        if not self.skipped[kind]:
+            log.warning(
+                "%s: skipped a record the store cannot use (%s[%d]@%d: %s); "
+                "more like it are counted, not logged",
+                kind,
+                record.topic,
+                record.partition,
+                record.offset,
+                repr(exc)[:300],
+            )
+        self.skipped[kind] += 1
 
     # -- reading (any thread) -----------------------------------------------------------------
 

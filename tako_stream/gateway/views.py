@@ -92,6 +92,11 @@ class ClusterView:
         self._round_tasks: set[asyncio.Task[None]] = set()
         self._asking = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        #: The materialiser stopped on something no handler expected (a bug of ours, a record
+        #: nothing foresaw): over once the store has caught up again.
+        self._broken = Condition(
+            "the gateway's store is not kept current (starting over every second)", log
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -118,7 +123,7 @@ class ClusterView:
 
     async def _materialise(self) -> None:
         """Follow the four topics into the store forever; a broker fault starts over from the
-        stored positions."""
+        stored positions, and so does any other failure, with readiness to be earned anew."""
         failing = Condition("reading the topics into the gateway's store", log)
         ends: dict[TopicPartition, int] | None = None
         while True:
@@ -126,6 +131,17 @@ class ClusterView:
                 ends = await self._follow(failing, ends)
             except (KafkaError, LookupError, OSError) as exc:
                 failing.wrong(exc)
+                await asyncio.sleep(1)
+            except Exception as exc:
+                # Ending here would leave the gateway ready but its store never current again
+                # (submits waiting out their read-back, lookups of new ids 503).  Not ready
+                # until it has read up to the end offsets of its next start; the traceback
+                # once, not once a second if it fails the same way each time.
+                if self._broken.ok:
+                    log.exception("reading the topics into the gateway's store failed")
+                self._broken.wrong(repr(exc))
+                self.ready.clear()
+                ends = None
                 await asyncio.sleep(1)
 
     async def _follow(
@@ -170,6 +186,7 @@ class ClusterView:
             if not self.ready.is_set() and await reader.reached(ends):
                 log.info("the store has caught up with the topics: ready")
                 self.ready.set()
+                self._broken.right()
             records = await reader.fetch(timeout=1.0)
             for record in records:
                 check = checks.pop(TopicPartition(record.topic, record.partition), None)

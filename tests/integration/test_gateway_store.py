@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,15 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tako_stream.core.errors import Status
-from tako_stream.core.models import CORRELATION_HEADER, ExecutionResult, JobStatus
+from tako_stream.core.errors import ErrorType, Status
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    DLQRecord,
+    ErrorInfo,
+    ExecutionResult,
+    JobStatus,
+    SourcePosition,
+)
 from tako_stream.kafka.clients import producer_options
 from tako_stream.kafka.codec import dumps
 from tako_stream.kafka.topics import ensure_topics
@@ -166,6 +173,50 @@ async def test_a_restart_resumes_from_the_stored_positions(new_stack: Stack) -> 
         assert status == 200 and job["status"] == "succeeded" and job["stdout"] == f"{first[0]}\n"
         status, page = await gateway.call("GET", "/executions?limit=3")
         assert [item["execution_id"] for item in page["items"]] == later[::-1][:3]
+
+
+async def test_records_the_store_cannot_use_stop_nothing(new_stack: Stack) -> None:
+    """Anyone may write to the results and DLQ topics: a result whose ``finished_at`` is null,
+    or a DLQ record whose time in UTC is before year 1, once ended the reading of the topics
+    into the store for good (and again after every restart), while /ready still said 200."""
+    settings = new_stack.settings
+    year_one = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    dead = DLQRecord(
+        dlq_id=f"poison-{new_stack.tag}",
+        execution_id=f"poison-{new_stack.tag}",
+        correlation_id="c",
+        error=ErrorInfo(type=ErrorType.INVALID_REQUEST, message="x"),
+        attempts=1,
+        first_failure_at=year_one,
+        last_failure_at=year_one,
+        worker_id="w",
+        source=SourcePosition(topic=settings.requests_topic, partition=0, offset=0),
+        original_value=None,
+    )
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        await gateway.ready()
+        async with producer(new_stack) as kafka:
+            poison = b'{"status": "x", "finished_at": null}'
+            await kafka.send_and_wait(settings.results_topic, poison, key=b"poison")
+            await kafka.send_and_wait(settings.dlq_topic, dumps(dead), key=dead.dlq_id.encode())
+        for attempt in ("read live", "read again after a restart"):
+            if attempt != "read live":  # resumes from the stored positions, the last record
+                gateway.stop()  # of each partition read again (the poison ones, here)
+                gateway.start()
+                await gateway.up()
+                await gateway.ready()
+            code, accepted = await gateway.call("POST", "/execute/async", json={"code": "1"})
+            assert code == 200, (attempt, accepted)
+            job_id = accepted["job_id"]
+            await produce_results(new_stack, [job_id])  # as a worker would answer it
+            code, record = await gateway.call("GET", f"/jobs/{job_id}/result?wait=true&timeout=60")
+            assert code == 200 and record["stdout"] == f"{job_id}\n", (attempt, record)
+            code, job = await gateway.call("GET", f"/jobs/{job_id}")
+            assert code == 200 and job["status"] == "succeeded", (attempt, job)
+            code, ready = await gateway.call("GET", "/ready")
+            assert code == 200, (attempt, ready)
 
 
 async def test_requests_before_catch_up_never_get_a_wrong_404(new_stack: Stack) -> None:

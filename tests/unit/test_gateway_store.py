@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from tako_stream.core.errors import ErrorType, Status
-from tako_stream.core.models import PAYLOAD_HEADER, ErrorInfo, ExecutionResult, JobStatus
+from tako_stream.core.models import (
+    PAYLOAD_HEADER,
+    DLQRecord,
+    ErrorInfo,
+    ExecutionResult,
+    JobStatus,
+    SourcePosition,
+)
 from tako_stream.gateway.store import Store, sortable
 from tako_stream.kafka.codec import dumps
 from tests.fakes import TOPICS
@@ -58,6 +66,23 @@ def result(
             worker_id="w",
             finished_at=T0 + timedelta(seconds=seconds),
             **more,
+        )
+    )
+
+
+def dead_letter(dlq_id: str, last_failure_at: datetime = T0) -> bytes:
+    return dumps(
+        DLQRecord(
+            dlq_id=dlq_id,
+            execution_id=dlq_id,
+            correlation_id="c",
+            error=ErrorInfo(type=ErrorType.INVALID_REQUEST, message="x"),
+            attempts=1,
+            first_failure_at=T0,
+            last_failure_at=last_failure_at,
+            worker_id="w",
+            source=SourcePosition(topic=TOPICS.requests, partition=0, offset=0),
+            original_value=None,
         )
     )
 
@@ -155,6 +180,72 @@ def test_a_tombstone_deletes_and_noise_is_skipped(store: Store) -> None:
         TOPICS,
     )
     assert store.known() == 0
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        b'{"status": "x", "finished_at": null}',
+        b'{"status": "x", "finished_at": 1700000000}',
+        # a valid time with an offset whose UTC is past year 9999: converting it overflows
+        b'{"status": "x", "finished_at": "9999-12-31T23:59:59-01:00"}',
+    ],
+)
+def test_a_result_the_store_cannot_use_is_skipped_and_the_batch_applied(
+    store: Store, poison: bytes
+) -> None:
+    # anyone may write to the results topic: one such record once ended the store's reader
+    store.apply(
+        [
+            record(TOPICS.results, "before", result("before", 1)),
+            record(TOPICS.results, "poison", poison),
+            record(TOPICS.results, "after", result("after", 2)),
+        ],
+        TOPICS,
+    )
+    assert store.job("before").result is not None and store.job("after").result is not None
+    assert store.job("poison").result is None and store.known() == 2
+    assert store.skipped == {"results": 1}
+    assert store.positions() == {(TOPICS.results, 0): 3}  # read past it: not read again
+
+
+def test_a_dead_letter_the_store_cannot_use_is_skipped_and_the_batch_applied(
+    store: Store,
+) -> None:
+    # a valid DLQ record (its model accepts year 1) whose time in UTC is before year 1
+    year_one = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    poison = dead_letter("poison", last_failure_at=year_one)
+    assert b'"last_failure_at":"0001-01-01T00:00:00+01:00"' in poison
+    store.apply(
+        [
+            record(TOPICS.dlq, "before", dead_letter("before")),
+            record(TOPICS.dlq, "poison", poison),
+            record(TOPICS.dlq, "after", dead_letter("after")),
+        ],
+        TOPICS,
+    )
+    assert store.dead_letter("before") is not None and store.dead_letter("after") is not None
+    assert store.dead_letter("poison") is None and store.dead_letter_total() == 2
+    assert store.skipped == {"dead letters": 1}
+
+
+def test_skipped_records_are_logged_once_per_kind(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    poison = b'{"status": "x", "finished_at": null}'
+    year_one = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    with caplog.at_level(logging.WARNING, logger="tako_stream.gateway.store"):
+        for batch in range(3):
+            store.apply(
+                [
+                    record(TOPICS.results, f"r{batch}", poison),
+                    record(TOPICS.results, f"s{batch}", b"not json"),
+                    record(TOPICS.dlq, f"d{batch}", dead_letter(f"d{batch}", year_one)),
+                ],
+                TOPICS,
+            )
+    assert store.skipped == {"results": 6, "dead letters": 3}
+    assert len(caplog.records) == 2, caplog.text  # one line per kind, not one per record
 
 
 def test_times_sort_as_times() -> None:
