@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
-from tako_stream.core.errors import CancelRefused
+from tako_stream.core.errors import BrokerError, CancelRefused
 from tako_stream.core.models import (
     CORRELATION_HEADER,
     CancelRequest,
@@ -30,9 +32,12 @@ from tako_stream.kafka.codec import dumps, loads, new_id
 from tako_stream.kafka.reader import TopicReader, latest
 from tako_stream.kafka.view import KeyedView
 from tako_stream.kafka.waiters import Waiters
+from tako_stream.logs import Condition
 from tako_stream.settings import Settings
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ResultReader:
@@ -172,7 +177,8 @@ class Client:
     async def close(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A follower that had stopped on an error told its waiters (BrokerError) already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._follower
         await self._results.stop()
         await self._producer.__aexit__()
@@ -213,10 +219,23 @@ class Client:
             return known
         with self._waiters.waiting(execution_id) as future:
             async with asyncio.timeout(timeout):
-                earlier = await self._lookup(execution_id)
-                if earlier is not None:
-                    return earlier
-                return await asyncio.shield(future)
+                # The lookup reads the key's partition of a topic that keeps every result, and
+                # takes longer the more it holds: raced with the follower, which may bring the
+                # answer first (once, the lookup outlasted the timeout of a result already in).
+                lookup = asyncio.ensure_future(self._lookup(execution_id))
+                try:
+                    first: set[asyncio.Future[Any]] = {lookup, future}
+                    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+                    if not future.done():
+                        earlier = lookup.result()
+                        if earlier is not None:
+                            return earlier
+                    return await self._arrival(future)
+                finally:
+                    if not lookup.done():
+                        lookup.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await lookup
 
     async def run(
         self,
@@ -226,9 +245,27 @@ class Client:
         wait: float | None = None,
         **fields: Any,
     ) -> ExecutionResult:
-        """Submit and wait for the result (``wait`` seconds at most)."""
-        execution_id = await self.submit(code, input_data, **fields)
-        return await self.result(execution_id, timeout=wait)
+        """Submit and wait for its result (``wait`` seconds at most): the one this submission
+        gets, never an earlier result of the same ``execution_id``."""
+        execution_id = fields.pop("execution_id", None) or new_id()
+        # Waiting before the submit: a fast answer read meanwhile still wakes it.
+        with self._waiters.waiting(execution_id) as future:
+            await self.submit(code, input_data, execution_id=execution_id, **fields)
+            async with asyncio.timeout(wait):
+                return await self._arrival(future)
+
+    async def _arrival(self, future: asyncio.Future[ExecutionResult]) -> ExecutionResult:
+        """The result the follower wakes ``future`` with; ``BrokerError`` if the follower has
+        stopped (a wait without a timeout would otherwise never end)."""
+        follower = self._follower
+        if follower is None:
+            raise RuntimeError("the client is not started (use 'async with Client(...)')")
+        either: set[asyncio.Future[Any]] = {future, follower}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
+            return future.result()
+        reason = None if follower.cancelled() else follower.exception()
+        raise BrokerError(f"the client's reader of the results topic has stopped ({reason!r})")
 
     async def cancel(
         self,
@@ -291,8 +328,18 @@ class Client:
         return self._recent.get(execution_id)
 
     async def _follow(self) -> None:
+        """Read every result from where the client started, forever: a broker fault is
+        retried every second (the consumer keeps its positions), never ends the reading."""
+        failing = Condition("reading the results topic (retrying every second)", log)
         while True:
-            for record in await self._results.fetch(timeout=0.5):
+            try:
+                records = await self._results.fetch(timeout=0.5)
+            except (KafkaError, OSError) as exc:
+                failing.wrong(exc)
+                await asyncio.sleep(1)
+                continue
+            failing.right()
+            for record in records:
                 result = self._recent.apply(record.key, record.value)
                 if result is not None:
                     self._deliver(result)

@@ -8,14 +8,17 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import orjson
 import pydantic
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from tako_stream import Client, SyncClient
 from tako_stream.client import Producer
+from tako_stream.core.errors import BrokerError
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration]
@@ -128,3 +131,53 @@ async def test_seed_style_error_handling_example(one: Stack) -> None:
     assert lines["timeout"]["raised"] == "ResourceError" and lines["timeout"]["attempts"] == 1
     assert lines["timeout"]["message"] == "Resource limit exceeded: Execution timeout exceeded (2s)"
     assert lines["value_error"]["raised"] == "RuntimeError"
+
+
+async def test_a_result_arrives_while_a_slow_lookup_still_reads(one: Stack) -> None:
+    """The lookup reads the key's partition of a topic that keeps every result: on a large
+    one it outlasted the wait, though the follower had the answer (raced now)."""
+    async with Client(one.settings) as client:
+        stuck = asyncio.Event()
+
+        async def slow_lookup(execution_id: str) -> None:
+            await stuck.wait()  # a scan of years of results
+
+        client._lookup = slow_lookup  # type: ignore[method-assign]
+        execution_id = await client.submit("print('raced')")
+        result = await client.result(execution_id, timeout=120)
+    assert result.success and result.stdout == "raced\n", result
+
+
+async def test_run_again_under_the_same_id_returns_the_new_result(one: Stack) -> None:
+    async with Client(one.settings) as client:
+        execution_id = f"again-{uuid.uuid4()}"
+        first = await client.run("print('first')", execution_id=execution_id, wait=120)
+        second = await client.run("print('second')", execution_id=execution_id, wait=120)
+    assert first.stdout == "first\n", first
+    assert second.stdout == "second\n", second  # not the earlier answer the client had read
+
+
+async def test_a_broker_fault_while_following_is_retried(one: Stack) -> None:
+    async with Client(one.settings) as client:
+        real = client._results.fetch
+        faults = [KafkaConnectionError("injected")]
+
+        async def fetch(timeout: float = 0.5) -> Any:
+            if faults:
+                raise faults.pop()
+            return await real(timeout=timeout)
+
+        client._results.fetch = fetch  # type: ignore[method-assign]
+        result = await client.run("print('after the fault')", wait=120)
+    assert result.stdout == "after the fault\n", result
+
+
+async def test_a_wait_ends_when_the_follower_stops(one: Stack) -> None:
+    async with Client(one.settings) as client:
+
+        async def broken(timeout: float = 0.5) -> Any:
+            raise RuntimeError("a bug in the reader")
+
+        client._results.fetch = broken  # type: ignore[method-assign]
+        with pytest.raises(BrokerError, match="a bug in the reader"):
+            await client.result(f"never-{uuid.uuid4()}", timeout=None)
