@@ -7,7 +7,7 @@ them in sync, so producers in other languages can validate against the same cont
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -112,6 +112,16 @@ Requirement = Annotated[
 ]
 Relationship = Literal["rerun", "fork"]
 MAX_REQUIREMENTS = 50
+
+
+def _utc_if_naive(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+#: A time read back from a topic anyone may write.  One without a zone is taken as UTC, as the
+#: DLQ's filters (``dlq.parse_time``) and the gateway's store already read one: comparing a
+#: naive time with an aware one raises TypeError, which once ended whatever read the record.
+UtcDatetime = Annotated[datetime, AfterValidator(_utc_if_naive)]
 
 
 class ExecutionRequest(BaseModel):

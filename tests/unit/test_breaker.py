@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from tako_stream.settings import BreakerConfig
 from tako_stream.worker.breaker.handle import Breaker
+from tako_stream.worker.breaker.shared import BreakerStates, stored_state
 from tako_stream.worker.breaker.state import (
     BreakerEvent,
     BreakerState,
@@ -195,3 +198,91 @@ def test_a_ping_ends_a_run_of_ping_failures_and_a_job_ends_any() -> None:
     jobs = run([event(F, 0, "job"), event(S, 1, "ping")])
     assert jobs.failure_count == 1
     assert run([event(F, 0, "job"), event(S, 1, "ping"), event(S, 2, "job")]).failure_count == 0
+
+
+# --- Records from the topics: anyone may write them, none may crash a reader ---------------------
+
+OPEN_NAIVE = (
+    b'{"endpoint":"h|unix:///var/run/docker.sock","state":"open","opened_at":"2024-01-01T00:00:00"}'
+)
+
+
+def test_a_time_without_a_zone_is_read_as_utc() -> None:
+    """A changelog record without a zone once made ``effective`` raise TypeError (naive minus
+    aware): the ping task died with the worker, again on every restart, and every job's
+    ``acquire`` raised meanwhile."""
+    state = BreakerState.model_validate_json(OPEN_NAIVE)
+    assert state.opened_at == datetime(2024, 1, 1, tzinfo=UTC)
+    assert state.effective(T0, CONFIG).state is State.HALF_OPEN
+    assert state.effective(datetime(2024, 1, 1, 0, 0, 1, tzinfo=UTC), CONFIG).state is State.OPEN
+    event = BreakerEvent.model_validate_json(
+        b'{"endpoint":"e","outcome":"failure","at":"2026-01-01T00:01:00","worker_id":"w"}'
+    )
+    assert event.at == T0 + timedelta(minutes=1)
+    assert fold(run([ev(F, i) for i in range(5)]), event, CONFIG).state is State.OPEN
+
+
+async def test_a_changelog_record_without_a_zone_crashes_no_reader() -> None:
+    states = BreakerStates(CONFIG)
+    states.apply(b"h|unix:///var/run/docker.sock", OPEN_NAIVE)
+    assert states.worst(T0).state is State.HALF_OPEN  # what the gateway's /health reads
+    breaker = Breaker(
+        endpoint="h|unix:///var/run/docker.sock",
+        config=CONFIG,
+        worker_id="w",
+        read=states.get,
+        publish=FakeTable().publish,
+        clock=lambda: T0,
+    )
+    assert breaker.acquire() is not None  # the half-open trial
+    await breaker.record(Outcome.SUCCESS, source="ping")  # what the ping task does
+
+
+def test_counts_no_encoder_can_carry_are_skipped() -> None:
+    """Counts are written back by the table's writer and served by /health and /metrics, all
+    encoded with orjson (64-bit integers) or as float gauges: a record past that is not ours."""
+    states = BreakerStates(CONFIG)
+    for count in (10**30, -1):  # json: orjson itself refuses to write the first
+        states.apply(b"e", json.dumps({"endpoint": "e", "failure_count": count}).encode())
+        assert states.get("e") is None
+    states.apply(b"e", orjson.dumps({"endpoint": "e", "failure_count": 7}))
+    assert states.get("e") == BreakerState(endpoint="e", failure_count=7)
+
+
+def test_the_writer_starts_afresh_from_a_stored_state_it_cannot_read() -> None:
+    """The folding agent reads the previous state from its table, recovered from the changelog
+    anyone may write: a value that is no state must not end the agent."""
+    assert stored_state(None) is None
+    assert stored_state({"endpoint": "e", "failure_count": 10**30}) is None
+    assert stored_state(["not", "a", "state"]) is None
+    assert stored_state({"endpoint": "e", "opened_at": "2024-01-01T00:00:00"}) == BreakerState(
+        endpoint="e", opened_at=datetime(2024, 1, 1, tzinfo=UTC)
+    )
+
+
+def test_the_view_of_every_endpoint_is_bounded() -> None:
+    """Forged endpoint keys (and huge records) once grew every worker's and gateway's view
+    without bound; the least recently written are forgotten now (an engine in trouble is
+    written at every ping, so it is never among them)."""
+    states = BreakerStates(CONFIG)
+    for n in range(5000):
+        states.apply(f"forged-{n}".encode(), orjson.dumps({"endpoint": f"forged-{n}"}))
+    states.apply(b"real", orjson.dumps({"endpoint": "real", "state": "open"}))
+    assert len(states.view) < 5000
+    assert states.get("real") is not None and states.get("forged-4999") is not None
+    huge = orjson.dumps({"endpoint": "big", "last_error": "x" * 100_000})
+    states.apply(b"big", huge)
+    states.apply(b"k" * 100_000, orjson.dumps({"endpoint": "long key"}))
+    states.apply(None, huge)
+    assert states.get("big") is None and len(states.view) < 5000
+    assert all(len(key) < 100_000 for key in states.view)
+
+
+async def test_record_never_raises_whatever_the_state_read(table: FakeTable) -> None:
+    def broken(endpoint: str) -> BreakerState | None:
+        raise TypeError("unreadable")
+
+    breaker = Breaker(
+        endpoint="e", config=CONFIG, worker_id="w", read=broken, publish=table.publish
+    )
+    await breaker.record(Outcome.SUCCESS, source="ping")

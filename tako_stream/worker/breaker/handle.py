@@ -7,7 +7,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from tako_stream.settings import BreakerConfig
-from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, Outcome, State
+from tako_stream.worker.breaker.state import (
+    MAX_DETAIL,
+    BreakerEvent,
+    BreakerState,
+    Outcome,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +73,19 @@ class Breaker:
 
     async def record(self, outcome: Outcome, *, source: str, detail: str | None = None) -> None:
         """Publish an outcome; plain successes while all is well are not worth an event."""
-        if outcome is Outcome.SUCCESS:
-            current = self.view()
-            if current.state is State.CLOSED and current.failure_count == 0:
-                return
-        event = BreakerEvent(
-            endpoint=self.endpoint,
-            outcome=outcome,
-            at=self._clock(),
-            worker_id=self._worker_id,
-            source=source,
-            detail=detail[:500] if detail else None,
-        )
-        try:
+        try:  # the breaker must never take a job (or the ping task, and the worker) down with it
+            if outcome is Outcome.SUCCESS:
+                current = self.view()
+                if current.state is State.CLOSED and current.failure_count == 0:
+                    return
+            event = BreakerEvent(
+                endpoint=self.endpoint,
+                outcome=outcome,
+                at=self._clock(),
+                worker_id=self._worker_id,
+                source=source,
+                detail=detail[:MAX_DETAIL] if detail else None,
+            )
             await self._publish(event)
-        except Exception:  # the breaker must never take a job down with it
+        except Exception:
             log.exception("could not publish a breaker event")

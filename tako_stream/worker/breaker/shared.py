@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 
 _RANK = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
+#: Endpoints a view keeps (one per Docker engine: a host's socket, or a TCP engine), the least
+#: recently written forgotten beyond: anyone may write the changelog, and each forged key was
+#: kept for good.  An engine in trouble is written at every ping, so it is never the one
+#: forgotten; a quiet one reads as closed, which it is.
+MAX_ENDPOINTS = 1000
+#: A record of ours is an endpoint key (a host name and a socket path or URL) and a state under
+#: 5 KB (its detail of 500 characters is 3 KB escaped at worst); larger ones are not ours, and
+#: each would be kept whole: the bound above would no longer bound bytes.
+MAX_KEY, MAX_VALUE = 1024, 8192
+
 
 def topics(settings: Settings) -> list[NewTopic]:
     """The breaker's topics, created before faust starts: when two workers start together,
@@ -57,12 +67,20 @@ class BreakerStates:
     def __init__(self, config: BreakerConfig) -> None:
         self.config = config
         self.view: KeyedView[BreakerState] = KeyedView(
-            BreakerState.model_validate_json, name="breaker states"
+            BreakerState.model_validate_json, keep=MAX_ENDPOINTS, name="breaker states"
         )
         #: Set once the changelog has been read up to where it ended when reading started.
         self.caught_up = asyncio.Event()
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
+        if (key is not None and len(key) > MAX_KEY) or (
+            value is not None and len(value) > MAX_VALUE
+        ):
+            log.warning(
+                "breaker states: skipping a record too large to be ours (key %r)",
+                (key or b"")[:200],
+            )
+            return
         self.view.apply(key, value)
 
     def get(self, endpoint: str) -> BreakerState | None:
@@ -74,6 +92,19 @@ class BreakerStates:
         states = [s.effective(at, self.config) for s in self.view.values()]
         worst = max(states, key=lambda s: _RANK[s.state], default=None)
         return worst or BreakerState(endpoint="-")
+
+
+def stored_state(previous: Any) -> BreakerState | None:
+    """The folding agent's previous state, from its table: recovered from the changelog, which
+    anyone may write, so a value that is no state starts the endpoint afresh (closed) rather
+    than ending the agent."""
+    if not previous:
+        return None
+    try:
+        return BreakerState.model_validate(previous)
+    except ValidationError:
+        log.warning("breaker: the table's state is unreadable, starting afresh: %.200r", previous)
+        return None
 
 
 def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Awaitable[None]]:
@@ -100,8 +131,7 @@ def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Await
                 log.warning("ignoring an unreadable breaker event: %r", raw[:200])
                 continue
             key = event.endpoint.encode()
-            previous = table.get(key)
-            state = BreakerState.model_validate(previous) if previous else None
+            state = stored_state(table.get(key))
             new = fold(state, event, config)
             before = state.effective(event.at, config).state if state else State.CLOSED
             if new.state != before:

@@ -17,9 +17,17 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from tako_stream.core.models import UtcDatetime
 from tako_stream.settings import BreakerConfig
+
+#: The longest detail an event carries (``Breaker.record`` cuts it to this).
+MAX_DETAIL = 500
+#: Far more consecutive outcomes than a breaker ever counts, and what orjson (64-bit integers:
+#: the table's writer, /health) and float gauges (/metrics) all carry: a record past it is not
+#: ours, and is skipped like any other unreadable record.
+MAX_COUNT = 2**53
 
 
 class State(StrEnum):
@@ -38,10 +46,10 @@ class BreakerEvent(BaseModel):
 
     endpoint: str
     outcome: Outcome
-    at: datetime
+    at: UtcDatetime
     worker_id: str
     source: str = "job"  # "job" or "ping"
-    detail: str | None = None
+    detail: str | None = Field(default=None, max_length=MAX_DETAIL)
 
 
 class BreakerState(BaseModel):
@@ -49,14 +57,14 @@ class BreakerState(BaseModel):
 
     endpoint: str
     state: State = State.CLOSED
-    failure_count: int = 0
-    success_count: int = 0
-    last_failure: datetime | None = None
+    failure_count: int = Field(default=0, ge=0, le=MAX_COUNT)
+    success_count: int = Field(default=0, ge=0, le=MAX_COUNT)
+    last_failure: UtcDatetime | None = None
     last_error: str | None = None
     #: What reported the last failure: "job" or "ping".
     failure_source: str | None = None
-    opened_at: datetime | None = None
-    updated_at: datetime | None = None
+    opened_at: UtcDatetime | None = None
+    updated_at: UtcDatetime | None = None
 
     def effective(self, now: datetime, config: BreakerConfig) -> BreakerState:
         """The state as of ``now``: an ``open`` breaker past its reset timeout is half open."""
