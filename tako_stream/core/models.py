@@ -385,8 +385,8 @@ class DLQRecord(BaseModel):
     correlation_id: str
     error: ErrorInfo
     attempts: int
-    first_failure_at: datetime
-    last_failure_at: datetime
+    first_failure_at: UtcDatetime
+    last_failure_at: UtcDatetime
     worker_id: str
     source: SourcePosition
     replay_count: int = 0

@@ -235,6 +235,35 @@ def test_summaries_leave_the_original_out_and_are_not_replayed() -> None:
     assert dlq.refusal(record.model_copy(update={"replay_count": 3}), max_replays=3) is not None
 
 
+def written_at(offset: int, last_failure_at: str) -> tuple[bytes, bytes]:
+    """An entry whose times are written as a producer other than ours might write them."""
+    record, _ = entry(offset)
+    body = record.model_dump(mode="json")
+    body["first_failure_at"] = body["last_failure_at"] = last_failure_at
+    return record.dlq_id.encode(), orjson.dumps(body)
+
+
+@pytest.mark.parametrize("keep_originals", [True, False])
+def test_a_record_without_a_time_zone_is_listed_as_utc_among_the_others(
+    keep_originals: bool,
+) -> None:
+    """``select`` sorts by ``last_failure_at`` and compares it with ``--since``/``--until``: a
+    record without a zone once raised TypeError there (naive against aware), so no entry could
+    be listed, replayed or deleted."""
+    store = dlq.DLQStore(keep_originals=keep_originals)
+    for n, moment in enumerate(
+        ["2024-01-02T03:04:09Z", "2024-01-02T03:04:07", "2024-01-02T05:04:08+02:00"]
+    ):
+        store.apply(*written_at(n, moment))
+    assert [r.source.offset for r in store.select()] == [1, 2, 0]
+    middle = datetime(2024, 1, 2, 3, 4, 7, 500_000, tzinfo=UTC)
+    assert [r.source.offset for r in store.select(since=middle)] == [2, 0]
+    assert [r.source.offset for r in store.select(until=middle)] == [1]
+    naive = store.get(entry(1)[0].dlq_id)
+    assert naive is not None and naive.last_failure_at == datetime(2024, 1, 2, 3, 4, 7, tzinfo=UTC)
+    assert naive.first_failure_at.tzinfo is not None
+
+
 # --- The bounded view workers and gateways keep ----------------------------------------------
 
 
