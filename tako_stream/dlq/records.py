@@ -29,6 +29,8 @@ DEAD_LETTER_TYPES = frozenset(
 )
 
 REPLAY_COUNT_HEADER = "x-tako-replay-count"
+#: Ten digits: more replays than any entry gets, and far inside what a record's JSON carries.
+MAX_REPLAY_DIGITS = 10
 H_ERROR_TYPE = "x-tako-error-type"
 H_ERROR_MESSAGE = "x-tako-error-message"
 H_EXECUTION_ID = "x-tako-execution-id"
@@ -63,11 +65,15 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def replay_count(headers: Sequence[tuple[str, bytes]] | None) -> int:
-    raw = header(headers, REPLAY_COUNT_HEADER)
-    try:
-        return max(0, int(raw or b"0"))
-    except ValueError:
-        return 0
+    """The count a replay wrote (``replay_message``): ASCII digits, at most
+    :data:`MAX_REPLAY_DIGITS` of them.  Anything else is a producer's, not a count of ours, and
+    counts as 0, as an unreadable one always has: any int once passed, and one past 64 bits made
+    the DLQ record unencodable.  Not the maximum: a header nobody replayed would make its request
+    one that can never be replayed, and 0 still ends a replay loop after ``max_replays``."""
+    raw = (header(headers, REPLAY_COUNT_HEADER) or b"").strip()
+    if raw.isdigit() and len(raw) <= MAX_REPLAY_DIGITS:  # bytes: ASCII digits only
+        return int(raw)
+    return 0
 
 
 def dlq_id(source: SourcePosition) -> str:

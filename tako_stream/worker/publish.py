@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 import orjson
@@ -106,6 +107,28 @@ def _encodes(value: object) -> bool:
     except (orjson.JSONEncodeError, TypeError, ValueError):
         return False
     return True
+
+
+def _without_headers(
+    message: Incoming, final: ExecutionResult, exc: Exception, first_failure_at: datetime
+) -> DeadLetter | None:
+    """The DLQ record of a request whose own could not be built: its key and value (base64,
+    always encodable) and an internal_error naming the answer's error and why."""
+    error_type = final.error.type.value if final.error else "unknown"
+    reduced = answer(
+        Job.of(final, keep_metadata=False),
+        Verdict.failure(
+            ErrorType.INTERNAL_ERROR,
+            message=f"No DLQ record could be built for this request's {error_type} answer "
+            f"({exc!r}): kept without its headers",
+        ),
+        attempts=final.attempts,
+    )
+    try:
+        return dead_letter(replace(message, headers=()), reduced, first_failure_at=first_failure_at)
+    except Exception:
+        log.exception("could not build even a reduced DLQ record: the request is not in the DLQ")
+        return None
 
 
 class Publisher:
@@ -250,7 +273,16 @@ class Publisher:
             ),
             attempts=result.attempts,
         )
-        return dead_letter(message, final, first_failure_at=first_failure_at or now())
+        at = first_failure_at or now()
+        try:
+            return dead_letter(message, final, first_failure_at=at)
+        except Exception as exc:
+            # Raised here, after the answer was sent, it would have the intake send the answer
+            # (and a batch's every answer) again and lose the request: it is dead-lettered
+            # without its headers instead (the foreign part of the record: a replay count past
+            # 64 bits once was one), saying why, as ``encode`` replaces an unencodable result.
+            log.exception("could not build the DLQ record; keeping the request without headers")
+            return _without_headers(message, final, exc, at)
 
     async def _send_dead(self, record: DeadLetter) -> None:
         try:

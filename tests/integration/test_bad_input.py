@@ -45,7 +45,9 @@ from tako_stream import dlq as dlq_module
 from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
+from tako_stream.kafka.reader import read_to_end
 from tests.integration.stack import Stack, WorkerProcess
+from tests.integration.test_answers import all_committed
 
 pytestmark = pytest.mark.integration
 
@@ -555,6 +557,58 @@ async def test_foreign_records_on_the_results_topic_are_no_poison(bad_stack: Sta
     finally:
         await producer.stop()
     await asyncio.sleep(3)  # the index reads them (it polls every second)
+    await assert_healthy_and_runs_a_job(stack, stack.workers[0])
+
+
+async def test_a_huge_replay_count_header_costs_no_answer_twice(bad_stack: Stack) -> None:
+    """A refused request whose x-tako-replay-count header is 4000 digits, between other refused
+    and valid ones: its DLQ record once could not be encoded (past 64 bits) after the batch's
+    results were sent, so each answer of the batch was sent again one by one, and it got
+    internal_error and no DLQ record.  Now each request has exactly one result, and each refused
+    one its DLQ record (the poisoned one's replay count read as 0)."""
+    stack = bad_stack
+    tag = uuid.uuid4().hex[:8]
+
+    def case(name: str, value: bytes, *more: tuple[str, bytes]) -> Case:
+        ident = f"{name}-{tag}"
+        corr = f"corr-{ident}"
+        return Case(
+            name, value, ident.encode(), (), ident, [(CORRELATION_HEADER, corr.encode()), *more]
+        )
+
+    refused = [case(f"refused-{n}", _body(code="")) for n in range(3)]
+    poisoned = case("poisoned", _body(code=""), (dlq_module.REPLAY_COUNT_HEADER, b"9" * 4000))
+    valid = [case(f"valid-{n}", _body(code=f"print({n})")) for n in range(2)]
+    cases = [refused[0], poisoned, valid[0], refused[1], valid[1], refused[2]]
+    await produce(stack, cases)
+    await all_committed(stack, timeout=120)  # committed once answered and dead-lettered
+
+    results: dict[str, list[ExecutionResult]] = defaultdict(list)
+    records: dict[str, list[DLQRecord]] = defaultdict(list)
+
+    def result(key: bytes | None, value: bytes | None) -> None:
+        if value is not None and key is not None and key.endswith(tag.encode()):
+            results[key.decode()].append(ExecutionResult.model_validate_json(value))
+
+    def dead(key: bytes | None, value: bytes | None) -> None:
+        if value is not None:
+            record = DLQRecord.model_validate_json(value)
+            if record.execution_id.endswith(tag):
+                records[record.execution_id].append(record)
+
+    await read_to_end(stack.settings, stack.settings.results_topic, result)
+    await read_to_end(stack.settings, stack.settings.dlq_topic, dead)
+    by_case = {c.execution_id: c for c in cases}
+    assert {k: len(v) for k, v in results.items()} == dict.fromkeys(by_case, 1), results
+    for execution_id, (answer,) in results.items():
+        if execution_id.startswith("valid"):
+            assert answer.success, answer
+        else:
+            assert answer.error is not None and answer.error.type == "invalid_request", answer
+    assert sorted(records) == sorted(c.execution_id for c in [*refused, poisoned]), records
+    (record,) = records[poisoned.execution_id or ""]
+    assert record.error.type == "invalid_request" and record.replay_count == 0
+    assert dlq_matches(record, poisoned)
     await assert_healthy_and_runs_a_job(stack, stack.workers[0])
 
 

@@ -155,6 +155,14 @@ def test_dlq_id_differs_for_other_sources(other: SourcePosition) -> None:
         ([("x-tako-replay-count", b"2.5")], 0),
         ([("x-tako-replay-count", b"\xff\xfe")], 0),
         ([("x-tako-replay-count", b"9" * 5000)], 0),
+        # Digits only, at most ten: once turned into any int, and past 64 bits the record
+        # could not be encoded (TypeError), so the request was never dead-lettered.
+        ([("x-tako-replay-count", b"9" * 10)], 9_999_999_999),
+        ([("x-tako-replay-count", b"9" * 11)], 0),
+        ([("x-tako-replay-count", b"1" * 4000)], 0),
+        ([("x-tako-replay-count", b"+5")], 0),
+        ([("x-tako-replay-count", b"1_000")], 0),
+        ([("x-tako-replay-count", "\u0663".encode())], 0),  # ARABIC-INDIC DIGIT THREE
     ],
 )
 def test_replay_count(headers: list[tuple[str, bytes]] | None, expected: int) -> None:

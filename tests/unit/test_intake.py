@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tako_stream import dlq
 from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
 from tako_stream.core.models import (
     CORRELATION_HEADER,
@@ -17,6 +18,8 @@ from tako_stream.core.models import (
     ExecutionResult,
 )
 from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.message import Incoming
+from tako_stream.worker import publish
 from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.intake import Rejection, decode, rejection_cost
 from tako_stream.worker.verdict import Job, Verdict, answer
@@ -184,6 +187,62 @@ async def test_a_rejection_whose_batched_result_is_refused_is_dead_lettered_alon
         assert by_id["long"].error.type is ErrorType.INTERNAL_ERROR
         assert "No answer could be published" in by_id["long"].error.message
         assert by_id["long"].original_value is not None
+
+
+async def test_a_huge_replay_count_in_a_batch_of_rejections_poisons_no_answer() -> None:
+    """A replay-count header of 4000 digits once made its DLQ record unencodable (TypeError,
+    past 64 bits) after the batch's results were sent: every answer of the batch was then
+    published again one by one, and that request got internal_error and no DLQ record."""
+    async with intake_rig(partitions=(0,)) as rig:
+        ids = ["before", "poisoned", "after"]
+        for execution_id in ids:
+            count = b"9" * 4000 if execution_id == "poisoned" else b"1"
+            rig.source.add(
+                request_bytes(execution_id=execution_id, code=""),
+                headers=[(dlq.REPLAY_COUNT_HEADER, count)],
+            )
+        await rig.source.wait_committed(0, 3)
+        assert sorted(r.execution_id for r in rig.sink.results()) == sorted(ids)  # once each
+        assert {r.error.type for r in rig.sink.results() if r.error} == {ErrorType.INVALID_REQUEST}
+        by_id = {d.execution_id: d for d in rig.sink.dead_letters()}
+        assert sorted(by_id) == sorted(ids) and len(rig.sink.dead_letters()) == 3
+        assert by_id["poisoned"].error.type is ErrorType.INVALID_REQUEST
+        assert by_id["poisoned"].replay_count == 0 and by_id["after"].replay_count == 1
+
+
+async def test_a_dead_letter_that_cannot_be_built_costs_the_batch_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever else might make one DLQ record fail to build, that request is dead-lettered
+    without its headers, saying why, and the batch's other answers are sent once."""
+
+    def fragile(message: Incoming, result: ExecutionResult, **kwargs: Any) -> dlq.DeadLetter:
+        if any(name == "x-unforeseen" for name, _ in message.headers):
+            raise TypeError("something unforeseen")
+        return dlq.dead_letter(message, result, **kwargs)
+
+    monkeypatch.setattr(publish, "dead_letter", fragile)
+    async with intake_rig(partitions=(0,)) as rig:
+        ids = ["first", "odd", "last"]
+        for execution_id in ids:
+            extra = [("x-unforeseen", b"1")] if execution_id == "odd" else []
+            rig.source.add(
+                request_bytes(execution_id=execution_id, code=""),
+                headers=[*correlation(f"c-{execution_id}"), *extra],
+            )
+        await rig.source.wait_committed(0, 3)
+        assert sorted(r.execution_id for r in rig.sink.results()) == sorted(ids)  # once each
+        assert all(r.status is Status.REJECTED for r in rig.sink.results())
+        by_id = {d.execution_id: d for d in rig.sink.dead_letters()}
+        assert sorted(by_id) == sorted(ids) and len(rig.sink.dead_letters()) == 3
+        odd = by_id["odd"]
+        assert odd.error.type is ErrorType.INTERNAL_ERROR
+        assert (
+            "invalid_request" in odd.error.message and "something unforeseen" in odd.error.message
+        )
+        assert odd.original_headers == [] and odd.original_value is not None
+        assert odd.correlation_id == "c-odd"
+        assert by_id["first"].error.type is ErrorType.INVALID_REQUEST
 
 
 async def test_an_idempotent_repeat_in_the_same_batch_of_rejections_is_skipped() -> None:
