@@ -155,8 +155,13 @@ def summarise(value: bytes) -> tuple[ErrorType, bytes]:
             "original_omitted": True,
         }
     )
+    try:
+        encoded = dumps(summary)
+    except TypeError as exc:  # a number past 64 bits: not a record of ours, and unreadable
+        # as such (ValueError is what views skip); a TypeError ended the worker's DLQ follower
+        raise ValueError(f"a DLQ record that cannot be encoded again: {exc}") from exc
     # a copy: orjson's output keeps its larger working buffer (8 KB here) allocated
-    return record.error.type, bytes(memoryview(dumps(summary)))
+    return record.error.type, bytes(memoryview(encoded))
 
 
 def tombstone_headers(record: DLQRecord) -> list[tuple[str, bytes]]:

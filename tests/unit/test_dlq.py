@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -371,3 +372,20 @@ def test_view_summarises_a_large_record_on_arrival_and_answers_none_for_an_unrea
     view.apply(consumed("forged", b"not json", dlq.tombstone_headers(big)[:1]))
     assert view.stats()["total"] == 2
     assert view.get("forged") is None
+
+
+def test_a_record_with_numbers_past_64_bits_is_skipped_not_raised() -> None:
+    """The DLQ topic is anyone's, and a view re-encodes what it reads (the summary): a number
+    orjson cannot write once raised TypeError out of the view, ending the worker's DLQ follower
+    and the worker with it, again on every restart."""
+    record, _ = entry(5)
+    body = record.model_dump(mode="json")
+    body["replay_count"] = 10**30
+    huge = json.dumps(body).encode()  # json: orjson refuses to write it
+    view = dlq.DLQView()
+    view.apply(consumed("no-header", huge))  # summarised on arrival
+    view.apply(consumed("typed", huge, dlq.tombstone_headers(record)[:1]))  # when asked
+    assert view.get("no-header") is None and view.get("typed") is None
+    store = dlq.DLQStore(keep_originals=False)
+    store.apply(b"no-header", huge)
+    assert len(store) == 0
