@@ -21,15 +21,23 @@ from tako_stream.kafka.view import KeyedView
 log = logging.getLogger(__name__)
 
 
+def _cancelled_id(raw: bytes) -> str:
+    """The id a control-topic record cancels (validated as a whole ``CancelRequest``)."""
+    return CancelRequest.model_validate_json(raw).execution_id
+
+
 class Cancellations:
     """Cancel requests seen so far (the most recent ``keep``), and the jobs running here."""
 
     def __init__(self, keep: int = 100_000) -> None:
-        self._requested: KeyedView[CancelRequest] = KeyedView(
-            CancelRequest.model_validate_json,
+        # Only the ids (at most 128 characters): whether a job was cancelled is all anyone asks
+        # here, and whole requests (reason, correlation id, time) cost 2.5-6 KB each when long,
+        # several hundred megabytes at ``keep``.
+        self._requested: KeyedView[str] = KeyedView(
+            _cancelled_id,
             keep=keep,
             name="control topic",
-            key_of=lambda request: request.execution_id,
+            key_of=lambda execution_id: execution_id,
         )
         self._running: dict[str, asyncio.Event] = {}
         #: Set once the control topic has been read up to where it ended at start-up.
@@ -37,16 +45,16 @@ class Cancellations:
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """Fold one control-topic record in (``kafka.reader.tail`` calls this)."""
-        request = self._requested.apply(key, value)
-        if request is None:
+        execution_id = self._requested.apply(key, value)
+        if execution_id is None:
             return
-        event = self._running.get(request.execution_id)
+        event = self._running.get(execution_id)
         if event is not None:
-            log.info("cancel requested for running job %s", request.execution_id)
+            log.info("cancel requested for running job %s", execution_id)
             event.set()
 
-    def requested(self, execution_id: str) -> CancelRequest | None:
-        return self._requested.get(execution_id)
+    def requested(self, execution_id: str) -> bool:
+        return execution_id in self._requested
 
     @contextmanager
     def watch(self, execution_id: str) -> Iterator[asyncio.Event]:

@@ -455,7 +455,7 @@ class Intake:
     ) -> ExecutionResult:
         job = self._job(request, execution_id, corr, queued)
         try:
-            if self.cancellations.requested(execution_id) is not None:
+            if self.cancellations.requested(execution_id):
                 log.info("cancelled before it ran")
                 return answer(job, Verdict.cancelled_before_start())
             with self.cancellations.watch(execution_id) as cancel:
