@@ -29,6 +29,7 @@ import base64
 import json
 import os
 import random
+import socket
 import sys
 import time
 import uuid
@@ -45,7 +46,8 @@ from tako_stream import dlq as dlq_module
 from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
-from tako_stream.kafka.reader import read_to_end
+from tako_stream.kafka.reader import TopicReader, read_to_end
+from tako_stream.worker.breaker.state import endpoint_key
 from tests.integration.stack import Stack, WorkerProcess
 from tests.integration.test_answers import all_committed
 
@@ -610,6 +612,45 @@ async def test_a_huge_replay_count_header_costs_no_answer_twice(bad_stack: Stack
     assert record.error.type == "invalid_request" and record.replay_count == 0
     assert dlq_matches(record, poisoned)
     await assert_healthy_and_runs_a_job(stack, stack.workers[0])
+
+
+async def test_a_breaker_record_without_a_time_zone_is_no_poison(bad_stack: Stack) -> None:
+    """The breaker's changelog is anyone's too: an open state whose time has no zone once made
+    every read of the breaker raise TypeError (naive minus aware), so the worker's ping task
+    died and the worker with it, again on every restart.  The time is read as UTC now: the
+    worker's pings see the breaker half open (2024 is long past) and report to it."""
+    stack, worker = bad_stack, bad_stack.workers[0]
+    settings = stack.settings
+    endpoint = endpoint_key(os.environ.get("DOCKER_HOST"), socket.gethostname())  # the worker's
+    record = {"endpoint": endpoint, "state": "open", "opened_at": "2024-01-01T00:00:00"}
+    async with TopicReader(settings, settings.breaker_topic) as events:
+        await events.from_end()
+        producer = raw_producer(stack)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.breaker_changelog_topic, orjson.dumps(record), key=endpoint.encode()
+            )
+        finally:
+            await producer.stop()
+        reported = None
+        deadline = time.monotonic() + 60
+        while reported is None and time.monotonic() < deadline:
+            assert worker.proc.poll() is None, f"worker died:\n{worker.log_tail()}"
+            for event in await events.fetch(timeout=1.0):
+                body = orjson.loads(event.value or b"{}")
+                if body.get("worker_id") == worker.worker_id and body.get("source") == "ping":
+                    reported = body
+    assert reported is not None, f"no ping reported to the breaker:\n{worker.log_tail()}"
+    assert reported["endpoint"] == endpoint and reported["outcome"] == "success"
+    # The table's writer folds the successes into a closed state, which every reader reads.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = await worker.health()
+        if health is not None and health["circuit_breaker"]["state"] == "closed":
+            break
+        await asyncio.sleep(0.5)
+    await assert_healthy_and_runs_a_job(stack, worker)
 
 
 def vm_rss_kib(pid: int) -> int:
