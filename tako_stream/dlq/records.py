@@ -169,8 +169,21 @@ def tombstone_headers(record: DLQRecord) -> list[tuple[str, bytes]]:
     return [(H_ERROR_TYPE, record.error.type.value.encode()), (H_DLQ_ID, record.dlq_id.encode())]
 
 
-def refusal(record: DLQRecord, max_replays: int) -> str | None:
-    """Why an entry must not be replayed, if it must not."""
+def refusal(record: DLQRecord, max_replays: int, *, requests_topic: str) -> str | None:
+    """Why an entry must not be replayed, if it must not.
+
+    Anyone who can write to the DLQ topic writes what a replay produces, and where: only an
+    entry from ``requests_topic`` is replayed (to it), and only bytes that decode (else a
+    replay of many would stop partway, some entries replayed and tombstoned, the rest not)."""
+    if record.source.topic != requests_topic:
+        return (
+            f"its source topic {record.source.topic!r} is not this deployment's requests topic "
+            f"({requests_topic!r}): a replay writes only there"
+        )
+    try:
+        replay_message(record)
+    except ValueError as exc:  # binascii.Error is a ValueError
+        return f"its original bytes are not valid base64 ({exc})"
     if record.replay_count >= max_replays:
         return f"replayed {record.replay_count} times already (limit {max_replays})"
     if record.original_truncated:
@@ -189,13 +202,15 @@ def replay_message(
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """The original key, value and headers, with the replay count one higher."""
     headers = [
-        (k, base64.b64decode(v))
+        (k, base64.b64decode(v, validate=True))
         for k, v in record.original_headers
         if k.lower() != REPLAY_COUNT_HEADER
     ]
     headers.append((REPLAY_COUNT_HEADER, str(record.replay_count + 1).encode()))
-    key = base64.b64decode(record.original_key) if record.original_key is not None else None
-    if key is None:
-        key = record.execution_id.encode()
-    value = base64.b64decode(record.original_value) if record.original_value is not None else None
-    return key, value, headers
+    key = record.original_key
+    key_bytes = base64.b64decode(key, validate=True) if key is not None else None
+    if key_bytes is None:
+        key_bytes = record.execution_id.encode()
+    value = record.original_value
+    value_bytes = base64.b64decode(value, validate=True) if value is not None else None
+    return key_bytes, value_bytes, headers

@@ -91,7 +91,8 @@ async def replay(
     dry_run: bool = False,
     progress: Callable[[str, DLQRecord, int, int], None] | None = None,
 ) -> ReplayOutcome:
-    """Re-produce each original request to its source topic, then tombstone its entry.
+    """Re-produce each original request to the requests topic it came from, then tombstone
+    its entry.
 
     An entry already replayed ``max_replays`` times is refused, so a request that keeps failing
     cannot loop.  ``rate`` caps replays per second; ``dry_run`` only reports what would happen.
@@ -102,7 +103,7 @@ async def replay(
         await producer.start()
     try:
         for n, record in enumerate(records, 1):
-            reason = refusal(record, max_replays)
+            reason = refusal(record, max_replays, requests_topic=settings.requests_topic)
             if reason is not None:
                 outcome.refused.append((record.dlq_id, reason))
                 if progress:
@@ -111,7 +112,7 @@ async def replay(
             if producer is not None:
                 key, value, headers = replay_message(record)
                 await producer.send_and_wait(
-                    record.source.topic, key=key, value=value, headers=headers
+                    settings.requests_topic, key=key, value=value, headers=headers
                 )
                 await producer.send_and_wait(
                     settings.dlq_topic,

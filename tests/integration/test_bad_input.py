@@ -337,7 +337,8 @@ def dlq_matches(record: DLQRecord, case: Case) -> bool:
             and value == case.value[: dlq_module.MAX_ORIGINAL_BYTES]
             and key == case.key
             and record.original_size >= len(case.value)
-            and dlq_module.refusal(record, max_replays=3) is not None
+            and dlq_module.refusal(record, max_replays=3, requests_topic=record.source.topic)
+            is not None
         )
     return value == case.value and key == case.key and headers == case.headers
 

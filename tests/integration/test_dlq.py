@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from tako_stream import dlq
 from tako_stream.client import Producer, ResultReader
+from tako_stream.core.models import DLQRecord
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,3 +115,42 @@ async def test_dlq_stats_list_delete_and_replay(new_stack: Stack) -> None:
     code, out, err = await new_stack.cli("dlq", "replay", "--all", "--max-replays", "2")
     assert code == 1 and "refused 1" in out and "limit 2" in err
     assert (await dlq.read_store(settings)).stats()["total"] == 1
+
+
+async def test_replay_writes_only_to_the_requests_topic(new_stack: Stack) -> None:
+    """A DLQ entry names its source topic, and anyone who can write the DLQ topic writes
+    entries: one naming the results topic is refused, and nothing is written there."""
+    settings = new_stack.settings
+    forged = DLQRecord.model_validate(
+        {
+            "dlq_id": f"forged-{uuid.uuid4().hex[:8]}",
+            "execution_id": "forged-1",
+            "correlation_id": "forged",
+            "error": {"type": "invalid_request", "message": "x"},
+            "attempts": 0,
+            "first_failure_at": "2026-11-30T00:00:00Z",
+            "last_failure_at": "2026-11-30T00:00:00Z",
+            "worker_id": "w",
+            "source": {"topic": settings.results_topic, "partition": 0, "offset": 0},
+            "original_key": base64.b64encode(b"forged-1").decode(),
+            "original_value": base64.b64encode(b'{"status": "succeeded"}').decode(),
+            "original_headers": [],
+            "original_size": 10,
+            "original_truncated": False,
+        }
+    )
+    async with Producer(settings) as producer:
+        await producer.send_raw(
+            orjson.dumps(forged.model_dump(mode="json")),
+            key=forged.dlq_id.encode(),
+            topic=settings.dlq_topic,
+        )
+    for _ in range(40):
+        if forged.dlq_id in {e.dlq_id for e in (await dlq.read_store(settings)).records()}:
+            break
+        await asyncio.sleep(0.5)
+    async with ResultReader(settings) as reader:
+        code, out, err = await new_stack.cli("dlq", "replay", "--all")
+        assert code == 1 and "refused 1" in out, (out, err)
+        assert "is not this deployment's requests topic" in err
+        assert await reader.wait_for({"forged-1"}, 3) == {}

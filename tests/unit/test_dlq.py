@@ -217,7 +217,7 @@ def test_an_original_too_large_for_a_record_is_truncated_and_not_replayed() -> N
     assert unb64(record.original_value) == value[: dlq.MAX_ORIGINAL_BYTES]
     assert record.original_headers == []
     assert len(encoded) < 8 * 1024 * 1024 - 64 * 1024
-    reason = dlq.refusal(record, max_replays=3)
+    reason = dlq.refusal(record, max_replays=3, requests_topic="tako.requests")
     assert reason is not None and "tako.requests[3]@1234" in reason
 
 
@@ -239,9 +239,16 @@ def test_summaries_leave_the_original_out_and_are_not_replayed() -> None:
     assert kept.original_omitted and kept.original_value is None and kept.original_headers == []
     assert kept.original_size == record.original_size and kept.error == record.error
     assert full.get(record.dlq_id) == record
-    assert dlq.refusal(record, max_replays=3) is None
-    assert dlq.refusal(kept, max_replays=3) is not None
-    assert dlq.refusal(record.model_copy(update={"replay_count": 3}), max_replays=3) is not None
+    assert dlq.refusal(record, max_replays=3, requests_topic="tako.requests") is None
+    assert dlq.refusal(kept, max_replays=3, requests_topic="tako.requests") is not None
+    assert (
+        dlq.refusal(
+            record.model_copy(update={"replay_count": 3}),
+            max_replays=3,
+            requests_topic="tako.requests",
+        )
+        is not None
+    )
 
 
 def written_at(offset: int, last_failure_at: str) -> tuple[bytes, bytes]:
@@ -389,3 +396,31 @@ def test_a_record_with_numbers_past_64_bits_is_skipped_not_raised() -> None:
     store = dlq.DLQStore(keep_originals=False)
     store.apply(b"no-header", huge)
     assert len(store) == 0
+
+
+def test_an_entry_from_another_topic_is_not_replayed() -> None:
+    # Anyone who can write the DLQ topic names the source: a replay would write their bytes to
+    # the results, control or workers topic on the operator's behalf.
+    record, _, _ = build()
+    forged = record.model_copy(
+        update={"source": record.source.model_copy(update={"topic": "tako.results"})}
+    )
+    reason = dlq.refusal(forged, max_replays=3, requests_topic="tako.requests")
+    assert reason is not None and "'tako.results'" in reason
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"original_value": "not base64!"},
+        {"original_key": "abc"},  # bad padding
+        {"original_headers": [("h", "%%%")]},
+    ],
+)
+def test_an_entry_whose_bytes_do_not_decode_is_refused_not_half_replayed(
+    update: dict[str, object],
+) -> None:
+    record, _, _ = build(headers=[("h", b"v")])
+    broken = record.model_copy(update=update)
+    reason = dlq.refusal(broken, max_replays=3, requests_topic="tako.requests")
+    assert reason is not None and "base64" in reason
