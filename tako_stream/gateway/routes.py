@@ -229,12 +229,15 @@ class Routes:
         )
         return str(fields["execution_id"]), landed
 
-    async def _read_back(self, landed: RecordMetadata) -> None:
+    async def _read_back(self, landed: RecordMetadata) -> bool:
         """Until this gateway's store has read a record it produced, so what it answers next
-        (``GET /jobs/{id}`` right after a submit, say) knows of it; bounded."""
+        (``GET /jobs/{id}`` right after a submit, say) knows of it; bounded: whether it has."""
         tp = TopicPartition(landed.topic, landed.partition)
-        with contextlib.suppress(TimeoutError):
+        try:
             await self.view.wait_for_position(tp, landed.offset, self.settings.gateway_ready_wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def _submit(
         self, request: web.Request, body: ExecutionRequest, raw: dict[str, Any]
@@ -256,8 +259,16 @@ class Routes:
             # this gateway reads back which one that was.
             body = body.model_copy(update={"execution_id": execution_id})
             _, landed = await self._produce(request, body, [(PAYLOAD_HEADER, digest.encode())])
-            await self._read_back(landed)
+            read_back = await self._read_back(landed)
             known = await self.view.request(execution_id)
+            if known is None and not read_back:
+                # The store lags: the job is queued, but whose it is cannot be told yet.  A 409
+                # would have the client retry under another key and run it twice; a 503 has it
+                # retry this one, which then finds the job.
+                raise NotReady(
+                    "the gateway's store has not read the job back yet: retry with the same "
+                    "idempotency key"
+                )
             ours = (landed.partition, landed.offset)
             if known is not None and (known.partition, known.offset) == ours:
                 return JobAccepted(job_id=execution_id, status="queued")
