@@ -27,6 +27,8 @@ from tako_stream.core.requirements import parse_requirement
 
 #: Header carrying the correlation id on requests, results and DLQ records.
 CORRELATION_HEADER = "x-correlation-id"
+#: Longest correlation id kept, from a Kafka header or an HTTP one (a longer one is replaced).
+MAX_CORRELATION_CHARS = 256
 #: Header of an idempotent request (the gateway's ``idempotency_key``): the digest of the payload
 #: it was submitted with.  Its execution id comes from the key, so repeats share the id.
 PAYLOAD_HEADER = "x-tako-payload-sha256"
@@ -465,7 +467,7 @@ class CancelRequest(BaseModel):
     execution_id: str = Field(min_length=1, max_length=128)
     requested_at: datetime
     reason: str | None = Field(default=None, max_length=1000)
-    correlation_id: str | None = Field(default=None, max_length=128)
+    correlation_id: str | None = Field(default=None, max_length=MAX_CORRELATION_CHARS)
 
 
 class JobStatus(BaseModel):

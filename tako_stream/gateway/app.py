@@ -20,7 +20,7 @@ from tako_stream.gateway.api import ROUTES
 from tako_stream.gateway.limits import FixedWindow
 from tako_stream.gateway.routes import Handler, Routes, error_response
 from tako_stream.gateway.views import ClusterView, NotReady
-from tako_stream.kafka.codec import new_id
+from tako_stream.kafka.codec import clean_correlation_id
 from tako_stream.logs import configure, job_context
 from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
 from tako_stream.settings import Settings
@@ -97,8 +97,12 @@ class Gateway:
     @web.middleware
     async def _correlation(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every request gets a correlation id (the caller's, or a new one), echoed back."""
-        correlation_id = request.headers.get(CORRELATION_HTTP_HEADER) or new_id()
-        request["correlation_id"] = correlation_id[:256]
+        # Cleaned as a Kafka header's is: one that is not printable UTF-8 (aiohttp hands such
+        # bytes over as surrogate escapes, which no JSON body or header can carry) or is too
+        # long for a CancelRequest is replaced, never an error outside every handler.
+        request["correlation_id"] = clean_correlation_id(
+            request.headers.get(CORRELATION_HTTP_HEADER)
+        )
         with job_context("-", request["correlation_id"]):
             try:
                 response = await self._protected(request, handler)

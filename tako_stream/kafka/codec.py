@@ -16,12 +16,11 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from tako_stream.core.errors import InvalidRequestError
-from tako_stream.core.models import CORRELATION_HEADER, ExecutionRequest
+from tako_stream.core.models import CORRELATION_HEADER, MAX_CORRELATION_CHARS, ExecutionRequest
 
 Headers = Sequence[tuple[str, bytes]]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_MAX_CORRELATION = 256
 #: An invalid_request answer names at most this many problems, each in at most _MAX_ERROR chars
 #: (with its field name cut at _MAX_LOC): a request with 200,000 unknown fields, or one named
 #: with a megabyte, must not make a multi-megabyte answer (nor a DLQ record over the topic's max).
@@ -68,13 +67,20 @@ def header(headers: Headers | None, name: str) -> bytes | None:
 def correlation_id(headers: Headers | None) -> str:
     """The request's correlation id, or a new one; unprintable or huge values are replaced."""
     raw = header(headers, CORRELATION_HEADER)
-    if raw:
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
-        if text and len(text) <= _MAX_CORRELATION and text.isprintable():
-            return text
+    try:
+        text = raw.decode("utf-8") if raw else None
+    except UnicodeDecodeError:
+        text = None
+    return clean_correlation_id(text)
+
+
+def clean_correlation_id(text: str | None) -> str:
+    """``text`` stripped if it is printable and at most ``MAX_CORRELATION_CHARS`` long, else a
+    new id: it goes into JSON, log lines and headers.  An HTTP header's bytes that are not
+    UTF-8 arrive as surrogate escapes, which are not printable."""
+    text = (text or "").strip()
+    if text and len(text) <= MAX_CORRELATION_CHARS and text.isprintable():
+        return text
     return new_id()
 
 

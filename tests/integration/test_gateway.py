@@ -16,10 +16,12 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+import orjson
 import pytest
 import requests
 
 from tako_stream.client import Producer
+from tako_stream.core.models import MAX_CORRELATION_CHARS
 from tests.integration import seed_snippets
 from tests.integration.stack import Stack
 
@@ -593,3 +595,34 @@ async def test_a_connect_to_the_outside_is_a_network_error(gw: Gateway, code: st
     status, body, _ = await gw.call("POST", "/execute", json={"code": code})
     assert status == 200 and body["success"] is False, body
     assert body["error_type"] == "network_error", body  # Tako VM's type, not os_error
+
+
+async def test_correlation_ids_that_are_not_printable_utf8_or_too_long_are_replaced(
+    gw: Gateway,
+) -> None:
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(  # bytes that are not UTF-8, as aiohttp's client cannot send them
+        b"GET /job-types/nope HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        b"X-Correlation-ID: caf\xe9\r\n\r\n"
+    )
+    head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 404"), head + body  # the handler's answer, not a bare 500
+    fresh = uuid.UUID(orjson.loads(body)["correlation_id"])
+    assert f"X-Correlation-ID: {fresh}".encode() in head
+
+    # The longest id kept is also the longest a cancel carries: it reaches the worker.
+    status, accepted, _ = await gw.call(
+        "POST", "/execute/async", json={"code": "import time; time.sleep(30)", "timeout": 60}
+    )
+    assert status == 200, accepted
+    longest = "c" * MAX_CORRELATION_CHARS
+    status, body, headers = await gw.call(
+        "POST",
+        f"/jobs/{accepted['job_id']}/cancel?wait=true&timeout=120",
+        headers={"X-Correlation-ID": longest},
+    )
+    assert status == 200 and headers["X-Correlation-ID"] == longest, body
+    assert body["result"]["status"] == "cancelled", body

@@ -3,16 +3,22 @@ client sees when the store lags or a request carries values no handler foresaw."
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.structs import RecordMetadata
 
 from tako_stream.core.jobtypes import JobTypes
+from tako_stream.core.models import CORRELATION_HEADER, MAX_CORRELATION_CHARS, CancelRequest
 from tako_stream.gateway.app import Gateway
+from tako_stream.gateway.store import Job, Request
+from tako_stream.kafka.codec import correlation_id
 from tako_stream.settings import Settings
 
 # The gateway keeps the correlation id under a string key, as aiohttp allows (with a warning,
@@ -68,3 +74,69 @@ async def test_an_idempotent_submit_whose_read_back_times_out_is_a_503_not_a_409
     assert resp.status == 503, answer
     assert answer["correlation_id"] == "c-1" and "retry" in answer["detail"]
     assert len(gateway.view.producer.records) == 1  # type: ignore[attr-defined]
+
+
+async def raw_get(client: TestClient[Any, Any], path: str, header: bytes) -> tuple[int, bytes]:
+    """GET with an ``X-Correlation-ID`` of exactly these bytes (aiohttp's client encodes
+    header text as UTF-8, so it cannot send the bytes a hostile client can)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        b"X-Correlation-ID: " + header + b"\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head + b"\n" + body
+
+
+def fresh(correlation_id: str) -> bool:
+    return str(uuid.UUID(correlation_id)) == correlation_id
+
+
+@pytest.mark.parametrize("header", [b"caf\xe9-latin-1", b"\xff\xfe", b"ok-\xe2\x80\xa8-u2028"])
+async def test_a_correlation_id_that_is_not_printable_utf8_is_replaced_not_a_500(
+    client: TestClient[Any, Any], header: bytes
+) -> None:
+    status, answer = await raw_get(client, "/job-types/nope", header)
+    assert status == 404, answer  # the handler's own answer, in its JSON shape
+    head, _, body = answer.partition(b"\n{")
+    correlation_id = orjson.loads(b"{" + body)["correlation_id"]
+    assert fresh(correlation_id) and f"X-Correlation-ID: {correlation_id}".encode() in head
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("é-trace-1", True),
+        ("x" * MAX_CORRELATION_CHARS, True),
+        ("x" * (MAX_CORRELATION_CHARS + 1), False),
+    ],
+)
+async def test_correlation_ids_follow_the_rule_kafka_headers_do(
+    client: TestClient[Any, Any], sent: str, kept: bool
+) -> None:
+    resp = await client.get("/job-types/nope", headers={"X-Correlation-ID": sent})
+    answer = await resp.json()
+    assert resp.status == 404 and answer["correlation_id"] == resp.headers["X-Correlation-ID"]
+    if kept:
+        assert answer["correlation_id"] == sent
+        assert correlation_id([(CORRELATION_HEADER, sent.encode())]) == sent  # as on Kafka
+    else:
+        assert fresh(answer["correlation_id"])  # not cut short: a fresh one, as on Kafka
+
+
+async def test_a_cancel_carries_the_longest_correlation_id_the_gateway_takes(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def queued(execution_id: str) -> tuple[str, None, Job]:
+        return "queued", None, Job(request=Request(None, 0, 0, None))
+
+    monkeypatch.setattr(gateway.view, "find", queued)
+    longest = "c" * MAX_CORRELATION_CHARS
+    resp = await client.post("/jobs/j-1/cancel", headers={"X-Correlation-ID": longest})
+    assert resp.status == 200, await resp.text()
+    (sent,) = gateway.view.producer.records  # type: ignore[attr-defined]
+    cancel = CancelRequest.model_validate_json(sent["value"])
+    assert cancel.execution_id == "j-1" and cancel.correlation_id == longest
