@@ -68,6 +68,9 @@ ARTIFACT_READS = 8
 #: Tako VM's bounds: a result is waited for 1-300 s; a page holds up to 1000 items.
 MIN_WAIT, MAX_WAIT = 1.0, 300.0
 MAX_PAGE = 1000
+#: Ours: past any store's rows (SQLite's OFFSET walks every row it skips), and an integer
+#: SQLite holds (a larger one raised out of the handler: a 500).
+MAX_OFFSET = 1_000_000_000
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -130,15 +133,28 @@ def _pending_status(state: str) -> str:
 
 
 def _page_query(request: web.Request) -> tuple[int, int] | web.Response:
-    """``limit`` (1-1000, 100 by default) and ``offset`` (≥ 0), else a 422."""
+    """``limit`` (1-1000, 100 by default) and ``offset`` (0-``MAX_OFFSET``), else a 422."""
     try:
         limit = int(request.query.get("limit", "100"))
         offset = int(request.query.get("offset", "0"))
-        if not 1 <= limit <= MAX_PAGE or offset < 0:
+        if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
             raise ValueError
     except ValueError:
-        return error_response(request, 422, f"limit must be 1..{MAX_PAGE} and offset ≥ 0")
+        detail = f"limit must be 1..{MAX_PAGE} and offset 0..{MAX_OFFSET}"
+        return error_response(request, 422, detail)
     return limit, offset
+
+
+def _time_query(request: web.Request, name: str) -> str | None:
+    """The ``name`` parameter as the store's sortable UTC text (ISO 8601; no zone: UTC);
+    ValueError naming it when it is no time, or one UTC cannot hold (year 1 at +01:00)."""
+    when = dlq.parse_time(request.query.get(name))
+    if when is None:
+        return None
+    try:
+        return sortable(when)
+    except OverflowError:
+        raise ValueError(f"{name}: {when.isoformat()} is out of range in UTC") from None
 
 
 def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, Any]:
@@ -629,14 +645,14 @@ class Routes:
             return page
         limit, offset = page
         try:
-            since = dlq.parse_time(request.query.get("since"))
-            until = dlq.parse_time(request.query.get("until"))
+            since = _time_query(request, "since")
+            until = _time_query(request, "until")
         except ValueError as exc:
             return error_response(request, 422, str(exc))
         total, entries = await self.view.dead_letters(
             error_type=request.query.get("error_type"),
-            since=sortable(since) if since else None,
-            until=sortable(until) if until else None,
+            since=since,
+            until=until,
             limit=limit,
             offset=offset,
         )

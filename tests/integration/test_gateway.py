@@ -626,3 +626,15 @@ async def test_correlation_ids_that_are_not_printable_utf8_or_too_long_are_repla
     )
     assert status == 200 and headers["X-Correlation-ID"] == longest, body
     assert body["result"]["status"] == "cancelled", body
+
+
+async def test_query_values_no_store_can_take_are_422(gw: Gateway) -> None:
+    for path in ("/executions", "/dlq"):
+        status, body, _ = await gw.call("GET", f"{path}?offset=100000000000000000000")
+        assert status == 422 and "offset" in body["detail"], body
+    for name, when in (
+        ("since", "0001-01-01T00:00:00+01:00"),
+        ("until", "9999-12-31T23:59:59-01:00"),
+    ):
+        status, body, _ = await gw.call("GET", "/dlq", params={name: when})
+        assert status == 422 and body["detail"].startswith(f"{name}: "), body

@@ -17,6 +17,7 @@ from aiokafka.structs import RecordMetadata
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.core.models import CORRELATION_HEADER, MAX_CORRELATION_CHARS, CancelRequest
 from tako_stream.gateway.app import Gateway
+from tako_stream.gateway.routes import MAX_OFFSET
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id
 from tako_stream.settings import Settings
@@ -140,3 +141,30 @@ async def test_a_cancel_carries_the_longest_correlation_id_the_gateway_takes(
     (sent,) = gateway.view.producer.records  # type: ignore[attr-defined]
     cancel = CancelRequest.model_validate_json(sent["value"])
     assert cancel.execution_id == "j-1" and cancel.correlation_id == longest
+
+
+@pytest.mark.parametrize("path", ["/executions", "/dlq"])
+@pytest.mark.parametrize("offset", [str(MAX_OFFSET + 1), "100000000000000000000"])
+async def test_an_offset_past_any_store_is_a_422(
+    client: TestClient[Any, Any], path: str, offset: str
+) -> None:
+    resp = await client.get(f"{path}?offset={offset}")
+    answer = await resp.json()
+    assert resp.status == 422 and "offset" in answer["detail"], answer  # SQLite: no such int
+    resp = await client.get(f"{path}?offset={MAX_OFFSET}")
+    assert resp.status == 200 and (await resp.json())["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "when"),
+    [("since", "0001-01-01T00:00:00+01:00"), ("until", "9999-12-31T23:59:59-01:00")],
+)
+async def test_a_dlq_bound_utc_cannot_hold_is_a_422(
+    client: TestClient[Any, Any], name: str, when: str
+) -> None:
+    resp = await client.get("/dlq", params={name: when})  # '+' sent as %2B, as clients do
+    answer = await resp.json()
+    assert resp.status == 422 and answer["detail"].startswith(f"{name}: "), answer
+    assert "UTC" in answer["detail"]
+    resp = await client.get("/dlq", params={name: "0001-01-01T00:00:00-01:00"})  # year 1 in UTC
+    assert resp.status == 200, await resp.text()
