@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -119,7 +120,11 @@ def tako_status(result: ExecutionResult) -> str:
 
 
 def _ms(seconds: float | None) -> int | None:
-    return None if seconds is None else round(seconds * 1000)
+    """Whole milliseconds; None for none, or for a figure no integer holds (anyone's result
+    may say 1e308 or Infinity)."""
+    if seconds is None or not math.isfinite(seconds * 1000):
+        return None
+    return round(seconds * 1000)
 
 
 def iso_ms(produced_ms: int | None) -> str | None:
@@ -131,6 +136,15 @@ def iso_ms(produced_ms: int | None) -> str | None:
         return datetime.fromtimestamp(produced_ms / 1000, UTC).isoformat()
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def iso_utc(moment: datetime) -> str:
+    """A time as ISO 8601 in UTC, or with its own offset when UTC cannot hold it (anyone's
+    result may say 9999-12-31T23:59:59-01:00): the same instant either way."""
+    try:
+        return moment.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):  # ValueError: a naive time read as local, near year 1
+        return moment.isoformat()
 
 
 def tako_dlq_item(summary: bytes) -> dict[str, Any]:
@@ -190,8 +204,7 @@ def execution_record(
         "status": tako_status(result),
         "job_type": name,
         "job_version": result.job_ref or result.job_type or name,
-        "created_at": created_at
-        or (result.started_at or result.finished_at).astimezone(UTC).isoformat(),
+        "created_at": created_at or iso_utc(result.started_at or result.finished_at),
         "started_at": result.started_at.isoformat() if result.started_at else None,
         "ended_at": result.finished_at.isoformat(),
         "duration_ms": timing["execution_ms"],

@@ -6,20 +6,28 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka.structs import RecordMetadata
+from aiokafka.structs import ConsumerRecord, RecordMetadata
 
+from tako_stream.core.errors import Status
 from tako_stream.core.jobtypes import JobTypes
-from tako_stream.core.models import CORRELATION_HEADER, MAX_CORRELATION_CHARS, CancelRequest
+from tako_stream.core.models import (
+    CORRELATION_HEADER,
+    MAX_CORRELATION_CHARS,
+    CancelRequest,
+    ExecutionResult,
+    Timing,
+)
 from tako_stream.gateway.app import Gateway
 from tako_stream.gateway.routes import MAX_OFFSET
 from tako_stream.gateway.store import Job, Request
-from tako_stream.kafka.codec import correlation_id
+from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
 
 # The gateway keeps the correlation id under a string key, as aiohttp allows (with a warning,
@@ -168,3 +176,57 @@ async def test_a_dlq_bound_utc_cannot_hold_is_a_422(
     assert "UTC" in answer["detail"]
     resp = await client.get("/dlq", params={name: "0001-01-01T00:00:00-01:00"})  # year 1 in UTC
     assert resp.status == 200, await resp.text()
+
+
+def stored_result(gateway: Gateway, offset: int, result: ExecutionResult) -> None:
+    """Fold ``result`` into the gateway's store as read from the results topic."""
+    record = ConsumerRecord(
+        topic=gateway.settings.results_topic,
+        partition=0,
+        offset=offset,
+        timestamp=1_700_000_000_000,
+        timestamp_type=0,
+        key=result.execution_id.encode(),
+        value=dumps(result),
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=0,
+        headers=[],
+    )
+    gateway.view.store.apply([record], gateway.settings.topics)
+
+
+async def test_results_whose_times_or_figures_no_answer_holds_are_served_not_a_500(
+    gateway: Gateway, client: TestClient[Any, Any]
+) -> None:
+    def valid(execution_id: str, **fields: Any) -> ExecutionResult:
+        """Valid, and stored (its finished_at is an ordinary time), with no request record."""
+        return ExecutionResult(
+            execution_id=execution_id,
+            correlation_id="c",
+            status=Status.SUCCEEDED,
+            success=True,
+            worker_id="w",
+            finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+            **fields,
+        )
+
+    # created_at falls back to started_at, which is past year 9999 in UTC
+    stored_result(
+        gateway,
+        0,
+        valid(
+            "late",
+            started_at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(-timedelta(hours=1))),
+        ),
+    )
+    # milliseconds no integer holds
+    stored_result(gateway, 1, valid("long", execution_time=1e308, timing=Timing(sandbox=1e308)))
+    resp = await client.get("/executions")
+    page = await resp.json()
+    assert resp.status == 200 and page["total"] == page["count"] == 2, page
+    late, long = sorted(page["items"], key=lambda item: str(item["execution_id"]))
+    assert late["created_at"] == "9999-12-31T23:59:59-01:00"  # the same instant, as given
+    assert long["duration_ms"] is None and long["timing"]["total_ms"] is None
+    for execution_id in ("late", "long"):
+        assert (await client.get(f"/executions/{execution_id}")).status == 200

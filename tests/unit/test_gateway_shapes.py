@@ -12,7 +12,7 @@ from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.models import Artifact, ErrorInfo, ExecutionRequest, ExecutionResult
 from tako_stream.gateway.openapi import document as openapi_document
 from tako_stream.gateway.routes import wait_query
-from tako_stream.gateway.shapes import iso_ms, payload_digest, sync_response
+from tako_stream.gateway.shapes import execution_record, iso_ms, payload_digest, sync_response
 from tako_stream.settings import Settings
 
 
@@ -132,3 +132,22 @@ def test_an_artifact_listing_cannot_carry_a_name_headers_would_break_on(name: st
     listing = {"name": name, "size_bytes": 1, "sha256": "0" * 64, "content_type": "text/plain"}
     with pytest.raises(ValidationError):
         Artifact.model_validate(listing)
+
+
+@pytest.mark.parametrize("started_at", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_a_created_at_utc_cannot_hold_is_given_as_the_result_says(started_at: str) -> None:
+    result = ExecutionResult(
+        execution_id="e1",
+        correlation_id="c1",
+        status=Status.SUCCEEDED,
+        success=True,
+        worker_id="w",
+        started_at=datetime.fromisoformat(started_at),
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    # No request record to date it: started_at, the same instant, not an OverflowError.
+    record = execution_record(result, created_at=None)
+    assert record["created_at"] == record["started_at"] == started_at
+    assert execution_record(result, created_at="2026-01-01T00:00:00+00:00")["created_at"] == (
+        "2026-01-01T00:00:00+00:00"
+    )
