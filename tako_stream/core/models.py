@@ -485,6 +485,13 @@ class JobStatus(BaseModel):
     at: datetime
 
 
+#: What a worker report may list: its engine's OCI runtimes (a few) and its job types' images
+#: (one each), with names as long as Docker's (a reference's name is at most 255 characters,
+#: its tag 128); anyone may write to the workers topic, and the gateway keeps what it reads.
+MAX_RUNTIMES, MAX_RUNTIME_CHARS = 32, 128
+MAX_IMAGES, MAX_IMAGE_CHARS = 256, 512
+
+
 class WorkerReport(BaseModel):
     """A worker's view of its engine, on the workers topic (key = worker_id, compacted; a
     tombstone when it stops): what the gateway, which never talks to Docker, says of the
@@ -496,13 +503,17 @@ class WorkerReport(BaseModel):
     worker_id: str = Field(min_length=1, max_length=256)
     at: AwareDatetime
     interval: float = Field(gt=0, le=300, description="Seconds until its next report.")
-    version: str
+    version: str = Field(max_length=64)
     pool_size: int = Field(ge=0, description="Jobs it runs at once.")
     in_flight: int = Field(ge=0, description="Jobs it has taken and not answered yet.")
     docker_available: bool
-    runtimes: list[str] = Field(default_factory=list, description="OCI runtimes its engine has.")
-    images: dict[str, bool] = Field(
-        default_factory=dict, description="Each job type's image: whether its engine has it."
+    runtimes: list[Annotated[str, StringConstraints(max_length=MAX_RUNTIME_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_RUNTIMES, description="OCI runtimes its engine has."
+    )
+    images: dict[Annotated[str, StringConstraints(max_length=MAX_IMAGE_CHARS)], bool] = Field(
+        default_factory=dict,
+        max_length=MAX_IMAGES,
+        description="Each job type's image: whether its engine has it.",
     )
 
 

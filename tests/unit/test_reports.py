@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
 
 from tako_stream.core.errors import BrokerError, SandboxSetupError, SandboxUnavailableError
-from tako_stream.core.models import WorkerReport
-from tako_stream.gateway.workers import WorkerReports
+from tako_stream.core.models import MAX_IMAGES, MAX_RUNTIMES, WorkerReport
+from tako_stream.gateway.workers import MAX_REPORTS, WorkerReports
 from tako_stream.kafka.codec import dumps
 from tako_stream.worker.reports import Reporter
 
@@ -103,7 +104,7 @@ def report(worker: str, *, age: float = 0, **fields: object) -> bytes:
 
 
 def test_the_gateway_counts_live_workers_only() -> None:
-    reports = WorkerReports()
+    reports = WorkerReports(clock=lambda: NOW)
     assert reports.docker_available(NOW) is None and reports.image_exists("img:1", NOW) is None
     assert reports.slots(NOW) == 0 and not reports.has_runtime("runsc", NOW)
     reports.apply(b"w1", report("w1"))
@@ -133,7 +134,7 @@ def test_the_gateway_counts_live_workers_only() -> None:
     ],
 )
 def test_records_that_are_no_report_are_skipped(junk: bytes) -> None:
-    reports = WorkerReports()
+    reports = WorkerReports(clock=lambda: NOW)
     reports.apply(b"w", junk)
     assert reports.live(NOW) == [] and reports.slots(NOW) == 0
 
@@ -173,3 +174,71 @@ async def test_an_engine_refusing_is_reported_unavailable_and_a_bug_does_not_sto
         await task
     first = WorkerReport.model_validate_json(sent[0][1] or b"")
     assert first.docker_available is False and calls >= 3
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_dead_workers_reports_are_dropped_not_kept() -> None:
+    clock = Clock()
+    reports = WorkerReports(clock=clock)
+    reports.apply(b"w1", report("w1"))
+    for n in range(1000):  # the compacted topic read again: dead workers' last reports
+        reports.apply(f"dead-{n}".encode(), report(f"dead-{n}", age=31))
+    assert len(reports) == 1
+    clock.now += timedelta(seconds=31)  # w1 stopped reporting three intervals ago
+    reports.apply(b"w2", report("w2", age=-31))
+    assert [r.worker_id for r in reports.live()] == ["w2"] and len(reports) == 1
+
+
+def test_reports_are_capped_in_number() -> None:
+    reports = WorkerReports(clock=lambda: NOW)
+    for n in range(MAX_REPORTS + 10):  # anyone may write to the workers topic
+        reports.apply(f"w{n}".encode(), report(f"w{n}"))
+    assert len(reports) == MAX_REPORTS and reports.slots(NOW) == 4 * MAX_REPORTS
+    reports.apply(b"w0", report("w0", pool_size=1))  # a kept worker's next report is taken
+    reports.apply(b"w1", None)  # and one that stops makes room
+    reports.apply(b"new", report("new"))
+    assert {"w0", "new"} <= {r.worker_id for r in reports.live(NOW)}
+    assert len(reports) == MAX_REPORTS and reports.slots(NOW) == 4 * MAX_REPORTS - 3
+
+
+def test_a_report_dated_ahead_is_not_live() -> None:
+    reports = WorkerReports(clock=lambda: NOW)
+    reports.apply(b"skewed", report("skewed", age=-5))  # a clock a little ahead: counted
+    reports.apply(b"future", report("future", age=-3600, pool_size=1000))  # never stale
+    assert [r.worker_id for r in reports.live(NOW)] == ["skewed"] and reports.slots(NOW) == 4
+    assert len(reports) == 1
+    # the future one is not counted when that time comes either: it was never kept
+    assert reports.slots(NOW + timedelta(seconds=3600)) == 0
+
+
+def test_a_record_keyed_other_than_its_worker_is_no_report() -> None:
+    reports = WorkerReports(clock=lambda: NOW)
+    reports.apply(b"x" * 100_000, report("w1"))  # keys were kept whatever their size
+    assert len(reports) == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"images": {f"img-{n}:1": True for n in range(90_000)}},  # 1.1 MB, 8.6 MB parsed
+        {"runtimes": [f"rt-{n}" for n in range(MAX_RUNTIMES + 1)]},
+        {"images": {f"img-{n}:1": True for n in range(MAX_IMAGES + 1)}},
+        {"images": {"i" * 513: True}},
+        {"runtimes": ["r" * 129]},
+    ],
+)
+def test_a_report_listing_more_than_a_worker_could_is_skipped(fields: dict[str, Any]) -> None:
+    reports = WorkerReports(clock=lambda: NOW)
+    reports.apply(b"w", report("w", **fields))
+    assert len(reports) == 0
+    # what a worker sends: its job types' images and its engine's runtimes
+    many = {f"img-{n}:1": True for n in range(MAX_IMAGES)}
+    reports.apply(b"w", report("w", images=many, runtimes=["runc", "runsc"]))
+    assert len(reports) == 1
