@@ -157,6 +157,14 @@ def _time_query(request: web.Request, name: str) -> str | None:
         raise ValueError(f"{name}: {when.isoformat()} is out of range in UTC") from None
 
 
+def _encodes(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, Any]:
     return {
         "items": items,
@@ -509,7 +517,13 @@ class Routes:
                 # Another producer's record on the results topic, or a value no answer holds
                 # that nothing foresaw: one row, never the whole page.
                 log.debug("skipped a stored result that cannot be served", exc_info=True)
-        return json_response(_paged(items, limit, offset, total))
+        try:
+            return json_response(_paged(items, limit, offset, total))
+        except TypeError:
+            # A number past 64 bits in another producer's record (pydantic reads it as an
+            # int, orjson cannot write it): the rows that encode, not a 500 for every reader.
+            items = [item for item in items if _encodes(item)]
+            return json_response(_paged(items, limit, offset, total))
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         """A job's artifact from the artifacts topic, with Tako VM's ETag (its SHA-256); 304

@@ -230,3 +230,39 @@ async def test_results_whose_times_or_figures_no_answer_holds_are_served_not_a_5
     assert long["duration_ms"] is None and long["timing"]["total_ms"] is None
     for execution_id in ("late", "long"):
         assert (await client.get(f"/executions/{execution_id}")).status == 200
+
+
+async def test_a_result_with_a_number_past_64_bits_fails_no_page(
+    gateway: Gateway, client: TestClient[Any, Any]
+) -> None:
+    # Anyone's record on the results topic: pydantic reads a 30-digit exit code as an int,
+    # which orjson cannot write back, so every /executions page holding it was a 500.
+    fine = ExecutionResult(
+        execution_id="fine",
+        correlation_id="c",
+        status=Status.SUCCEEDED,
+        success=True,
+        worker_id="w",
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    stored_result(gateway, 0, fine)
+    body = orjson.loads(dumps(fine))
+    huge = {**body, "execution_id": "huge", "exit_code": 0}
+    record = ConsumerRecord(
+        topic=gateway.settings.results_topic,
+        partition=0,
+        offset=1,
+        timestamp=1_700_000_000_000,
+        timestamp_type=0,
+        key=b"huge",
+        value=orjson.dumps(huge).replace(b'"exit_code":0', b'"exit_code":' + b"1" * 30),
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=0,
+        headers=[],
+    )
+    gateway.view.store.apply([record], gateway.settings.topics)
+    resp = await client.get("/executions")
+    assert resp.status == 200, await resp.text()
+    assert [item["execution_id"] for item in (await resp.json())["items"]] == ["fine"]
+    assert (await client.get("/jobs/huge")).status != 500
