@@ -63,8 +63,9 @@ IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b7a52-7f0e-4b8e-9f3c-1d2a3b4c5d6e")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
-#: Artifacts read from the topic at once (each on a consumer of its own).
-ARTIFACT_READS = 8
+#: Records read from a topic at once (an artifact, a rerun's or fork's original request), each
+#: by a consumer of its own: a connection and a fetch buffer of up to 8 MiB.
+RECORD_READS = 8
 #: Tako VM's bounds: a result is waited for 1-300 s; a page holds up to 1000 items.
 MIN_WAIT, MAX_WAIT = 1.0, 300.0
 MAX_PAGE = 1000
@@ -202,7 +203,7 @@ class Routes:
         self.view = view
         self._openapi = openapi
         self._metrics = metrics
-        self._artifact_reads = asyncio.Semaphore(ARTIFACT_READS)
+        self._record_reads = asyncio.Semaphore(RECORD_READS)
 
     # -- submitting ------------------------------------------------------------------------
     async def _body(
@@ -356,7 +357,10 @@ class Routes:
             return error_response(request, 404, "Job not found")
         if relationship == "rerun" and result is None:
             return error_response(request, 400, "Cannot rerun job that hasn't completed")
-        original = await self.view.original_request(job.request) if job.request else None
+        original = None
+        if job.request:
+            async with self._record_reads:  # a consumer of its own: a few at once
+                original = await self.view.original_request(job.request)
         if original is None:
             return error_response(request, 400, "Original code not available for replay")
         # The parent's request as produced, minus what names or routes that one job.
@@ -536,7 +540,7 @@ class Routes:
             return web.Response(status=304, headers={"ETag": headers["ETag"]})
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(listed.size_bytes)})
-        async with self._artifact_reads:  # each read is a consumer of its own: a few at once
+        async with self._record_reads:  # each read is a consumer of its own: a few at once
             try:
                 data = await read_artifact(
                     self.settings, execution_id, listed, timeout=self.settings.gateway_ready_wait

@@ -25,7 +25,7 @@ from tako_stream.core.models import (
     Timing,
 )
 from tako_stream.gateway.app import Gateway
-from tako_stream.gateway.routes import MAX_OFFSET
+from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
@@ -266,3 +266,49 @@ async def test_a_result_with_a_number_past_64_bits_fails_no_page(
     assert resp.status == 200, await resp.text()
     assert [item["execution_id"] for item in (await resp.json())["items"]] == ["fine"]
     assert (await client.get("/jobs/huge")).status != 500
+
+
+async def test_reruns_read_their_originals_a_few_at_once(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each original is read by a consumer of its own (a connection, a fetch buffer of up to
+    # 8 MiB): a flood of reruns opened one each, all at once, as artifact reads no longer do.
+    done = ExecutionResult(
+        execution_id="p",
+        correlation_id="c",
+        status=Status.SUCCEEDED,
+        success=True,
+        worker_id="w",
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+    async def finished(execution_id: str) -> tuple[str, ExecutionResult, Job]:
+        return "completed", done, Job(request=Request(None, 0, 0, None))
+
+    reading, most = 0, 0
+    release = asyncio.Event()
+
+    async def original(request: Request) -> dict[str, Any]:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        await release.wait()
+        reading -= 1
+        return {"code": "print(1)"}
+
+    monkeypatch.setattr(gateway.view, "find", finished)
+    monkeypatch.setattr(gateway.view, "original_request", original)
+    monkeypatch.setattr(gateway.view, "wait_for_position", lambda *_: asyncio.sleep(0))
+    reruns = [
+        asyncio.ensure_future(client.post("/jobs/p/rerun", json={}))
+        for _ in range(3 * RECORD_READS)
+    ]
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if most >= RECORD_READS:
+            break
+    await asyncio.sleep(0.05)
+    assert most == RECORD_READS
+    release.set()
+    statuses = {(await r).status for r in reruns}
+    assert statuses == {200}, statuses
