@@ -51,7 +51,7 @@ from tako_stream.gateway.shapes import (
 from tako_stream.gateway.store import sortable
 from tako_stream.gateway.views import ClusterView, NotReady
 from tako_stream.kafka.artifacts import content_type, read_artifact
-from tako_stream.kafka.codec import dumps, new_id
+from tako_stream.kafka.codec import dumps, encodes, new_id
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.state import State
 
@@ -156,14 +156,6 @@ def _time_query(request: web.Request, name: str) -> str | None:
         return sortable(when)
     except OverflowError:
         raise ValueError(f"{name}: {when.isoformat()} is out of range in UTC") from None
-
-
-def _encodes(value: Any) -> bool:
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, Any]:
@@ -526,7 +518,7 @@ class Routes:
         except TypeError:
             # A number past 64 bits in another producer's record (pydantic reads it as an
             # int, orjson cannot write it): the rows that encode, not a 500 for every reader.
-            items = [item for item in items if _encodes(item)]
+            items = [item for item in items if encodes(item)]
             return json_response(_paged(items, limit, offset, total))
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:

@@ -37,6 +37,16 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def encodes(value: Any) -> bool:
+    """Whether orjson can write ``value`` (not past its depth limit, no integer past 64 bits,
+    no key that is not a string)."""
+    try:
+        orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def loads(data: bytes | str) -> Any:
     """orjson.loads with the cyclic garbage collector paused: a value of a million small
     containers (anyone's message, a job's result.json) set off a collection every few hundred

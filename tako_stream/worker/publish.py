@@ -31,7 +31,7 @@ from tako_stream.core.models import CORRELATION_HEADER, Artifact, ExecutionResul
 from tako_stream.dlq import DEAD_LETTER_TYPES, DeadLetter, dead_letter
 from tako_stream.kafka import artifacts
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
-from tako_stream.kafka.codec import dumps
+from tako_stream.kafka.codec import dumps, encodes
 from tako_stream.kafka.message import Headers, Incoming
 from tako_stream.logs import job_context
 from tako_stream.settings import Topics
@@ -75,13 +75,13 @@ def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
     except (orjson.JSONEncodeError, TypeError, ValueError) as exc:
         reason = exc
     job = Job.of(result)
-    if not _encodes(result.output):
+    if not encodes([result.output]):  # one level down, as inside a result
         verdict = Verdict.failure(
             ErrorType.INVALID_OUTPUT,
             result.exit_code,
             message=f"The job's output cannot be carried in a result ({reason})",
         )
-    elif not _encodes(result.metadata):
+    elif not encodes([result.metadata]):
         job = Job.of(result, keep_metadata=False)
         verdict = Verdict.rejected(
             [f"metadata: cannot be carried in a result ({reason})"]  # checked on entry too
@@ -98,15 +98,6 @@ def encode(result: ExecutionResult) -> tuple[ExecutionResult, bytes]:
     except (orjson.JSONEncodeError, TypeError, ValueError):  # metadata passed the check above
         bare = answer(Job.of(result, keep_metadata=False), verdict, attempts=result.attempts)
         return bare, dumps(bare)
-
-
-def _encodes(value: object) -> bool:
-    """Whether ``value`` can travel inside a result (one level down, under the depth limit)."""
-    try:
-        orjson.dumps([value])
-    except (orjson.JSONEncodeError, TypeError, ValueError):
-        return False
-    return True
 
 
 def _without_headers(

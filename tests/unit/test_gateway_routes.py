@@ -178,6 +178,19 @@ async def test_a_dlq_bound_utc_cannot_hold_is_a_422(
     assert resp.status == 200, await resp.text()
 
 
+def succeeded(execution_id: str, **fields: Any) -> ExecutionResult:
+    """A valid result, stored as any (its finished_at is an ordinary time)."""
+    return ExecutionResult(
+        execution_id=execution_id,
+        correlation_id="c",
+        status=Status.SUCCEEDED,
+        success=True,
+        worker_id="w",
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+        **fields,
+    )
+
+
 def stored_result(gateway: Gateway, offset: int, result: ExecutionResult) -> None:
     """Fold ``result`` into the gateway's store as read from the results topic."""
     record = ConsumerRecord(
@@ -199,29 +212,17 @@ def stored_result(gateway: Gateway, offset: int, result: ExecutionResult) -> Non
 async def test_results_whose_times_or_figures_no_answer_holds_are_served_not_a_500(
     gateway: Gateway, client: TestClient[Any, Any]
 ) -> None:
-    def valid(execution_id: str, **fields: Any) -> ExecutionResult:
-        """Valid, and stored (its finished_at is an ordinary time), with no request record."""
-        return ExecutionResult(
-            execution_id=execution_id,
-            correlation_id="c",
-            status=Status.SUCCEEDED,
-            success=True,
-            worker_id="w",
-            finished_at=datetime(2026, 1, 1, tzinfo=UTC),
-            **fields,
-        )
-
-    # created_at falls back to started_at, which is past year 9999 in UTC
+    # No request record: created_at falls back to started_at, past year 9999 in UTC
     stored_result(
         gateway,
         0,
-        valid(
+        succeeded(
             "late",
             started_at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(-timedelta(hours=1))),
         ),
     )
     # milliseconds no integer holds
-    stored_result(gateway, 1, valid("long", execution_time=1e308, timing=Timing(sandbox=1e308)))
+    stored_result(gateway, 1, succeeded("long", execution_time=1e308, timing=Timing(sandbox=1e308)))
     resp = await client.get("/executions")
     page = await resp.json()
     assert resp.status == 200 and page["total"] == page["count"] == 2, page
@@ -237,14 +238,7 @@ async def test_a_result_with_a_number_past_64_bits_fails_no_page(
 ) -> None:
     # Anyone's record on the results topic: pydantic reads a 30-digit exit code as an int,
     # which orjson cannot write back, so every /executions page holding it was a 500.
-    fine = ExecutionResult(
-        execution_id="fine",
-        correlation_id="c",
-        status=Status.SUCCEEDED,
-        success=True,
-        worker_id="w",
-        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
-    )
+    fine = succeeded("fine")
     stored_result(gateway, 0, fine)
     body = orjson.loads(dumps(fine))
     huge = {**body, "execution_id": "huge", "exit_code": 0}
@@ -273,14 +267,7 @@ async def test_reruns_read_their_originals_a_few_at_once(
 ) -> None:
     # Each original is read by a consumer of its own (a connection, a fetch buffer of up to
     # 8 MiB): a flood of reruns opened one each, all at once, as artifact reads no longer do.
-    done = ExecutionResult(
-        execution_id="p",
-        correlation_id="c",
-        status=Status.SUCCEEDED,
-        success=True,
-        worker_id="w",
-        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
-    )
+    done = succeeded("p")
 
     async def finished(execution_id: str) -> tuple[str, ExecutionResult, Job]:
         return "completed", done, Job(request=Request(None, 0, 0, None))
