@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tako_stream.core.models import MAX_TIMEOUT
+from tako_stream.core.models import MAX_POOL_SIZE, MAX_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     kafka_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=16 * 1024)
 
     #: Containers one worker runs at once (the async pool's limit).
-    pool_size: int = Field(default=4, ge=1, le=256)
+    pool_size: int = Field(default=4, ge=1, le=MAX_POOL_SIZE)
     #: Containers per job type started ahead of time, each waiting for one job (0: all cold).
     warm_pool_size: int = Field(default=2, ge=0, le=64)
     #: Seconds a warm container may wait before it is replaced by a fresh one.

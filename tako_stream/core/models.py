@@ -41,6 +41,12 @@ MAX_METADATA_BYTES = 64 * 1024
 #: DLQ record: checked where values enter, so no answer fails to encode later.
 MAX_JSON_DEPTH = 128
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 300
+#: Containers one worker may run at once (``TAKO_POOL_SIZE``): the gateway adds up the live
+#: workers' figures as Tako VM's ``max_workers``.
+MAX_POOL_SIZE = 256
+#: Jobs a worker may report as taken and unanswered: its capacity is a little above its pool
+#: size, plus the invalid requests whose answers it holds (a bytes budget); far above both.
+MAX_IN_FLIGHT = 1_000_000
 
 #: One run of spaces at most, between the number and its unit (the ends are stripped first):
 #: two adjacent optional runs made a digit, 100 KB of spaces and a bad character backtrack
@@ -70,6 +76,20 @@ def _not_blank(code: str) -> str:
         raise ValueError("code must not be blank")
     return code
 
+
+#: An integer as orjson writes it (signed 64 bits).  Anyone may write to the topics, and pydantic
+#: reads ``123456789012345678901234567890`` as a Python int that orjson then refuses to write
+#: (TypeError): every number of a message is bounded where it is read, so a record holding one
+#: past 64 bits fails validation there (and is skipped as other foreign records are) instead of
+#: failing whatever serves it later.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+#: A count, size or Kafka offset: never negative.
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+#: A Kafka partition number (an int32 in Kafka's protocol).
+Partition = Annotated[int, Field(ge=0, le=2**31 - 1)]
+#: A correlation id as codec.clean_correlation_id keeps one (a result or DLQ record carries its
+#: request's): a longer one is no record of ours, and would go into answers, logs and headers.
+CorrelationId = Annotated[str, StringConstraints(max_length=MAX_CORRELATION_CHARS)]
 
 ExecutionId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
@@ -269,8 +289,8 @@ class ResourceUsage(BaseModel):
     same figures)."""
 
     max_rss_mb: float | None = Field(default=None, description="Peak resident memory, MiB.")
-    cpu_time_ms: int | None = Field(default=None, description="User + system CPU time, ms.")
-    wall_time_ms: int | None = Field(default=None, description="Wall-clock time of the job, ms.")
+    cpu_time_ms: Count | None = Field(default=None, description="User + system CPU time, ms.")
+    wall_time_ms: Count | None = Field(default=None, description="Wall-clock time of the job, ms.")
 
 
 class Artifact(BaseModel):
@@ -283,15 +303,15 @@ class Artifact(BaseModel):
         pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$",
         description="The file's name: letters, digits, '.', '_', '-'.",
     )
-    size_bytes: int = Field(ge=0)
+    size_bytes: Count
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the file's bytes.")
     content_type: str = Field(
         max_length=255, description="Guessed from the name; application/octet-stream."
     )
-    partition: int | None = Field(
+    partition: Partition | None = Field(
         default=None, description="The artifacts topic's partition holding it (not Tako VM's)."
     )
-    offset: int | None = Field(
+    offset: Count | None = Field(
         default=None, description="Its offset in that partition (not Tako VM's)."
     )
 
@@ -309,7 +329,7 @@ class ExecutionResult(BaseModel):
     model_config = ConfigDict(json_schema_extra={"title": "ExecutionResult"})
 
     execution_id: str
-    correlation_id: str
+    correlation_id: CorrelationId
     status: Status
     success: bool
     output: Any = None
@@ -317,11 +337,11 @@ class ExecutionResult(BaseModel):
     stderr: str = ""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    exit_code: int | None = None
+    exit_code: Int64 | None = None
     error: ErrorInfo | None = None
     execution_time: float = Field(default=0.0, description="Seconds the job's code ran.")
     job_type: str | None = None
-    attempts: int = 0
+    attempts: Count = 0
     worker_id: str
     started_at: datetime | None = None
     finished_at: datetime
@@ -372,9 +392,9 @@ class SourcePosition(BaseModel):
     """Where a dead-lettered message was read from."""
 
     topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int | None = None
+    partition: Partition
+    offset: Count
+    timestamp_ms: Int64 | None = None
 
 
 class DLQRecord(BaseModel):
@@ -384,14 +404,14 @@ class DLQRecord(BaseModel):
 
     dlq_id: str = Field(description="Unique id of this DLQ entry.")
     execution_id: str
-    correlation_id: str
+    correlation_id: CorrelationId
     error: ErrorInfo
-    attempts: int
+    attempts: Count
     first_failure_at: UtcDatetime
     last_failure_at: UtcDatetime
     worker_id: str
     source: SourcePosition
-    replay_count: int = 0
+    replay_count: Count = 0
     original_key: str | None = Field(default=None, description="Base64 of the original key.")
     original_value: str | None = Field(
         description=(
@@ -402,7 +422,7 @@ class DLQRecord(BaseModel):
     original_headers: list[tuple[str, str]] = Field(
         default_factory=list, description="Original headers, values in base64."
     )
-    original_size: int = Field(
+    original_size: Count = Field(
         default=0, description="Bytes of the original value and headers, as consumed."
     )
     original_truncated: bool = Field(
@@ -481,7 +501,7 @@ class JobStatus(BaseModel):
     execution_id: str
     status: Literal["running"] = "running"
     worker_id: str
-    correlation_id: str
+    correlation_id: CorrelationId
     at: datetime
 
 
@@ -504,8 +524,10 @@ class WorkerReport(BaseModel):
     at: AwareDatetime
     interval: float = Field(gt=0, le=300, description="Seconds until its next report.")
     version: str = Field(max_length=64)
-    pool_size: int = Field(ge=0, description="Jobs it runs at once.")
-    in_flight: int = Field(ge=0, description="Jobs it has taken and not answered yet.")
+    pool_size: int = Field(ge=0, le=MAX_POOL_SIZE, description="Jobs it runs at once.")
+    in_flight: int = Field(
+        ge=0, le=MAX_IN_FLIGHT, description="Jobs it has taken and not answered yet."
+    )
     docker_available: bool
     runtimes: list[Annotated[str, StringConstraints(max_length=MAX_RUNTIME_CHARS)]] = Field(
         default_factory=list, max_length=MAX_RUNTIMES, description="OCI runtimes its engine has."

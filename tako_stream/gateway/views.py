@@ -29,6 +29,7 @@ from tako_stream.core.errors import BrokerError
 from tako_stream.core.models import ExecutionResult
 from tako_stream.gateway.store import Job, Request, Store, fingerprint
 from tako_stream.gateway.workers import WorkerReports
+from tako_stream.kafka.codec import encodes
 from tako_stream.kafka.reader import EndOffsets, TopicReader, read_record, tail
 from tako_stream.kafka.topics import TopicDirectory, ensure_topics, partitions
 from tako_stream.kafka.waiters import Waiters
@@ -45,6 +46,30 @@ State = Literal["done", "running", "queued", "unknown"]
 BROKER_CHECK = 5.0
 #: Reader threads for the store: lookups of concurrent HTTP requests run side by side.
 READERS = 4
+
+
+def servable(body: bytes) -> ExecutionResult | None:
+    """The stored result ``body``, or None when it is no result this gateway can serve.
+
+    Anyone may write to the results topic, and the store keeps any record with a status and a
+    finish time.  One that fails the model (a number past 64 bits, a correlation id longer than
+    a request's) or whose ``output`` or ``metadata`` orjson cannot write (an integer past 64
+    bits: those fields are the job's and the caller's JSON, typed ``Any``) was written by no
+    worker: the publisher answers such an output with ``invalid_output`` instead.  It is
+    treated as no result at all, as ``/executions`` leaves it out of its pages: serving it with
+    the field replaced would hand a Tako VM client an output (or metadata) the job never
+    returned, indistinguishable from a real one (``null`` is a valid output), and a 500 would
+    fail every reader of the job.  The job stays pending until a result of ours replaces it
+    (the topic is keyed by execution id)."""
+    try:
+        result = ExecutionResult.model_validate_json(body)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        log.debug("a stored result that is no result of ours is not served", exc_info=True)
+        return None
+    if not encodes([result.output, result.metadata]):
+        log.debug("a stored result whose output or metadata cannot be written is not served")
+        return None
+    return result
 
 
 class NotReady(Exception):
@@ -290,13 +315,15 @@ class ClusterView:
 
         An id the store does not know is looked up again once the store holds everything on
         the topics now: a job produced a moment ago by another client is not a wrong 404.
+        A stored result that cannot be served (``servable``) counts as none.
         """
         job = await self.job(execution_id)
         if job.result is None and job.running is None and job.request is None:
             await self.caught_up(self.settings.gateway_ready_wait)
             job = await self._read(self.store.job, execution_id)
-        if job.result is not None:
-            return "done", ExecutionResult.model_validate_json(job.result), job
+        result = servable(job.result) if job.result is not None else None
+        if result is not None:
+            return "done", result, job
         if job.running is not None:
             return "running", None, job
         return ("queued" if job.request is not None else "unknown"), None, job

@@ -104,14 +104,13 @@ class Report:
         if not isinstance(raw, dict):
             return None
         report = cls()
-        if type(raw.get("exit_code")) is int:  # not bool, which is an int too
-            report.exit_code = raw["exit_code"]
+        report.exit_code = _count(raw.get("exit_code"), MAX_EXIT_CODE)
         elapsed = raw.get("elapsed")
         if (
             isinstance(elapsed, (int, float))
             and not isinstance(elapsed, bool)
             and math.isfinite(elapsed)
-            and elapsed >= 0
+            and 0 <= elapsed <= MAX_ELAPSED  # its milliseconds are the result's wall_time_ms
         ):
             report.elapsed = float(elapsed)
         for name in ("timed_out", "stdout_truncated", "stderr_truncated", "cancelled"):
@@ -136,9 +135,13 @@ class Report:
 
 
 #: Ceilings past which a reported figure is not believed: no container here has 1 TiB of memory,
-#: and no job runs for a week of CPU time.
+#: and no job runs for a week of CPU time, nor of wall time (seconds).  Each figure goes into
+#: the result as an integer, which must fit 64 bits to be written at all.
 MAX_RSS_KB = 1 << 30
 MAX_CPU_MS = 7 * 24 * 3600 * 1000
+MAX_ELAPSED = 7 * 24 * 3600.0
+#: The supervisor reports the job's exit status (0-255), or 128+N when signal N ended it.
+MAX_EXIT_CODE = 255
 
 
 def _count(value: object, ceiling: int) -> int | None:

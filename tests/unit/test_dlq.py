@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tako_stream import dlq
+from tako_stream import cli, dlq
 from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.models import (
     CORRELATION_HEADER,
@@ -23,6 +24,7 @@ from tako_stream.core.models import (
     SourcePosition,
 )
 from tako_stream.kafka.message import Incoming
+from tako_stream.settings import Settings
 
 T0 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = datetime(2024, 1, 2, 3, 4, 9, tzinfo=UTC)
@@ -424,3 +426,38 @@ def test_an_entry_whose_bytes_do_not_decode_is_refused_not_half_replayed(
     broken = record.model_copy(update=update)
     reason = dlq.refusal(broken, max_replays=3, requests_topic="tako.requests")
     assert reason is not None and "base64" in reason
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+async def test_dlq_list_skips_a_record_no_encoder_can_carry(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    """``tako-stream dlq list`` reads the DLQ topic whole (originals kept, nothing re-encoded on
+    the way) and prints each entry with orjson: another producer's record holding a number
+    past 64 bits ended the command with a TypeError, listing nothing after it.  A correlation
+    id longer than a request's is no record of ours either."""
+    fine, fine_value = entry(1)
+    store = dlq.DLQStore()
+    store.apply(fine.dlq_id.encode(), fine_value)
+    forged: list[tuple[str, Any]] = [
+        ("replay_count", 10**30),
+        ("attempts", 2**64),
+        ("original_size", 10**30),
+        ("source", {**SOURCE.model_dump(), "offset": 10**30}),
+        ("correlation_id", "c" * 257),
+    ]
+    for n, (field, value) in enumerate(forged):
+        body = {**orjson.loads(fine_value), "dlq_id": f"forged-{n}", field: value}
+        store.apply(f"forged-{n}".encode(), json.dumps(body).encode())  # json: orjson refuses
+
+    async def read_store(settings: Settings) -> dlq.DLQStore:
+        return store
+
+    monkeypatch.setattr(dlq, "read_store", read_store)
+    args = argparse.Namespace(json=as_json, error_type=None, since=None, until=None)
+    assert await cli._dlq_list(Settings(), args) == cli.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    if as_json:
+        assert [orjson.loads(line)["dlq_id"] for line in out] == [fine.dlq_id]
+    else:
+        assert len(out) == 2 and out[1].startswith(fine.dlq_id)  # a header, then the entry

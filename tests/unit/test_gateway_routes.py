@@ -4,6 +4,7 @@ client sees when the store lags or a request carries values no handler foresaw."
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -29,6 +30,9 @@ from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
+
+#: A number past 64 bits: pydantic reads it as an int, orjson cannot write it.
+HUGE = 123456789012345678901234567890
 
 # The gateway keeps the correlation id under a string key, as aiohttp allows (with a warning,
 # which this suite's settings would turn into an error).
@@ -260,6 +264,75 @@ async def test_a_result_with_a_number_past_64_bits_fails_no_page(
     assert resp.status == 200, await resp.text()
     assert [item["execution_id"] for item in (await resp.json())["items"]] == ["fine"]
     assert (await client.get("/jobs/huge")).status != 500
+
+
+def stored_raw(gateway: Gateway, topic: str, offset: int, key: bytes, value: bytes) -> None:
+    """Fold a record of anyone's into the gateway's store as read from ``topic``."""
+    record = ConsumerRecord(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        timestamp=1_700_000_000_000,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=0,
+        headers=[],
+    )
+    gateway.view.store.apply([record], gateway.settings.topics)
+
+
+FORGED = [
+    ("exit_code", HUGE),
+    ("attempts", HUGE),
+    ("resource_usage", {"cpu_time_ms": HUGE}),
+    ("artifacts", [{"name": "a.txt", "size_bytes": HUGE, "sha256": "0" * 64, "content_type": ""}]),
+    ("output", {"n": [HUGE]}),  # Any: pydantic keeps the int, no bound can be declared
+    ("metadata", {"n": HUGE}),
+    ("correlation_id", "c" * (MAX_CORRELATION_CHARS + 1)),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), FORGED, ids=[f for f, _ in FORGED])
+async def test_a_foreign_result_no_answer_can_carry_is_no_result_on_any_route(
+    gateway: Gateway, client: TestClient[Any, Any], field: str, value: Any
+) -> None:
+    """Anyone's record on the results topic for a queued job: a number past 64 bits (which
+    orjson cannot write: a 500 on the routes serving the record), or a correlation id longer
+    than any request's (served as is).  No worker writes such a result (its publisher answers
+    an output it cannot write with invalid_output), so it counts as none: the job is pending,
+    as /executions leaves it out of its pages."""
+    request = orjson.dumps({"execution_id": "forged", "code": "print(1)"})
+    stored_raw(gateway, gateway.settings.requests_topic, 0, b"forged", request)
+    body = orjson.loads(dumps(succeeded("forged", exit_code=0)))
+    body[field] = value
+    stored_raw(gateway, gateway.settings.results_topic, 0, b"forged", json.dumps(body).encode())
+
+    async def answer(method: str, path: str) -> tuple[int, Any]:
+        resp = await client.request(method, path)
+        assert resp.status < 500, (path, await resp.text())
+        return resp.status, await resp.json() if method != "HEAD" else None
+
+    for path in ("/executions/forged", "/executions/forged?view=full"):
+        assert (await answer("GET", path))[0] == 404
+    status, job = await answer("GET", "/jobs/forged")
+    assert status == 200 and job["status"] == "pending", job
+    for path in ("/jobs/forged/result", "/jobs/forged/result?view=full"):
+        status, record = await answer("GET", path)
+        assert status == 200 and record["status"] == "pending", record
+    assert (await answer("GET", "/jobs/forged/result?wait=true&timeout=1"))[0] == 408
+    for method in ("GET", "HEAD"):
+        assert (await answer(method, "/jobs/forged/artifacts/a.txt"))[0] == 404
+    assert (await answer("POST", "/jobs/forged/rerun"))[0] == 400  # not completed
+    status, cancelled = await answer("POST", "/jobs/forged/cancel?wait=true&timeout=1")
+    assert status == 200 and "result" not in cancelled, cancelled
+    # the same record with the field as a worker writes it is served
+    body[field] = orjson.loads(dumps(succeeded("forged", exit_code=0)))[field]
+    stored_raw(gateway, gateway.settings.results_topic, 1, b"forged", orjson.dumps(body))
+    status, record = await answer("GET", "/executions/forged")
+    assert status == 200 and record["status"] == "succeeded", record
 
 
 async def test_reruns_read_their_originals_a_few_at_once(

@@ -11,9 +11,16 @@ import orjson
 import pytest
 
 from tako_stream.core.errors import BrokerError, SandboxSetupError, SandboxUnavailableError
-from tako_stream.core.models import MAX_IMAGES, MAX_RUNTIMES, WorkerReport
+from tako_stream.core.models import (
+    MAX_IMAGES,
+    MAX_IN_FLIGHT,
+    MAX_POOL_SIZE,
+    MAX_RUNTIMES,
+    WorkerReport,
+)
 from tako_stream.gateway.workers import MAX_REPORTS, WorkerReports
 from tako_stream.kafka.codec import dumps
+from tako_stream.settings import Settings
 from tako_stream.worker.reports import Reporter
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -242,3 +249,21 @@ def test_a_report_listing_more_than_a_worker_could_is_skipped(fields: dict[str, 
     many = {f"img-{n}:1": True for n in range(MAX_IMAGES)}
     reports.apply(b"w", report("w", images=many, runtimes=["runc", "runsc"]))
     assert len(reports) == 1
+
+
+def test_capacity_no_encoder_can_carry_is_no_report() -> None:
+    """The gateway adds up the live workers' pool sizes as Tako VM's ``max_workers`` (served by
+    /health and /pool/stats, written by orjson): two forged reports at the 64-bit limit made a
+    sum orjson cannot write, a 500 on both for as long as they stayed live."""
+    reports = WorkerReports(clock=lambda: NOW)
+    for worker in ("f1", "f2"):
+        reports.apply(worker.encode(), report(worker, pool_size=2**63 - 1))
+    orjson.dumps(reports.slots(NOW))  # raised TypeError: "Integer exceeds 64-bit range"
+    reports.apply(b"f3", report("f3", pool_size=MAX_POOL_SIZE + 1))
+    reports.apply(b"f4", report("f4", in_flight=MAX_IN_FLIGHT + 1))
+    assert len(reports) == 0
+    # what a worker may report: the largest pool TAKO_POOL_SIZE allows
+    for n in range(MAX_REPORTS):
+        reports.apply(f"w{n}".encode(), report(f"w{n}", pool_size=MAX_POOL_SIZE))
+    assert reports.slots(NOW) == MAX_POOL_SIZE * MAX_REPORTS
+    assert Settings(pool_size=MAX_POOL_SIZE).pool_size == MAX_POOL_SIZE

@@ -16,10 +16,17 @@ from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.core.models import ExecutionRequest, ExecutionResult, ResourceUsage
 from tako_stream.sandbox.base import SandboxRun
-from tako_stream.sandbox.protocol import MAX_CPU_MS, MAX_RSS_KB, Collected, Report
+from tako_stream.sandbox.protocol import (
+    MAX_CPU_MS,
+    MAX_ELAPSED,
+    MAX_EXIT_CODE,
+    MAX_RSS_KB,
+    Collected,
+    Report,
+)
 from tako_stream.sandbox.supervisor import late_reap, wait_job
 from tako_stream.worker.publish import encode
-from tako_stream.worker.verdict import Job, Verdict, answer, code_hash, input_hash
+from tako_stream.worker.verdict import Job, Verdict, answer, classify, code_hash, input_hash
 from tests.fakes import (
     FakeSandbox,
     bounded,
@@ -277,6 +284,39 @@ def test_figures_past_the_ceilings_are_dropped() -> None:
     raw = json.dumps({"max_rss_kb": MAX_RSS_KB + 1, "cpu_ms": MAX_CPU_MS + 1}).encode()
     assert Report.parse(raw) == Report()
     assert Report.parse(b'{"max_rss_kb": 1e400, "cpu_ms": -0}') == Report(cpu_ms=0)
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        {"exit_code": 10**30},
+        {"exit_code": 2**63},
+        {"exit_code": -1},  # the supervisor reports 128+N for signal N
+        {"exit_code": 256},
+        {"elapsed": 1e300},  # its milliseconds are the result's wall_time_ms
+        {"elapsed": MAX_ELAPSED + 1},
+    ],
+)
+def test_a_report_no_result_could_carry_is_not_believed(figures: dict[str, Any]) -> None:
+    """The supervisor's figures go into the result as integers, which must fit 64 bits: an exit
+    code past that made an answer the publisher could not write (replaced by an internal_error),
+    and an elapsed of 1e300 a wall_time_ms that even that replacement carried on."""
+    report = Report.parse(json.dumps({"exit_code": 1, "elapsed": 0.5, **figures}).encode())
+    assert report is not None
+    run = a_run(report)
+    req = lineage_request()
+    ran = answer(job_for(req), classify(run, TYPES.limits(req)), run=run)
+    assert encode(ran)[0] is ran  # written as built, not replaced
+    assert (report.exit_code, report.elapsed) == (
+        None if "exit_code" in figures else 1,
+        None if "elapsed" in figures else 0.5,
+    )
+
+
+def test_the_figures_a_supervisor_reports_are_believed() -> None:
+    for code in (0, 1, 128 + 9, MAX_EXIT_CODE):
+        report = Report.parse(json.dumps({"exit_code": code, "elapsed": MAX_ELAPSED}).encode())
+        assert report is not None and (report.exit_code, report.elapsed) == (code, MAX_ELAPSED)
 
 
 # --- the supervisor's reaping, on this host -------------------------------------------------
