@@ -28,7 +28,7 @@ from tako_stream.core.models import (
     ExecutionResult,
 )
 from tako_stream.kafka.clients import producer_options
-from tako_stream.kafka.codec import dumps, loads, new_id
+from tako_stream.kafka.codec import dumps, encodes, loads, new_id
 from tako_stream.kafka.reader import TopicReader, latest
 from tako_stream.kafka.view import KeyedView
 from tako_stream.kafka.waiters import Waiters
@@ -370,13 +370,21 @@ class Client:
 
 def _parse_result(raw: bytes | None) -> ExecutionResult | None:
     try:
-        return ExecutionResult.model_validate(loads(raw or b""))
+        return _result(raw or b"")
     except ValueError:
         return None
 
 
 def _result(raw: bytes) -> ExecutionResult:
-    return ExecutionResult.model_validate(loads(raw))
+    """A result from the topic; ValueError for a record that is none of ours.  Anyone may write
+    there: orjson reads values nested up to 1024 deep, but it and pydantic's ``model_dump``
+    write at most about 254 levels, so an output or metadata nested deeper (which no worker
+    publishes) failed whoever wrote the result again: ``tako-stream results`` or ``submit
+    --wait`` printing it, say."""
+    result = ExecutionResult.model_validate(loads(raw))
+    if not encodes([result.output, result.metadata]):  # one level down, as in a result
+        raise ValueError("a result whose output or metadata cannot be written again")
+    return result
 
 
 def results_reader(settings: Settings) -> TopicReader:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from tako_stream.client import _parse_result
 from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.models import (
     MAX_CORRELATION_CHARS,
@@ -167,3 +168,19 @@ def test_a_correlation_id_longer_than_a_requests_fails_where_it_is_read(
     raw = with_value(build(), "correlation_id", "c" * (MAX_CORRELATION_CHARS + 1))
     with pytest.raises(ValidationError):
         model.model_validate_json(raw)
+
+
+@pytest.mark.parametrize("field", ["output", "metadata"])
+def test_a_result_nested_deeper_than_orjson_writes_is_none_to_the_client(field: str) -> None:
+    """The client reads results with orjson, which takes 1024 levels of nesting but writes 254:
+    ``tako-stream results`` and ``submit --wait`` print what they read, and a foreign result
+    nested deeper ended them with orjson's error.  No worker publishes one."""
+    deep: Any = {}
+    for _ in range(300):
+        deep = {"x": deep}
+    parsed = _parse_result(with_value(result(), field, deep))
+    if parsed is not None:  # what the CLI did with it: "Recursion limit reached"
+        orjson.dumps(parsed.model_dump(mode="json"))
+    assert parsed is None
+    fine = _parse_result(dumps(result()))
+    assert fine is not None and orjson.dumps(fine.model_dump(mode="json"))
