@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
 from typing import Any
 
@@ -154,3 +155,41 @@ async def test_replay_writes_only_to_the_requests_topic(new_stack: Stack) -> Non
         assert code == 1 and "refused 1" in out, (out, err)
         assert "is not this deployment's requests topic" in err
         assert await reader.wait_for({"forged-1"}, 3) == {}
+
+
+async def test_dlq_list_skips_another_producers_records_no_record_of_ours_holds(
+    new_stack: Stack,
+) -> None:
+    """Anyone may write the DLQ topic: a record holding a number past 64 bits ended `dlq list
+    --json` with a TypeError (orjson cannot write it), and one with a correlation id longer than
+    a request's was listed as is.  Both are skipped; the entries around them are listed."""
+    settings = new_stack.settings
+    tag = uuid.uuid4().hex[:8]
+    body: dict[str, Any] = {
+        "execution_id": "foreign-1",
+        "correlation_id": "c",
+        "error": {"type": "invalid_request", "message": "x"},
+        "attempts": 0,
+        "first_failure_at": "2026-11-30T00:00:00Z",
+        "last_failure_at": "2026-11-30T00:00:00Z",
+        "worker_id": "w",
+        "source": {"topic": settings.requests_topic, "partition": 0, "offset": 0},
+        "original_value": None,
+    }
+    forged = {
+        f"huge-{tag}": {"replay_count": 123456789012345678901234567890},
+        f"offset-{tag}": {"source": {**body["source"], "offset": 2**64}},
+        f"long-{tag}": {"correlation_id": "c" * 257},
+    }
+    fine = [f"fine-{n}-{tag}" for n in range(2)]
+    records = [(fine[0], {}), *forged.items(), (fine[1], {})]
+    async with Producer(settings) as producer:
+        for dlq_id, fields in records:
+            value = json.dumps({**body, "dlq_id": dlq_id, **fields}).encode()  # json: past 64 bits
+            await producer.send_raw(value, key=dlq_id.encode(), topic=settings.dlq_topic)
+    code, out, err = await new_stack.cli("dlq", "list", "--json")
+    assert code == 0, err
+    assert sorted(orjson.loads(line)["dlq_id"] for line in out.splitlines()) == fine
+    code, out, err = await new_stack.cli("dlq", "list")
+    assert code == 0 and "2 entries" in err, err
+    assert sorted(line.split()[0] for line in out.splitlines()[1:]) == fine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -626,6 +627,54 @@ async def test_correlation_ids_that_are_not_printable_utf8_or_too_long_are_repla
     )
     assert status == 200 and headers["X-Correlation-ID"] == longest, body
     assert body["result"]["status"] == "cancelled", body
+
+
+async def test_another_producers_result_no_answer_can_carry_is_no_result(gw: Gateway) -> None:
+    """Anyone may write the results topic.  A result holding a number past 64 bits (pydantic
+    reads it as an int, orjson cannot write it: a 500), in a field of ours or in the job's
+    output or metadata, or a correlation id longer than a request's (served as is), was written
+    by no worker: every route treats it as no result."""
+    settings = gw.stack.settings
+    tag = uuid.uuid4().hex[:8]
+    huge = 123456789012345678901234567890
+    base = {
+        "correlation_id": "c",
+        "status": "succeeded",
+        "success": True,
+        "exit_code": 0,
+        "worker_id": "elsewhere",
+        "finished_at": "2026-01-01T00:00:00+00:00",
+    }
+    forged = {
+        f"exit-{tag}": {"exit_code": huge},
+        f"usage-{tag}": {"resource_usage": {"cpu_time_ms": huge}},
+        f"output-{tag}": {"output": {"n": [huge]}},
+        f"metadata-{tag}": {"metadata": {"n": huge}},
+        f"correlation-{tag}": {"correlation_id": "c" * (MAX_CORRELATION_CHARS + 1)},
+    }
+    fine = f"fine-{tag}"
+    async with Producer(settings) as producer:
+        for execution_id, fields in [*forged.items(), (fine, {})]:
+            value = json.dumps({**base, "execution_id": execution_id, **fields}).encode()
+            await producer.send_raw(value, key=execution_id.encode(), topic=settings.results_topic)
+    # Another producer's result in our shape is served: the gateway has read the others too
+    # (a lookup of an id it does not know first waits until it has read every topic's end).
+    status, record, _ = await gw.call("GET", f"/executions/{fine}")
+    assert status == 200 and record["status"] == "succeeded", record
+    for execution_id in forged:
+        for path in (
+            f"/executions/{execution_id}",
+            f"/executions/{execution_id}?view=full",
+            f"/jobs/{execution_id}",
+            f"/jobs/{execution_id}/result",
+            f"/jobs/{execution_id}/result?view=full",
+        ):
+            status, body, _ = await gw.call("GET", path)
+            assert status == 404, (path, body)
+    status, page, _ = await gw.call("GET", "/executions?limit=1000")
+    assert status == 200, page
+    listed = {item["execution_id"] for item in page["items"]}
+    assert fine in listed and not listed & set(forged)
 
 
 async def test_query_values_no_store_can_take_are_422(gw: Gateway) -> None:
