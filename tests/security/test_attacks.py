@@ -56,6 +56,24 @@ ATTACKS: dict[str, tuple[str, dict[str, object]]] = {
         {},
     ),
     "setuid_root": ("import os\nos.setuid(0)\n", {}),
+    # Every pid of the container's taken, then the job's own process exits (its children
+    # keep forking, so the pid it frees is taken again at once): what it wrote before is still
+    # its result (the reaper forked a helper once, and could not then).
+    "pids_used_up_then_exit": (
+        "import json, os\n"
+        "json.dump({'wrote': True}, open('/output/result.json', 'w'))\n"
+        "while True:\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    while pid == 0:\n"
+        "        try:\n"
+        "            os.fork()\n"
+        "        except OSError:\n"
+        "            pass\n",
+        {"timeout": 20},
+    ),
     "zombies_left": (
         "import os\nfor _ in range(20):\n    if os.fork() == 0:\n        os._exit(0)\n"
         "print('parent exits, children unreaped')\n",
@@ -89,6 +107,18 @@ async def test_attacks_are_classified_and_contained(stack: Stack) -> None:
     assert "root:" not in (r["symlink_result"].error.message if r["symlink_result"].error else "")
     assert r["setuid_root"].error is not None and r["setuid_root"].error.type == "permission"
     assert r["zombies_left"].success, r["zombies_left"]
+    used_up = r["pids_used_up_then_exit"]
+    if stack.mode == "gvisor":
+        # gVisor's processes cost host memory each (ptrace stubs): the memory limit kills the
+        # sandbox first, as for the fork bomb (seen here: `oom`, or the sandbox's end without
+        # a report when the engine does not flag the OOM kill).  Contained either way.
+        assert used_up.status in ("oom", "failed") and used_up.error is not None, used_up
+    else:
+        assert used_up.success and used_up.output == {"wrote": True}, (
+            used_up.status,
+            used_up.error,
+            used_up.exit_code,
+        )
 
     # The worker is unaffected and the next job sees a clean sandbox: nothing left in /tmp or
     # /output, only its own processes.
@@ -102,6 +132,6 @@ async def test_attacks_are_classified_and_contained(stack: Stack) -> None:
     assert after.success, after
     assert after.output is not None
     assert after.output["tmp"] == [] and after.output["output"] == []
-    assert after.output["procs"] <= 4  # init, supervisor, the job (and a reaper helper)
+    assert after.output["procs"] <= 4  # init, the supervisor, the job and the one it forked
     health = await stack.workers[0].health()
     assert health is not None and health["status"] == "healthy"

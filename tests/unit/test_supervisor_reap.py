@@ -40,22 +40,22 @@ def test_only_the_root_supervisor_and_init_left_is_none_alive(tmp_path: Path) ->
         tmp_path,
         {"1": ("S (sleeping)", OTHER), "7": ("S (sleeping)", OTHER), me: ("R (running)", OURS)},
     )
-    assert supervisor.alive_as_me(root) is False
+    assert supervisor.alive_as(OURS, root) is False
 
 
 def test_a_zombie_of_the_job_is_not_alive(tmp_path: Path) -> None:
     root = proc(tmp_path, {"7": ("S (sleeping)", OTHER), "20": ("Z (zombie)", OURS)})
-    assert supervisor.alive_as_me(root) is False
+    assert supervisor.alive_as(OURS, root) is False
 
 
 @pytest.mark.parametrize("state", ["R (running)", "S (sleeping)", "D (disk sleep)", "T (stopped)"])
 def test_a_job_process_still_there_is_alive(tmp_path: Path, state: str) -> None:
     root = proc(tmp_path, {"7": ("S (sleeping)", OTHER), "21": (state, OURS)})
-    assert supervisor.alive_as_me(root) is True
+    assert supervisor.alive_as(OURS, root) is True
 
 
 def test_no_proc_cannot_tell(tmp_path: Path) -> None:
-    assert supervisor.alive_as_me(str(tmp_path / "missing")) is None
+    assert supervisor.alive_as(OURS, str(tmp_path / "missing")) is None
 
 
 class Kills:
@@ -69,7 +69,7 @@ class Kills:
         self._esrch = esrch
         monkeypatch.setattr(supervisor.os, "kill", self.kill)
         monkeypatch.setattr(supervisor.time, "sleep", self.sleep)
-        monkeypatch.setattr(supervisor, "alive_as_me", self.alive_as_me)
+        monkeypatch.setattr(supervisor, "alive_as", self.alive_as)
 
     def kill(self, pid: int, sig: int) -> None:
         self.sent.append((pid, sig))
@@ -79,32 +79,33 @@ class Kills:
     def sleep(self, seconds: float) -> None:
         self.slept += 1
 
-    def alive_as_me(self, proc: str = "/proc") -> bool | None:
+    def alive_as(self, uid: int, proc: str = "/proc") -> bool | None:
+        assert uid == OTHER
         self.asked += 1
         return self._alive.pop(0)
 
 
 def test_nothing_left_after_the_kill_means_no_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     kills = Kills(monkeypatch, alive=[False])  # runc: kill(-1) succeeds, nothing of ours is left
-    supervisor.kill_job_processes()
+    supervisor.kill_job_processes(OTHER)
     assert kills.sent == [(-1, supervisor.SIGKILL)]
     assert kills.slept == 0
 
 
 def test_gvisors_esrch_means_nothing_was_there(monkeypatch: pytest.MonkeyPatch) -> None:
     kills = Kills(monkeypatch, alive=[], esrch=True)
-    supervisor.kill_job_processes()
+    supervisor.kill_job_processes(OTHER)
     assert kills.sent == [(-1, supervisor.SIGKILL)] and kills.slept == 0 and kills.asked == 0
 
 
 def test_a_process_still_alive_is_killed_again(monkeypatch: pytest.MonkeyPatch) -> None:
     kills = Kills(monkeypatch, alive=[True, False])  # one forked as the signal went out
-    supervisor.kill_job_processes()
+    supervisor.kill_job_processes(OTHER)
     assert len(kills.sent) == 2 and kills.slept == 1
 
 
 @pytest.mark.parametrize("alive", [[True, True, True], [None, None, None]])
 def test_at_most_three_rounds(monkeypatch: pytest.MonkeyPatch, alive: list[bool | None]) -> None:
     kills = Kills(monkeypatch, alive=list(alive))  # a fork bomb, or no /proc to tell
-    supervisor.kill_job_processes()
+    supervisor.kill_job_processes(OTHER)
     assert len(kills.sent) == 3 and kills.slept == 3
