@@ -92,7 +92,17 @@ class Gateway:
 
         app.on_startup.append(on_startup)
         app.on_cleanup.append(on_cleanup)
+        app.on_response_prepare.append(self._stamp)
         return app
+
+    @staticmethod
+    async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+        """The correlation id and security headers, as the headers are sent: a streamed page
+        sends its own before its handler returns, where the middleware could still add them."""
+        correlation = request.get("correlation_id")
+        if correlation is not None:
+            response.headers[CORRELATION_HTTP_HEADER] = correlation
+        response.headers.update(SECURITY_HEADERS)
 
     @web.middleware
     async def _correlation(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -115,8 +125,6 @@ class Gateway:
             except Exception:
                 log.exception("gateway error on %s %s", request.method, request.path)
                 response = error_response(request, 500, "internal error")
-        response.headers[CORRELATION_HTTP_HEADER] = request["correlation_id"]
-        response.headers.update(SECURITY_HEADERS)
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "unmatched"
         self.metrics.count_http(request.method, path, response.status)

@@ -31,6 +31,7 @@ from tako_stream.core.models import (
     JobType,
     Relationship,
 )
+from tako_stream.gateway import pages
 from tako_stream.gateway.api import Route
 from tako_stream.gateway.shapes import (
     Cancelled,
@@ -45,13 +46,12 @@ from tako_stream.gateway.shapes import (
     iso_ms,
     payload_digest,
     sync_response,
-    tako_dlq_item,
     tako_status,
 )
 from tako_stream.gateway.store import sortable
 from tako_stream.gateway.views import ClusterView, NotReady
 from tako_stream.kafka.artifacts import content_type, read_artifact
-from tako_stream.kafka.codec import dumps, encodes, new_id
+from tako_stream.kafka.codec import dumps, new_id
 from tako_stream.settings import Settings
 from tako_stream.worker.breaker.state import State
 
@@ -156,17 +156,6 @@ def _time_query(request: web.Request, name: str) -> str | None:
         return sortable(when)
     except OverflowError:
         raise ValueError(f"{name}: {when.isoformat()} is out of range in UTC") from None
-
-
-def _paged(items: list[Any], limit: int, offset: int, total: int) -> dict[str, Any]:
-    return {
-        "items": items,
-        "limit": limit,
-        "offset": offset,
-        "has_more": offset + len(items) < total,
-        "count": len(items),
-        "total": total,
-    }
 
 
 def wait_query(request: web.Request) -> tuple[bool, float]:
@@ -497,29 +486,14 @@ class Routes:
         if isinstance(page, web.Response):
             return page
         limit, offset = page
-        total, bodies = await self.view.executions(
+        listing = pages.executions(
             limit=limit,
             offset=offset,
             status=request.query.get("status"),
             job_type=request.query.get("job_type"),
+            full=request.query.get("view") == "full",
         )
-        full = request.query.get("view") == "full"
-        items = []
-        for body, produced_ms in bodies:
-            try:
-                result = ExecutionResult.model_validate_json(body)
-                items.append(execution_record(result, created_at=iso_ms(produced_ms), full=full))
-            except (ValueError, OverflowError):  # pydantic's ValidationError is a ValueError
-                # Another producer's record on the results topic, or a value no answer holds
-                # that nothing foresaw: one row, never the whole page.
-                log.debug("skipped a stored result that cannot be served", exc_info=True)
-        try:
-            return json_response(_paged(items, limit, offset, total))
-        except TypeError:
-            # A number past 64 bits in another producer's record (pydantic reads it as an
-            # int, orjson cannot write it): the rows that encode, not a 500 for every reader.
-            items = [item for item in items if encodes(item)]
-            return json_response(_paged(items, limit, offset, total))
+        return await pages.serve(request, self.view, listing, limit=limit, offset=offset)
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         """A job's artifact from the artifacts topic, with Tako VM's ETag (its SHA-256); 304
@@ -660,14 +634,14 @@ class Routes:
             until = _time_query(request, "until")
         except ValueError as exc:
             return error_response(request, 422, str(exc))
-        total, entries = await self.view.dead_letters(
+        listing = pages.dead_letters(
             error_type=request.query.get("error_type"),
             since=since,
             until=until,
             limit=limit,
             offset=offset,
         )
-        return json_response(_paged([tako_dlq_item(e) for e in entries], limit, offset, total))
+        return await pages.serve(request, self.view, listing, limit=limit, offset=offset)
 
     async def dlq_get(self, request: web.Request) -> web.StreamResponse:
         entry = await self.view.dead_letter(request.match_info["id"])

@@ -5,7 +5,8 @@ RocksDB is: every batch read from them is applied together with the positions it
 one transaction, so a restart resumes where the store left off instead of reading the topics
 again.  Lookups by execution id are point reads on a primary key, whatever partition (and so
 whatever partitioner) a record came through; ``/executions`` pages through an index on
-``finished_at``.  Memory is SQLite's page cache and one batch, whatever the topics' size.
+``finished_at``, picking a page's row ids at once and reading its bodies a batch at a time.
+Memory is SQLite's page cache and one batch, whatever the topics' size.
 
 Connections are not shared between threads: the writer has its own, each reader thread its own
 (WAL mode lets readers run while the writer writes).  Callers run these methods in threads
@@ -19,10 +20,11 @@ import logging
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -314,11 +316,13 @@ class Store:
         row = self._db().execute(query, (execution_id,)).fetchone()
         return Request(*row) if row else None
 
-    def executions(
+    def execution_rows(
         self, *, limit: int, offset: int, status: str | None, job_type: str | None
-    ) -> tuple[int, list[tuple[bytes, int | None]]]:
-        """(how many match, the page's result bodies with their requests' produce times),
-        newest first.  ``status`` is Tako VM's: ``failed`` includes the ``rejected``."""
+    ) -> tuple[int, list[int]]:
+        """(how many match, the row ids of the page's results, newest first), read in one
+        transaction; their bodies are read in batches (``result_bodies``), so a page is picked
+        at once while its bodies never all are.  ``status`` is Tako VM's: ``failed`` includes
+        the ``rejected``."""
         clauses: list[str] = []
         args: list[str] = []
         if status is not None:
@@ -329,14 +333,59 @@ class Store:
             clauses.append("job_type = ?")
             args.append(job_type.partition("@")[0])
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        db = self._db()
-        total = db.execute(f"SELECT COUNT(*) FROM results{where}", args).fetchone()[0]
-        rows = db.execute(
-            f"SELECT body, requests.produced_ms FROM results LEFT JOIN requests USING "
-            f"(execution_id){where} ORDER BY finished_at DESC LIMIT ? OFFSET ?",
-            (*args, limit, offset),
+        # Ties in time by row id: the order pages are cut in is the same on every request
+        # (the indexes hold the row id after the time, so no sort is added for it).
+        return self._page(
+            f"SELECT COUNT(*) FROM results{where}",
+            f"SELECT rowid FROM results{where} ORDER BY finished_at DESC, rowid LIMIT ? OFFSET ?",
+            args,
+            limit,
+            offset,
         )
-        return int(total), [(row[0], row[1]) for row in rows]
+
+    def result_bodies(
+        self, rowids: Sequence[int], *, budget: int
+    ) -> list[tuple[bytes, int | None] | None]:
+        """The result bodies (with their requests' produce times) of the first of ``rowids``
+        whose bodies add up to ``budget`` bytes (at least one); None for a row gone since it
+        was picked (deleted, or replaced by a later result for its id)."""
+        return self._bodies(
+            "SELECT body, requests.produced_ms FROM results LEFT JOIN requests "
+            "USING (execution_id) WHERE results.rowid = ?",
+            rowids,
+            budget,
+        )
+
+    def _page(
+        self, count: str, pick: str, args: Sequence[str], limit: int, offset: int
+    ) -> tuple[int, list[int]]:
+        """A page's total and row ids, read together (one snapshot: ``has_more`` and the
+        rows agree)."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            (total,) = db.execute(count, args).fetchone()
+            rowids = [rowid for (rowid,) in db.execute(pick, (*args, limit, offset))]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return int(total), rowids
+
+    def _bodies(self, query: str, rowids: Sequence[int], budget: int) -> list[Any]:
+        """``query``'s row (a value first) for each of ``rowids`` in turn, until the values
+        read add up to ``budget`` bytes: one row at a time, so no more is ever read than a
+        batch keeps (a page's rows may each be as large as a message)."""
+        db = self._db()
+        rows: list[Any] = []
+        size = 0
+        for rowid in rowids:
+            row = db.execute(query, (rowid,)).fetchone()
+            rows.append(row)
+            size += len(row[0]) if row is not None else 0
+            if size >= budget:
+                break
+        return rows
 
     def queue_position(self, execution_id: str) -> int | None:
         """1 + the jobs ahead of this waiting one in its partition (neither running nor
@@ -377,7 +426,7 @@ class Store:
         )
         return bytes(row[0]) if row else None
 
-    def dead_letters(
+    def dead_letter_rows(
         self,
         *,
         error_type: str | None,
@@ -385,8 +434,9 @@ class Store:
         until: str | None,
         limit: int,
         offset: int = 0,
-    ) -> tuple[int, list[bytes]]:
-        """(how many match, ``limit`` of them from the ``offset``-th oldest)."""
+    ) -> tuple[int, list[int]]:
+        """(how many match, the row ids of ``limit`` of them from the ``offset``-th oldest),
+        as ``execution_rows``; their summaries are read by ``dead_letter_summaries``."""
         clauses, args = [], []
         for sql, value in (
             ("error_type = ?", error_type),
@@ -397,13 +447,20 @@ class Store:
                 clauses.append(sql)
                 args.append(value)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        db = self._db()
-        total = db.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0]
-        rows = db.execute(
-            f"SELECT summary FROM dead_letters{where} ORDER BY last_failure_at LIMIT ? OFFSET ?",
-            (*args, limit, offset),
+        return self._page(
+            f"SELECT COUNT(*) FROM dead_letters{where}",
+            f"SELECT rowid FROM dead_letters{where} ORDER BY last_failure_at, rowid "
+            "LIMIT ? OFFSET ?",
+            args,
+            limit,
+            offset,
         )
-        return int(total), [bytes(row[0]) for row in rows]
+
+    def dead_letter_summaries(self, rowids: Sequence[int], *, budget: int) -> list[bytes | None]:
+        """The summaries of the first of ``rowids`` up to ``budget`` bytes, as
+        ``result_bodies``."""
+        rows = self._bodies("SELECT summary FROM dead_letters WHERE rowid = ?", rowids, budget)
+        return [bytes(row[0]) if row is not None else None for row in rows]
 
     def dead_letter_total(self) -> int:
         (count,) = self._db().execute("SELECT COUNT(*) FROM dead_letters").fetchone()

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -40,6 +40,7 @@ from tako_stream.worker.breaker.shared import BreakerStates
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+V = TypeVar("V")
 State = Literal["done", "running", "queued", "unknown"]
 
 #: Seconds the broker has to answer a health check.
@@ -338,15 +339,36 @@ class ClusterView:
                         return result
                     await stored  # then read from the store
 
-    async def executions(
-        self, *, limit: int, offset: int, status: str | None, job_type: str | None
-    ) -> tuple[int, list[tuple[bytes, int | None]]]:
+    async def page_rows(
+        self, rows: Callable[[Store], tuple[int, list[int]]]
+    ) -> tuple[int, list[int]]:
+        """A page's total and row ids, as ``rows`` reads them from the store (one of its
+        ``*_rows`` methods), once the store has caught up."""
         await self.until_ready(self.settings.gateway_ready_wait)
-        return await self._read(
-            lambda: self.store.executions(
-                limit=limit, offset=offset, status=status, job_type=job_type
-            )
-        )
+        return await self._read(rows, self.store)
+
+    async def page_items(
+        self,
+        read: Callable[[Store, Sequence[int]], list[V | None]],
+        rowids: Sequence[int],
+        item: Callable[[V], bytes | None],
+    ) -> tuple[int, list[bytes]]:
+        """(how many of ``rowids`` were read, their items): the stored values ``read`` gets
+        for the first of ``rowids`` (a batch of them), each made its item's JSON by ``item``
+        (None: a value no item can be made of, left out) in the same reader thread, never on
+        the event loop; each value is let go as soon as its item is made."""
+
+        def batch() -> tuple[int, list[bytes]]:
+            values = read(self.store, rowids)
+            items: list[bytes] = []
+            for n, value in enumerate(values):
+                values[n] = None
+                encoded = item(value) if value is not None else None
+                if encoded is not None:
+                    items.append(encoded)
+            return len(values), items
+
+        return await self._read(batch)
 
     async def queue_position(self, execution_id: str) -> int | None:
         return await self._read(self.store.queue_position, execution_id)
@@ -380,22 +402,6 @@ class ClusterView:
         """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""
         counts = await self._read(self.store.dead_letter_counts)
         return {"total": sum(counts.values()), "by_error_type": counts}
-
-    async def dead_letters(
-        self,
-        *,
-        error_type: str | None,
-        since: str | None,
-        until: str | None,
-        limit: int,
-        offset: int,
-    ) -> tuple[int, list[bytes]]:
-        await self.until_ready(self.settings.gateway_ready_wait)
-        return await self._read(
-            lambda: self.store.dead_letters(
-                error_type=error_type, since=since, until=until, limit=limit, offset=offset
-            )
-        )
 
     async def dead_letter(self, dlq_id: str) -> bytes | None:
         await self.until_ready(self.settings.gateway_ready_wait)

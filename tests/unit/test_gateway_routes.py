@@ -4,29 +4,41 @@ client sees when the store lags or a request carries values no handler foresaw."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import socket
+import sqlite3
+import threading
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from tako_stream.core.errors import Status
+from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.jobtypes import JobTypes
 from tako_stream.core.models import (
     CORRELATION_HEADER,
     MAX_CORRELATION_CHARS,
     CancelRequest,
+    DLQRecord,
+    ErrorInfo,
     ExecutionResult,
+    SourcePosition,
     Timing,
 )
+from tako_stream.gateway import pages
 from tako_stream.gateway.app import Gateway
 from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
+from tako_stream.gateway.shapes import execution_record, iso_ms
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
@@ -190,8 +202,7 @@ def succeeded(execution_id: str, **fields: Any) -> ExecutionResult:
         status=Status.SUCCEEDED,
         success=True,
         worker_id="w",
-        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
-        **fields,
+        **{"finished_at": datetime(2026, 1, 1, tzinfo=UTC), **fields},
     )
 
 
@@ -372,3 +383,262 @@ async def test_reruns_read_their_originals_a_few_at_once(
     release.set()
     statuses = {(await r).status for r in reruns}
     assert statuses == {200}, statuses
+
+
+# -- pages: /executions and /dlq in bounded memory, off the event loop --------------------------
+
+
+def stored(gateway: Gateway, topic: str, key: str, value: bytes | None, offset: int) -> None:
+    """Fold one record into the gateway's store as read from ``topic``."""
+    record = ConsumerRecord(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        timestamp=1_700_000_000_000 + offset,
+        timestamp_type=0,
+        key=key.encode(),
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=0,
+        headers=[],
+    )
+    gateway.view.store.apply([record], gateway.settings.topics)
+
+
+def finished(n: int, **fields: Any) -> ExecutionResult:
+    """Result ``r<n>``, finished ``n`` seconds into the day (a later one is listed first)."""
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=n)
+    return succeeded(f"r{n:03}", finished_at=when, **fields)
+
+
+def store_results(gateway: Gateway, count: int, **fields: Any) -> list[ExecutionResult]:
+    """``count`` results, newest last; every third with its request read too."""
+    results = [finished(n, **fields) for n in range(count)]
+    for n, result in enumerate(results):
+        stored(gateway, gateway.settings.results_topic, result.execution_id, dumps(result), n)
+        if n % 3 == 0:
+            stored(gateway, gateway.settings.requests_topic, result.execution_id, b"{}", n)
+    return results
+
+
+def old_page(
+    gateway: Gateway, results: list[ExecutionResult], *, limit: int, offset: int, full: bool
+) -> bytes:
+    """The page as the gateway answered before pages were streamed: every record built, then
+    the whole page encoded at once (newest first)."""
+    newest = sorted(results, key=lambda r: r.finished_at, reverse=True)
+    items = []
+    for result in newest[offset : offset + limit]:
+        request = gateway.view.store.request(result.execution_id)
+        created = iso_ms(request.produced_ms) if request else None
+        items.append(execution_record(result, created_at=created, full=full))
+    total = len(results)
+    page = {
+        "items": items,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(items) < total,
+        "count": len(items),
+        "total": total,
+    }
+    return orjson.dumps(page)
+
+
+@pytest.mark.parametrize("batch_bytes", [pages.BATCH_BYTES, 1])
+@pytest.mark.parametrize(
+    ("query", "limit", "offset", "full"),
+    [
+        ("", 100, 0, False),
+        ("?limit=4&offset=3&view=full", 4, 3, True),
+        ("?offset=12", 100, 12, False),
+    ],
+)
+async def test_a_page_is_the_answer_it_was_byte_for_byte(
+    gateway: Gateway,
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    batch_bytes: int,
+    query: str,
+    limit: int,
+    offset: int,
+    full: bool,
+) -> None:
+    # In one batch (a Content-Length, as before) and one row a batch (streamed, chunked).
+    monkeypatch.setattr(pages, "BATCH_BYTES", batch_bytes)
+    results = store_results(gateway, 10)
+    resp = await client.get(f"/executions{query}", headers={"X-Correlation-ID": "page-1"})
+    body = await resp.read()
+    assert resp.status == 200 and body == old_page(
+        gateway, results, limit=limit, offset=offset, full=full
+    )
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["X-Correlation-ID"] == "page-1" and resp.headers["X-Frame-Options"]
+    streamed = batch_bytes == 1 and offset < 9  # more than one row: more than one batch
+    assert ("Content-Length" not in resp.headers) == streamed
+    assert (resp.headers.get("Transfer-Encoding") == "chunked") == streamed
+    head = await client.head(f"/executions{query}")
+    assert head.status == 200 and await head.read() == b""
+
+
+async def test_paging_by_limit_reads_every_row_once_in_order(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1500)  # a row or two a batch
+    results = store_results(gateway, 23, stdout="x" * 1000)
+    seen: list[str] = []
+    offset, has_more = 0, True
+    while has_more:
+        page = await (await client.get(f"/executions?limit=5&offset={offset}")).json()
+        assert page["total"] == 23 and page["count"] == len(page["items"]) <= 5
+        seen += [item["execution_id"] for item in page["items"]]
+        offset += page["limit"]
+        has_more = page["has_more"]
+    assert seen == [r.execution_id for r in reversed(results)]
+
+
+async def test_a_row_left_out_does_not_make_the_last_page_look_unfinished(
+    gateway: Gateway, client: TestClient[Any, Any]
+) -> None:
+    # has_more counts the rows read: a client paging by count (offset += count) stopped only
+    # when a page came back whole, so a row no item is made of had it ask for it forever.
+    store_results(gateway, 2)
+    stored(gateway, gateway.settings.results_topic, "noise", b'{"status": "succeeded", '
+           b'"finished_at": "2026-01-01T00:00:00Z"}', 5)  # fmt: skip
+    page = await (await client.get("/executions")).json()
+    assert (page["total"], page["count"], page["has_more"]) == (3, 2, False), page
+
+
+async def test_pages_are_validated_and_encoded_off_the_event_loop(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every stored value is validated (and encoded) in a reader thread: on the event loop, a
+    # page of large results stalled every other request of the gateway, /health included.
+    store_results(gateway, 5)
+    stored(gateway, gateway.settings.dlq_topic, "d1", dumps(dead_letter("d1")), 0)
+    threads: list[int] = []
+
+    def watched(model: type[Any]) -> None:
+        validate = model.model_validate_json
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.get_ident())
+            return validate(*args, **kwargs)
+
+        monkeypatch.setattr(model, "model_validate_json", recorded)
+
+    watched(ExecutionResult)
+    watched(DLQRecord)
+    for path in ("/executions", "/dlq"):
+        threads.clear()
+        resp = await client.get(path)
+        assert resp.status == 200 and (await resp.json())["count"] >= 1
+        assert threads and threading.get_ident() not in threads, path
+
+
+async def test_a_page_holds_a_batch_of_its_rows_at_once_not_the_page(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 512 results of 32 KiB: a 16 MiB page.  Read, validated and encoded at once, it was held
+    # three times over (bodies, models and records, the encoded page); now a batch is (and
+    # what orjson reserves while it encodes one item: up to 34 times its longest string).
+    monkeypatch.setattr(pages, "BATCH_BYTES", 256 * 1024)
+    store_results(gateway, 512, stdout="x" * 32 * 1024)
+    tracemalloc.start()
+    try:
+        resp = await client.get("/executions?limit=1000")
+        size, last = 0, b""
+        async for chunk in resp.content.iter_chunked(1 << 16):  # as read, let go
+            size += len(chunk)
+            last = (last + chunk)[-64:]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert resp.status == 200 and size > 512 * 32 * 1024 and last.endswith(b'"total":512}')
+    assert peak < 4 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held at once for a 16 MiB page"
+
+
+async def test_a_failure_after_the_headers_breaks_the_answer_instead_of_cutting_it_short(
+    gateway: Gateway,
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1)  # a row a batch
+    store_results(gateway, 5)
+    read = gateway.view.store.result_bodies
+    calls, failing_call = 0, 3
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == failing_call:
+            raise sqlite3.OperationalError("disk I/O error")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.view.store, "result_bodies", failing)
+    resp = await client.get("/executions", headers={"X-Correlation-ID": "broken-1"})
+    assert resp.status == 200 and resp.headers["X-Correlation-ID"] == "broken-1"
+    with pytest.raises(aiohttp.ClientPayloadError):  # no chunked terminator: not a page
+        await resp.read()
+    assert any("failed after its headers were sent" in r.getMessage() for r in caplog.records)
+    # The gateway goes on serving; a failure before the headers is still a status.
+    calls, failing_call = 0, 0
+    resp = await client.get("/executions")
+    assert resp.status == 200 and (await resp.json())["count"] == 5
+    calls, failing_call = 0, 1
+    resp = await client.get("/executions", headers={"X-Correlation-ID": "broken-2"})
+    assert resp.status == 500 and (await resp.json())["correlation_id"] == "broken-2"
+
+
+async def test_a_client_that_takes_nothing_is_dropped_and_its_batch_let_go(
+    gateway: Gateway,
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Far more than the socket buffers hold, so the gateway's writes wait on the client.
+    monkeypatch.setattr(pages, "WRITE_WAIT", 0.2)
+    caplog.set_level(logging.INFO, logger=pages.__name__)
+    store_results(gateway, 48, stdout="x" * 256 * 1024)
+    dropped = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cut short" in record.getMessage():
+                dropped.set()
+
+    handler = Seen()
+    logging.getLogger(pages.__name__).addHandler(handler)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((client.host, client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /executions HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await asyncio.wait_for(dropped.wait(), 30)  # nothing read meanwhile
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await reader.read(1 << 16):
+                answer += chunk
+    finally:
+        logging.getLogger(pages.__name__).removeHandler(handler)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and not answer.endswith(b"0\r\n\r\n")
+    assert len(answer) < 48 * 256 * 1024
+
+
+def dead_letter(dlq_id: str) -> DLQRecord:
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    return DLQRecord(
+        dlq_id=dlq_id,
+        execution_id=dlq_id,
+        correlation_id="c",
+        error=ErrorInfo(type=ErrorType.INVALID_REQUEST, message="x"),
+        attempts=1,
+        first_failure_at=when,
+        last_failure_at=when,
+        worker_id="w",
+        source=SourcePosition(topic="tako.requests", partition=0, offset=0),
+        original_value=None,
+    )

@@ -134,18 +134,74 @@ def test_executions_page_newest_first_with_filters(store: Store) -> None:
     records.append(record(TOPICS.requests, "e9", b'{"code": "1"}'))
     store.apply(records, TOPICS)
 
-    def ids(page: list[tuple[bytes, int | None]]) -> list[str]:
-        return [orjson.loads(body)["execution_id"] for body, _ in page]
+    def page(**query: Any) -> tuple[int, list[str], list[int | None]]:
+        total, rowids = store.execution_rows(**query)
+        rows = [row for row in store.result_bodies(rowids, budget=1 << 30) if row is not None]
+        ids = [orjson.loads(body)["execution_id"] for body, _ in rows]
+        return total, ids, [produced for _, produced in rows]
 
-    total, page = store.executions(limit=3, offset=0, status=None, job_type=None)
-    assert total == 12 and ids(page) == ["e9", "e8", "e7"]
-    assert page[0][1] == 1_700_000_000_000 and page[1][1] is None  # e9's request was read
-    total, page = store.executions(limit=2, offset=1, status="failed", job_type=None)
-    assert total == 5 and ids(page) == ["e6", "r"]
-    total, page = store.executions(limit=10, offset=0, status="succeeded", job_type="default")
-    assert total == 4 and ids(page) == ["e7", "e5", "e1", "p"]
-    total, page = store.executions(limit=10, offset=0, status=None, job_type="default@1")
+    total, ids, produced = page(limit=3, offset=0, status=None, job_type=None)
+    assert total == 12 and ids == ["e9", "e8", "e7"]
+    assert produced[0] == 1_700_000_000_000 and produced[1] is None  # e9's request was read
+    total, ids, _ = page(limit=2, offset=1, status="failed", job_type=None)
+    assert total == 5 and ids == ["e6", "r"]
+    total, ids, _ = page(limit=10, offset=0, status="succeeded", job_type="default")
+    assert total == 4 and ids == ["e7", "e5", "e1", "p"]
+    total, ids, _ = page(limit=10, offset=0, status=None, job_type="default@1")
     assert total == 6  # the name is what a job type filter compares
+
+
+def test_a_page_is_cut_in_one_order_ties_in_time_included(store: Store) -> None:
+    # Results finished at the same moment come in the order they were stored, with or without
+    # a filter that has SQLite sort (failed: two statuses, read one after the other), so pages
+    # cut at any offset never repeat or miss one.
+    statuses = (Status.FAILED, Status.REJECTED)
+    store.apply(
+        [record(TOPICS.results, f"t{n}", result(f"t{n}", 1, statuses[n % 2])) for n in range(7)],
+        TOPICS,
+    )
+    for status in (None, "failed"):
+        _, everything = store.execution_rows(limit=10, offset=0, status=status, job_type=None)
+        assert everything == sorted(everything) and len(everything) == 7
+        pages = [
+            store.execution_rows(limit=2, offset=at, status=status, job_type=None)[1]
+            for at in range(0, 7, 2)
+        ]
+        assert [rowid for p in pages for rowid in p] == everything
+
+
+def test_bodies_are_read_up_to_a_budget_and_at_least_one(store: Store) -> None:
+    store.apply(
+        [record(TOPICS.results, f"b{n}", result(f"b{n}", n, stdout="x" * 1000)) for n in range(5)],
+        TOPICS,
+    )
+    _, rowids = store.execution_rows(limit=5, offset=0, status=None, job_type=None)
+    size = len(store.result_bodies(rowids[:1], budget=1 << 30)[0][0])  # type: ignore[index]
+    assert len(store.result_bodies(rowids, budget=1)) == 1  # a value past the budget: alone
+    assert len(store.result_bodies(rowids, budget=2 * size)) == 2
+    assert len(store.result_bodies(rowids, budget=2 * size + 1)) == 3
+    assert len(store.result_bodies(rowids, budget=1 << 30)) == 5
+    # A row gone since the page was picked: None, in its place.
+    store.apply([record(TOPICS.results, "b3", None)], TOPICS)
+    rows = store.result_bodies(rowids, budget=1 << 30)
+    assert [row is None for row in rows] == [False, True, False, False, False]
+
+
+def test_dead_letters_are_paged_oldest_first_by_row_id(store: Store) -> None:
+    store.apply(
+        [
+            record(TOPICS.dlq, f"d{n}", dead_letter(f"d{n}", T0 + timedelta(seconds=5 - n)))
+            for n in range(5)
+        ],
+        TOPICS,
+    )
+    total, rowids = store.dead_letter_rows(
+        error_type=None, since=sortable(T0 + timedelta(seconds=2)), until=None, limit=2, offset=1
+    )
+    summaries = store.dead_letter_summaries(rowids, budget=1 << 30)
+    ids = [orjson.loads(s)["dlq_id"] for s in summaries if s is not None]
+    assert total == 4 and ids == ["d2", "d1"]  # d3 (2 s) is the oldest of the four: skipped
+    assert len(store.dead_letter_summaries(rowids, budget=1)) == 1
 
 
 def test_the_first_request_for_an_id_is_the_one_that_counts(store: Store) -> None:
