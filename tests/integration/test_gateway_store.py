@@ -21,6 +21,7 @@ import aiodocker
 import aiohttp
 import orjson
 import pytest
+import requests
 from aiokafka import AIOKafkaProducer
 
 from tako_stream.core.errors import ErrorType, Status
@@ -173,6 +174,49 @@ async def test_a_restart_resumes_from_the_stored_positions(new_stack: Stack) -> 
         assert status == 200 and job["status"] == "succeeded" and job["stdout"] == f"{first[0]}\n"
         status, page = await gateway.call("GET", "/executions?limit=3")
         assert [item["execution_id"] for item in page["items"]] == later[::-1][:3]
+
+
+async def test_a_page_longer_than_a_batch_is_streamed_and_read_whole(new_stack: Stack) -> None:
+    """300 results of 40 KB: a 12 MB page, a dozen batches of the gateway's, streamed rather
+    than built whole.  Tako VM's clients (aiohttp, requests) read it as before, paging by
+    ``limit`` reads every result once, and a client holding a page unread stalls no one."""
+    ids = [f"p{n:03}-{new_stack.tag}" for n in range(300)]
+    await produce_results(new_stack, ids, pad=40_000)
+    newest = ids[::-1]
+    with gateways(new_stack, "gw") as (gateway,):
+        gateway.start()
+        await gateway.up()
+        await gateway.ready()
+        url = f"{gateway.url}/executions?limit=300"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            assert resp.status == 200 and resp.headers["Transfer-Encoding"] == "chunked"
+            assert resp.headers["Content-Type"] == "application/json"
+            assert resp.headers["X-Correlation-ID"] and resp.headers["X-Frame-Options"]
+            page = orjson.loads(await resp.read())
+        assert [item["execution_id"] for item in page["items"]] == newest
+        assert (page["limit"], page["offset"], page["count"], page["total"]) == (300, 0, 300, 300)
+        assert page["has_more"] is False
+        assert all(item["output"] == {"pad": "x" * 40_000} for item in page["items"])
+        answer = await asyncio.to_thread(requests.get, url, timeout=120)
+        assert answer.status_code == 200 and answer.json() == page
+        seen: list[str] = []
+        offset, has_more = 0, True
+        while has_more:
+            status, part = await gateway.call("GET", f"/executions?limit=70&offset={offset}")
+            assert status == 200 and part["count"] == len(part["items"]), part
+            seen += [item["execution_id"] for item in part["items"]]
+            offset, has_more = offset + part["limit"], part["has_more"]
+        assert seen == newest
+        # A client that asks for the page and reads nothing past its headers.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(b"GET /executions?limit=300 HTTP/1.1\r\nHost: gw\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+            status, health = await gateway.call("GET", "/health")
+            assert status == 200 and health["executions_known"] == 300
+        finally:
+            writer.close()
 
 
 async def test_records_the_store_cannot_use_stop_nothing(new_stack: Stack) -> None:

@@ -38,7 +38,7 @@ from tako_stream.core.models import (
 from tako_stream.gateway import pages
 from tako_stream.gateway.app import Gateway
 from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
-from tako_stream.gateway.shapes import execution_record, iso_ms
+from tako_stream.gateway.shapes import execution_record, iso_ms, tako_dlq_item
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
@@ -481,6 +481,24 @@ async def test_a_page_is_the_answer_it_was_byte_for_byte(
     assert head.status == 200 and await head.read() == b""
 
 
+@pytest.mark.parametrize("batch_bytes", [pages.BATCH_BYTES, 1])
+async def test_a_dlq_page_is_the_answer_it_was_byte_for_byte(
+    gateway: Gateway,
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    batch_bytes: int,
+) -> None:
+    monkeypatch.setattr(pages, "BATCH_BYTES", batch_bytes)
+    for n in range(6):  # stored newest first: listed oldest first
+        stored(gateway, gateway.settings.dlq_topic, f"d{n}", dumps(dead_letter(f"d{n}", -n)), n)
+    resp = await client.get("/dlq?limit=4&offset=1")
+    summaries = [gateway.view.store.dead_letter(f"d{n}") for n in (4, 3, 2, 1)]
+    items = [tako_dlq_item(summary) for summary in summaries if summary is not None]
+    page = {"items": items, "limit": 4, "offset": 1, "has_more": True, "count": 4, "total": 6}
+    assert resp.status == 200 and await resp.read() == orjson.dumps(page)
+    assert ("Content-Length" in resp.headers) == (batch_bytes > 1)
+
+
 async def test_paging_by_limit_reads_every_row_once_in_order(
     gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -628,8 +646,8 @@ async def test_a_client_that_takes_nothing_is_dropped_and_its_batch_let_go(
     assert len(answer) < 48 * 256 * 1024
 
 
-def dead_letter(dlq_id: str) -> DLQRecord:
-    when = datetime(2026, 1, 1, tzinfo=UTC)
+def dead_letter(dlq_id: str, seconds: int = 0) -> DLQRecord:
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
     return DLQRecord(
         dlq_id=dlq_id,
         execution_id=dlq_id,
