@@ -87,8 +87,9 @@ CREATE TABLE IF NOT EXISTS positions (
 #: The tables a reset empties (all of them: they are rebuilt from the topics).
 TABLES = ("results", "running", "requests", "pending", "dead_letters", "positions")
 #: Bumped whenever SCHEMA changes what a table holds: a store of another version is rebuilt
-#: from the topics (it is only a view of them), not migrated.
-SCHEMA_VERSION = 3
+#: from the topics (it is only a view of them), not migrated.  4: the models bound numbers to
+#: 64 bits and correlation ids to 256 characters, so a store may hold summaries they refuse.
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
