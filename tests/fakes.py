@@ -47,7 +47,7 @@ from tako_stream.worker.breaker.handle import Breaker
 from tako_stream.worker.breaker.state import BreakerEvent, BreakerState, fold
 from tako_stream.worker.cancel import Cancellations
 from tako_stream.worker.execute import Executor
-from tako_stream.worker.intake import Intake
+from tako_stream.worker.intake import DECODED_AHEAD, Intake
 from tako_stream.worker.seams import Assigned, Outcome, Outgoing, Revoked
 
 T = TypeVar("T")
@@ -798,6 +798,7 @@ def make_intake(
     publish_timeout: float = 30.0,
     revoke_wait: float | None = None,
     answers: FakeAnswers | None = None,
+    decoded_ahead: int = DECODED_AHEAD,
 ) -> Intake:
     """An intake over the fakes; ``existing_topics`` are the topics besides the service's own
     that exist (what ``reply_to`` may name)."""
@@ -821,6 +822,7 @@ def make_intake(
         shutdown_grace=shutdown_grace,
         revoke_wait=revoke_wait if revoke_wait is not None else shutdown_grace,
         commit_interval=commit_interval,
+        decoded_ahead=decoded_ahead,
     )
 
 

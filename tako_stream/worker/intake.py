@@ -25,7 +25,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,6 +62,12 @@ ANSWERS_CURRENT = 15.0
 #: consumer and the producer, removing containers): a broker that is gone must not keep a
 #: stopping worker alive.
 STOP_STEP = 3.0
+#: Bytes of valid requests (as received) a fetch keeps decoded while they wait for capacity; the
+#: rest keep only their bytes (which the fetch holds anyway) and are decoded again once they get
+#: a slot.  A decoded request takes up to ~25 times its JSON (1 MiB of ``[{}, {}, ...]``
+#: input: 21 MiB), so a 16 MiB fetch of 1 MiB requests once held 300-400 MB waiting; this keeps
+#: that under ~25 MiB, while a fetch of ordinary (KiB) requests is still decoded only once.
+DECODED_AHEAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,10 +120,12 @@ class Intake:
         shutdown_grace: float,
         revoke_wait: float,
         commit_interval: float,
+        decoded_ahead: int = DECODED_AHEAD,
     ) -> None:
         """``capacity``: jobs accepted but unanswered; a little above the pool size so the next
         job is already decoded when a container slot frees up, without hoarding a backlog.
-        ``rejection_budget``: bytes of invalid requests held while their answers are sent."""
+        ``rejection_budget``: bytes of invalid requests held while their answers are sent.
+        ``decoded_ahead``: bytes of requests kept decoded while they wait for capacity."""
         self.source = source
         self.sink = sink
         self.executor = executor
@@ -144,6 +152,7 @@ class Intake:
         self._running_ids: Counter[str] = Counter()
         self._capacity = asyncio.Semaphore(capacity)
         self._rejections = ByteBudget(rejection_budget)
+        self._decoded_ahead = decoded_ahead
         self._announcing: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._accepting = True
@@ -227,12 +236,11 @@ class Intake:
                 continue
             failing.right()
             generation = self._generation
-            # Decoding is cheap and tells whether a record needs a container.  Rejections only
-            # need the producer, so the batch's rejections are answered first, together (their
-            # sends batched), never queued behind requests waiting for capacity; the requests
-            # then take capacity one by one, in order.
-            decoded = [(message, decode(message)) for message in messages]
-            refused = [(m, r) for m, r in decoded if isinstance(r, Rejection)]
+            # Decoding tells whether a record needs a container.  Rejections only need the
+            # producer, so the batch's rejections are answered first, together (their sends
+            # batched), never queued behind requests waiting for capacity; the requests then
+            # take capacity one by one, in order.
+            refused, waiting = self._sort(messages)
             for group, cost in self._within_budget(refused):
                 size = await self._rejections.acquire(cost)
                 # A rebalance while we waited may have taken the partition (or reset its
@@ -241,14 +249,45 @@ class Intake:
                     self._rejections.release(size)
                     break
                 self._start_rejections(group, functools.partial(self._rejections.release, size))
-            for message, request in decoded:
-                if isinstance(request, Rejection):
-                    continue
+            while waiting:
                 await self._capacity.acquire()
-                if generation != self._generation or not self._accepting:
-                    self._capacity.release()
-                    continue
-                self._start(message, request, self._capacity.release)
+                # no local keeps a request: once answered, nothing here holds it any more
+                self._take(waiting.popleft(), generation)
+
+    def _sort(
+        self, messages: list[Incoming]
+    ) -> tuple[list[tuple[Incoming, Rejection]], deque[tuple[Incoming, ExecutionRequest | None]]]:
+        """The batch's rejections, and its requests in order: each decoded while the bytes of
+        those kept decoded stay within ``decoded_ahead``, past it None (decoded once it has a
+        slot), so requests waiting for capacity hold a bounded amount of memory."""
+        refused: list[tuple[Incoming, Rejection]] = []
+        waiting: deque[tuple[Incoming, ExecutionRequest | None]] = deque()
+        kept = 0
+        for message in messages:
+            decoded = decode(message)
+            if isinstance(decoded, Rejection):
+                refused.append((message, decoded))
+                continue
+            size = message.size
+            if kept + size <= self._decoded_ahead:
+                kept += size
+                waiting.append((message, decoded))
+            else:
+                waiting.append((message, None))
+        return refused, waiting
+
+    def _take(self, pending: tuple[Incoming, ExecutionRequest | None], generation: int) -> None:
+        """Start a request that has just taken capacity (the slot is released when it is done,
+        or here when its record is no longer this worker's to run)."""
+        if generation != self._generation or not self._accepting:
+            self._capacity.release()
+            return
+        message, request = pending
+        decoded = request if request is not None else decode(message)
+        if isinstance(decoded, Rejection):  # the same bytes decoded the same way: not expected
+            self._start_rejections([(message, decoded)], self._capacity.release)
+            return
+        self._start(message, decoded, self._capacity.release)
 
     def _within_budget(
         self, refused: list[tuple[Incoming, Rejection]]

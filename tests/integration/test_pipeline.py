@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tako_stream.client import Producer, ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord
+from tako_stream.worker.intake import DECODED_AHEAD
 from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -302,6 +303,27 @@ async def test_many_concurrent_jobs_all_answered(stack: Stack) -> None:
         result = found[str(request["execution_id"])]
         n = request["input_data"]["n"]  # type: ignore[index]
         assert result.success and result.output == {"sq": n * n}
+
+
+async def test_large_requests_fetched_together_are_each_answered_with_their_own_input(
+    stack: Stack,
+) -> None:
+    """More request bytes at once than the intake keeps decoded while they wait for a slot
+    (``DECODED_AHEAD``): those past it wait as their bytes, decoded once they get a slot, and
+    each is still answered with its own input."""
+    pad = 300 * 1024
+    assert 8 * pad > DECODED_AHEAD
+    code = (
+        "import json\nd = json.load(open('/input/data.json'))\n"
+        "json.dump({'n': d['n'], 'ok': d['pad'] == str(d['n']) * len(d['pad'])},"
+        " open('/output/result.json', 'w'))"
+    )
+    requests = [job(code, input_data={"n": n, "pad": str(n) * pad}) for n in range(8)]
+    found = await stack.run_jobs(requests, timeout=240)
+    for n, request in enumerate(requests):
+        result = found[str(request["execution_id"])]
+        assert result.success, (result.error, result.stderr)
+        assert result.output == {"n": n, "ok": True}
 
 
 async def test_reply_to_topic_also_gets_the_result(stack: Stack) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
+import weakref
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from tako_stream.core.models import (
 )
 from tako_stream.kafka.codec import dumps
 from tako_stream.kafka.message import Incoming
+from tako_stream.worker import intake as intake_module
 from tako_stream.worker import publish
 from tako_stream.worker.budget import ByteBudget
 from tako_stream.worker.intake import Rejection, decode, rejection_cost
@@ -309,6 +312,52 @@ async def test_at_most_capacity_jobs_are_in_flight() -> None:
         assert rig.sandbox.max_running == 2
 
 
+def live_requests(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[ExecutionRequest]]:
+    """Weak references to every request the intake decodes (which ones are still held)."""
+    refs: list[weakref.ref[ExecutionRequest]] = []
+    real = intake_module.decode
+
+    def tracking(message: Incoming) -> ExecutionRequest | Rejection:
+        decoded = real(message)
+        if isinstance(decoded, ExecutionRequest):
+            refs.append(weakref.ref(decoded))
+        return decoded
+
+    monkeypatch.setattr(intake_module, "decode", tracking)
+    return refs
+
+
+async def test_requests_waiting_for_capacity_hold_their_bytes_not_their_decoded_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 16 MiB fetch of 1 MiB requests was decoded whole before taking capacity: 300-400 MB
+    of decoded requests held while they waited for slots.  Only ``decoded_ahead`` bytes of a
+    fetch stay decoded; the others are decoded when they get their slot, each still answered
+    (with its own code), in order, and committed."""
+    refs = live_requests(monkeypatch)
+    codes = [f"x = {n}\n" + "#" * (64 * 1024) for n in range(8)]
+    # room for two of them decoded: the running one and the next
+    async with intake_rig(
+        partitions=(0,), capacity=1, pool_size=1, decoded_ahead=2 * 64 * 1024 + 1024
+    ) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        for n, code in enumerate(codes):  # one fetch: added before the intake's next turn
+            rig.source.add(request_bytes(code, execution_id=f"j{n}"))
+        await rig.sandbox.wait_running(1)
+        await rig.source.commit_rounds(3)
+        assert rig.source.fetches >= 1 and len(rig.source.delivered) == 8
+        gc.collect()
+        held = [ref() for ref in refs]
+        assert sorted(r.execution_id or "" for r in held if r is not None) == ["j0", "j1"]
+        del held
+        release.set()
+        await rig.source.wait_committed(0, 8)
+        assert [r.execution_id for r in rig.sink.results()] == [f"j{n}" for n in range(8)]
+        assert {r.status for r in rig.sink.results()} == {Status.SUCCEEDED}
+        assert [c.code for c in rig.sandbox.runs] == codes
+
+
 async def test_a_result_whose_send_fails_twice_is_published_once_and_committed() -> None:
     async with intake_rig(partitions=(0,)) as rig:
         rig.sink.fail(RESULTS, times=2)
@@ -426,8 +475,12 @@ async def test_revoking_a_partition_waits_for_its_job_and_commits() -> None:
         await rig.source.wait_committed(1, 2)
 
 
-async def test_a_record_waiting_for_capacity_on_a_revoked_partition_is_left_alone() -> None:
-    async with intake_rig(partitions=(0, 1), capacity=1) as rig:
+@pytest.mark.parametrize("decoded_ahead", [0, 1024 * 1024], ids=["bytes", "decoded"])
+async def test_a_record_waiting_for_capacity_on_a_revoked_partition_is_left_alone(
+    decoded_ahead: int,
+) -> None:
+    """Whether it waited decoded or as its bytes (decoded once it has a slot)."""
+    async with intake_rig(partitions=(0, 1), capacity=1, decoded_ahead=decoded_ahead) as rig:
         release = asyncio.Event()
         rig.sandbox.script_job("first", blocking(release))
         rig.source.add(request_bytes(execution_id="first"), partition=0)
