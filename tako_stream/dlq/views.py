@@ -4,7 +4,7 @@ and gateways, whose memory must not grow with the topic)."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,10 @@ _Entry = tuple[ErrorType, "DLQRecord | bytes"]
 #: The largest record a view keeps as read (summarising it is what costs); larger ones are
 #: summarised on arrival, so a view holds at most ``keep`` times this.
 _RAW_MAX = 4096
+#: Entries whose ids a view remembers as counted (as 64-bit hashes: ~140 bytes each, 14 MB at
+#: most, whatever the keys' length), so that only a tombstone for an entry it counted takes it
+#: off the counts.
+TRACK = 100_000
 
 
 class DLQView:
@@ -33,16 +37,25 @@ class DLQView:
     and the newest ``keep`` entries as summaries.  Its memory does not grow with the topic;
     listings and entries beyond the window are read from the topic (``read_store``, ``find``).
 
-    A deletion is a tombstone that names the deleted entry's error type in a header, so counts
-    go down without remembering every entry.  An entry written twice (a worker that died after
-    dead-lettering it, before committing) replaces itself while it is in the window; beyond it,
-    it is counted twice until compaction removes the older copy.
+    Counts go down by tombstones, and only for an entry the view counted: it remembers the
+    (hashed) ids of the last ``track`` entries it counted.  A tombstone for anything else (its
+    entry compacted away before this view read the topic, deleted twice, or made up) changes
+    nothing, or the counts would drift low.  Past ``track`` the oldest ids are let go, their
+    entries still counted by type: a tombstone for an id not remembered then takes one off the
+    type its header names while that type has such entries left, so counts can be off by at
+    most the entries let go.  An entry written twice (a worker that died after dead-lettering
+    it, before committing, or a read started over) is counted once while its id is remembered.
     """
 
-    def __init__(self, keep: int = 1000) -> None:
+    def __init__(self, keep: int = 1000, track: int = TRACK) -> None:
         self.counts: Counter[ErrorType] = Counter()
         #: Per entry: its error type, its value, and whether that value is summarised.
         self._recent: KeyedView[tuple[ErrorType, bytes, bool]] = KeyedView(self._summary, keep=keep)
+        #: hash(key) of each counted entry (oldest counted first) -> the type it is counted as.
+        self._counted: OrderedDict[int, ErrorType] = OrderedDict()
+        #: Entries counted whose ids were let go (past ``track``), by type.
+        self._let_go: Counter[ErrorType] = Counter()
+        self._track = track
 
     @staticmethod
     def _summary(value: bytes) -> tuple[ErrorType, bytes, bool]:
@@ -58,13 +71,10 @@ class DLQView:
         if record.key is None:
             return
         dlq_id_ = record.key.decode("utf-8", "replace")
-        old = self._recent.get(dlq_id_)
         named = _error_type(header(record.headers, H_ERROR_TYPE))
         if record.value is None:
             self._recent.remove(dlq_id_)
-            gone = old[0] if old is not None else named
-            if gone is not None and self.counts[gone] > 0:
-                self.counts[gone] -= 1
+            self._uncount(hash(record.key), named)
             return
         new: tuple[ErrorType, bytes, bool] | None
         if named is not None and len(record.value) <= _RAW_MAX:
@@ -74,9 +84,25 @@ class DLQView:
             new = self._recent.apply(record.key, record.value)
         if new is None:
             return  # unreadable: skipped (and logged) by the view
-        if old is not None and self.counts[old[0]] > 0:
-            self.counts[old[0]] -= 1
-        self.counts[new[0]] += 1
+        self._count(hash(record.key), new[0])
+
+    def _count(self, key: int, error_type: ErrorType) -> None:
+        old = self._counted.pop(key, None)
+        if old is not None:  # written again: counted once, as its newest type
+            self.counts[old] -= 1
+        self._counted[key] = error_type
+        self.counts[error_type] += 1
+        if len(self._counted) > self._track:
+            _, let_go = self._counted.popitem(last=False)
+            self._let_go[let_go] += 1
+
+    def _uncount(self, key: int, named: ErrorType | None) -> None:
+        counted = self._counted.pop(key, None)
+        if counted is None and named is not None and self._let_go[named] > 0:
+            counted = named  # perhaps one whose id was let go: the header says which type
+            self._let_go[named] -= 1
+        if counted is not None:
+            self.counts[counted] -= 1
 
     def get(self, dlq_id_: str) -> DLQRecord | None:
         """An entry, if it is among the newest ``keep`` (a summary, without original bytes)."""
@@ -97,6 +123,11 @@ class DLQView:
 
     def __len__(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def tracked(self) -> int:
+        """Ids remembered as counted (at most ``track``)."""
+        return len(self._counted)
 
     def stats(self) -> dict[str, Any]:
         """The seed's shape: ``{"total": N, "by_error_type": {type: n}}``."""

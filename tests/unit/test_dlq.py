@@ -337,6 +337,56 @@ def test_view_tombstones_decrement_by_the_type_they_name() -> None:
     assert len(view) == 0
 
 
+def test_a_tombstone_for_an_entry_never_counted_changes_no_count() -> None:
+    """On a compacted DLQ topic a deleted entry's record goes long before its tombstone: a
+    view reading the topic then meets tombstones for entries it never counted (as it does for
+    an entry deleted twice, or a made-up one).  Each took one off the type its header named,
+    so the counts went low, hiding entries that are there."""
+    view = dlq.DLQView()
+    kept = [entry(n)[0] for n in range(3)]
+    for n, record in enumerate(kept):
+        view.apply(consumed(record.dlq_id, entry(n)[1]))
+    compacted, _ = entry(99)  # its record compacted away: only its tombstone is left
+    view.apply(consumed(compacted.dlq_id, None, dlq.tombstone_headers(compacted)))
+    assert view.stats() == {"total": 3, "by_error_type": {"invalid_request": 3}}
+    view.apply(consumed(kept[0].dlq_id, None, dlq.tombstone_headers(kept[0])))
+    view.apply(consumed(kept[0].dlq_id, None, dlq.tombstone_headers(kept[0])))  # deleted twice
+    assert view.stats() == {"total": 2, "by_error_type": {"invalid_request": 2}}
+
+
+def test_past_track_ids_a_tombstone_takes_off_only_a_type_with_entries_let_go() -> None:
+    """The ids remembered are bounded (``track``): past it the oldest are let go, still
+    counted, and a tombstone for an id not remembered takes one off its header's type only
+    while that type has entries let go."""
+    view = dlq.DLQView(keep=1, track=2)
+    unavailable = ErrorInfo(type=ErrorType.SERVICE_UNAVAILABLE, message="down")
+    old, old_value = entry(1)
+    view.apply(consumed(old.dlq_id, old_value))
+    for n in (2, 3):
+        record, value = entry(n, unavailable)
+        view.apply(consumed(record.dlq_id, value))
+    assert view.tracked == 2  # the first id let go; its entry still counted
+    assert view.stats()["by_error_type"] == {"invalid_request": 1, "service_unavailable": 2}
+    stray, _ = entry(50, unavailable)  # no service_unavailable entry was let go
+    view.apply(consumed(stray.dlq_id, None, dlq.tombstone_headers(stray)))
+    assert view.stats()["total"] == 3
+    view.apply(consumed(old.dlq_id, None, dlq.tombstone_headers(old)))
+    assert view.stats()["by_error_type"] == {"service_unavailable": 2}
+    again, _ = entry(51)  # none let go is left to take off
+    view.apply(consumed(again.dlq_id, None, dlq.tombstone_headers(again)))
+    assert view.stats()["by_error_type"] == {"service_unavailable": 2}
+
+
+def test_an_entry_read_again_is_counted_once_beyond_the_summary_window() -> None:
+    """A read started over (a broker fault) hands the view every record again."""
+    view = dlq.DLQView(keep=2)
+    records = [entry(n) for n in range(5)]
+    for _ in range(2):
+        for record, value in records:
+            view.apply(consumed(record.dlq_id, value))
+    assert view.stats()["total"] == 5
+
+
 def test_view_counts_an_entry_written_twice_once_while_in_the_window() -> None:
     view = dlq.DLQView()
     record, encoded = entry(7)
