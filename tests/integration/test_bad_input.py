@@ -47,6 +47,7 @@ from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.reader import TopicReader, read_to_end
+from tako_stream.worker.breaker.shared import MAX_ENDPOINTS
 from tako_stream.worker.breaker.state import endpoint_key
 from tests.integration.stack import Stack, WorkerProcess
 from tests.integration.test_answers import all_committed
@@ -651,6 +652,43 @@ async def test_a_breaker_record_without_a_time_zone_is_no_poison(bad_stack: Stac
         if health is not None and health["circuit_breaker"]["state"] == "closed":
             break
         await asyncio.sleep(0.5)
+    await assert_healthy_and_runs_a_job(stack, worker)
+
+
+async def test_forged_breaker_endpoints_are_not_kept_without_bound(bad_stack: Stack) -> None:
+    """The breaker's events topic is anyone's: the table's writer kept every endpoint an event
+    named, for good (its table, and the changelog every reader folds, grew with each forged
+    one).  It keeps the ``MAX_ENDPOINTS`` most recently written now, deleting the others."""
+    stack, worker = bad_stack, bad_stack.workers[0]
+    settings = stack.settings
+    forged = [f"forged-{stack.tag}-{n}" for n in range(MAX_ENDPOINTS + 100)]
+    producer = raw_producer(stack)
+    await producer.start()
+    try:
+        for endpoint in forged:  # one failure each: their breakers stay closed
+            event = {"endpoint": endpoint, "outcome": "failure", "at": "2026-01-01T00:00:00Z"}
+            sent = await producer.send(
+                settings.breaker_topic, orjson.dumps({**event, "worker_id": "nobody"}), key=b"f"
+            )
+        await sent  # one partition: the others landed before it
+    finally:
+        await producer.stop()
+    live: dict[bytes, bytes] = {}
+
+    def fold(key: bytes | None, value: bytes | None) -> None:
+        if key is not None and value is None:
+            live.pop(key, None)
+        elif key is not None and value is not None:
+            live[key] = value
+
+    deadline = time.monotonic() + 90
+    while forged[-1].encode() not in live and time.monotonic() < deadline:
+        live.clear()
+        await read_to_end(settings, settings.breaker_changelog_topic, fold)
+        await asyncio.sleep(0.5)
+    assert forged[-1].encode() in live, f"the last event never folded:\n{worker.log_tail()}"
+    assert len(live) == MAX_ENDPOINTS, len(live)
+    assert all(endpoint.encode() in live for endpoint in forged[-MAX_ENDPOINTS:])
     await assert_healthy_and_runs_a_job(stack, worker)
 
 

@@ -11,7 +11,13 @@ import pytest
 
 from tako_stream.settings import BreakerConfig
 from tako_stream.worker.breaker.handle import Breaker
-from tako_stream.worker.breaker.shared import BreakerStates, stored_state
+from tako_stream.worker.breaker.shared import (
+    MAX_ENDPOINTS,
+    MAX_KEY,
+    BreakerStates,
+    TableWriter,
+    stored_state,
+)
 from tako_stream.worker.breaker.state import (
     BreakerEvent,
     BreakerState,
@@ -276,6 +282,53 @@ def test_the_view_of_every_endpoint_is_bounded() -> None:
     states.apply(None, huge)
     assert states.get("big") is None and len(states.view) < 5000
     assert all(len(key) < 100_000 for key in states.view)
+
+
+def event_bytes(endpoint: str, outcome: Outcome = Outcome.FAILURE, seconds: float = 0) -> bytes:
+    return orjson.dumps(
+        BreakerEvent(
+            endpoint=endpoint, outcome=outcome, at=T0 + timedelta(seconds=seconds), worker_id="w"
+        ).model_dump(mode="json")
+    )
+
+
+def test_the_writers_table_keeps_at_most_max_endpoints() -> None:
+    """Each endpoint a (forged) event named was a table entry for good: the writer's memory grew
+    without bound.  Beyond ``MAX_ENDPOINTS`` the least recently written endpoint is deleted (a
+    tombstone for the views too); an engine in trouble, written at every ping, stays."""
+    table: dict[bytes, Any] = {}
+    writer = TableWriter(table, CONFIG)
+    for n in range(3 * MAX_ENDPOINTS):
+        writer.apply(event_bytes(f"forged-{n}"))
+        if n % 100 == 0:  # the real engine fails between them, as its pings do
+            writer.apply(event_bytes("real", seconds=n))
+    assert len(table) == MAX_ENDPOINTS
+    assert writer.forgotten == 2 * MAX_ENDPOINTS + 1
+    assert b"real" in table and table[b"real"]["failure_count"] == 30
+    assert b"forged-0" not in table and b"forged-2999" in table
+    writer.apply(event_bytes("x" * (MAX_KEY + 1)))  # too long to be an engine of ours
+    assert len(table) == MAX_ENDPOINTS and b"forged-2999" in table
+
+
+def test_a_recovered_table_over_the_bound_loses_what_was_not_written_since() -> None:
+    """A writer taking over recovers the table from the changelog (a version without the bound
+    left it any size): those entries predate anything it writes, so they go first."""
+    table: dict[bytes, Any] = {f"old-{n}".encode(): {"endpoint": f"old-{n}"} for n in range(5)}
+    writer = TableWriter(table, CONFIG, keep=3)
+    writer.apply(event_bytes("old-4"))  # written again: now the newest
+    writer.apply(event_bytes("new"))
+    assert sorted(table) == [b"new", b"old-3", b"old-4"]
+    assert table[b"old-4"]["failure_count"] == 1
+    writer.apply(event_bytes("newer"))
+    assert sorted(table) == [b"new", b"newer", b"old-4"]
+
+
+def test_the_writer_skips_an_unreadable_event() -> None:
+    table: dict[bytes, Any] = {}
+    writer = TableWriter(table, CONFIG)
+    writer.apply(b"not json")
+    writer.apply(event_bytes("e"))
+    assert list(table) == [b"e"] and table[b"e"]["failure_count"] == 1
 
 
 async def test_record_never_raises_whatever_the_state_read(table: FakeTable) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,10 +36,11 @@ log = logging.getLogger(__name__)
 
 _RANK = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
-#: Endpoints a view keeps (one per Docker engine: a host's socket, or a TCP engine), the least
-#: recently written forgotten beyond: anyone may write the changelog, and each forged key was
-#: kept for good.  An engine in trouble is written at every ping, so it is never the one
-#: forgotten; a quiet one reads as closed, which it is.
+#: Endpoints the table's writer and every view keep (one per Docker engine: a host's socket, or
+#: a TCP engine), the least recently written forgotten beyond: anyone may write the events topic
+#: and the changelog, and each forged endpoint was kept for good.  An engine in trouble is
+#: written at every ping, so it is never the one forgotten; a quiet one reads as closed, which
+#: it is.
 MAX_ENDPOINTS = 1000
 #: A record of ours is an endpoint key (a host name and a socket path or URL) and a state under
 #: 5 KB (its detail of 500 characters is 3 KB escaped at worst); larger ones are not ours, and
@@ -107,9 +109,77 @@ def stored_state(previous: Any) -> BreakerState | None:
         return None
 
 
+class TableWriter:
+    """The folding agent's work: each event folded into the table (``MutableMapping``: faust's
+    ``Table`` in the worker, a dict in the unit tests), at most ``keep`` endpoints kept.
+
+    Beyond ``keep`` the least recently written endpoint is deleted, which writes a tombstone to
+    the changelog, so the readers' views drop it too.  Endpoints recovered from the changelog
+    and not written since were written before any this writer wrote: they go first."""
+
+    def __init__(
+        self, table: MutableMapping[bytes, Any], config: BreakerConfig, keep: int = MAX_ENDPOINTS
+    ) -> None:
+        self.table = table
+        self.config = config
+        self.keep = keep
+        #: Keys this writer wrote, least recently written first (at most ``keep``).
+        self._written: OrderedDict[bytes, None] = OrderedDict()
+        self.forgotten = 0
+
+    def apply(self, raw: bytes) -> None:
+        """Fold one event (its raw value) in; an unreadable one is skipped."""
+        try:
+            event = BreakerEvent.model_validate_json(raw)
+        except ValidationError:
+            log.warning("ignoring an unreadable breaker event: %r", raw[:200])
+            return
+        key = event.endpoint.encode()
+        if len(key) > MAX_KEY:  # not an engine of ours; kept, it would unbound the bytes held
+            log.warning("ignoring a breaker event for an endpoint too long to be ours")
+            return
+        state = stored_state(self.table.get(key))
+        new = fold(state, event, self.config)
+        before = state.effective(event.at, self.config).state if state else State.CLOSED
+        if new.state != before:
+            log.warning(
+                "circuit breaker %s: %s -> %s (%s from %s)",
+                event.endpoint,
+                before.value,
+                new.state.value,
+                event.outcome.value,
+                event.worker_id,
+            )
+        self.table[key] = new.model_dump(mode="json")
+        self._written.pop(key, None)
+        self._written[key] = None
+        if len(self._written) > self.keep or len(self.table) > self.keep:
+            self._forget()
+
+    def _forget(self) -> None:
+        """Delete endpoints beyond ``keep``: recovered ones not written since first, then the
+        least recently written."""
+        while len(self._written) > self.keep:
+            self._delete(self._written.popitem(last=False)[0])
+        if len(self.table) > self.keep:
+            recovered = [key for key in self.table if key not in self._written]
+            for key in recovered[: len(self.table) - self.keep]:
+                self._delete(key)
+
+    def _delete(self, key: bytes) -> None:
+        if key in self.table:
+            del self.table[key]  # a tombstone on the changelog: the views forget it too
+            self.forgotten += 1
+            if self.forgotten == 1:
+                log.warning(
+                    "breaker: more than %d endpoints named; the least recently written are "
+                    "forgotten (an engine in trouble is written at every ping)",
+                    self.keep,
+                )
+
+
 def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Awaitable[None]]:
     """Add the events topic, the table and its folding agent to ``app``; the publisher."""
-    config = settings.breaker
     events = app.topic(
         settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
     )
@@ -121,29 +191,12 @@ def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Await
     named = table.changelog_topic.get_topic_name()
     if named != settings.breaker_changelog_topic:  # the name is derived here once; faust must agree
         raise RuntimeError(f"faust names the breaker changelog {named!r}")
+    writer = TableWriter(table, settings.breaker)
 
     @app.agent(events)
     async def fold_breaker_events(stream: Any) -> None:
         async for raw in stream:
-            try:
-                event = BreakerEvent.model_validate_json(raw)
-            except ValidationError:
-                log.warning("ignoring an unreadable breaker event: %r", raw[:200])
-                continue
-            key = event.endpoint.encode()
-            state = stored_state(table.get(key))
-            new = fold(state, event, config)
-            before = state.effective(event.at, config).state if state else State.CLOSED
-            if new.state != before:
-                log.warning(
-                    "circuit breaker %s: %s -> %s (%s from %s)",
-                    event.endpoint,
-                    before.value,
-                    new.state.value,
-                    event.outcome.value,
-                    event.worker_id,
-                )
-            table[key] = new.model_dump(mode="json")
+            writer.apply(raw)
 
     async def publish(event: BreakerEvent) -> None:
         await events.send(key=event.endpoint.encode(), value=dumps(event))
