@@ -10,6 +10,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tako_stream import dlq
 from tako_stream.core.errors import ErrorType, SandboxUnavailableError, Status
@@ -356,6 +358,37 @@ async def test_requests_waiting_for_capacity_hold_their_bytes_not_their_decoded_
         assert [r.execution_id for r in rig.sink.results()] == [f"j{n}" for n in range(8)]
         assert {r.status for r in rig.sink.results()} == {Status.SUCCEEDED}
         assert [c.code for c in rig.sandbox.runs] == codes
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    records=st.lists(st.tuples(st.booleans(), st.integers(0, 3000)), min_size=1, max_size=12),
+    decoded_ahead=st.integers(0, 20_000),
+    capacity=st.integers(1, 3),
+)
+def test_a_fetch_of_any_mix_is_answered_once_each_in_order_whatever_is_kept_decoded(
+    records: list[tuple[bool, int]], decoded_ahead: int, capacity: int
+) -> None:
+    """Requests kept decoded or as their bytes, rejections among them: one answer each, the
+    requests started in their order, every offset committed."""
+
+    async def scenario() -> None:
+        async with intake_rig(
+            partitions=(0,), capacity=capacity, pool_size=capacity, decoded_ahead=decoded_ahead
+        ) as rig:
+            for n, (valid, pad) in enumerate(records):
+                code = f"x = {n}  #" + "p" * pad if valid else ""
+                rig.source.add(request_bytes(code, execution_id=f"r{n}"))
+            await rig.source.wait_committed(0, len(records))
+            answered = sorted(r.execution_id for r in rig.sink.results())
+            assert answered == sorted(f"r{n}" for n in range(len(records)))
+            started = [c.execution_id for c in rig.sandbox.runs]
+            assert started == [f"r{n}" for n, (valid, _) in enumerate(records) if valid]
+            assert [c.code for c in rig.sandbox.runs] == [
+                f"x = {n}  #" + "p" * pad for n, (valid, pad) in enumerate(records) if valid
+            ]
+
+    asyncio.run(scenario())
 
 
 async def test_a_result_whose_send_fails_twice_is_published_once_and_committed() -> None:
