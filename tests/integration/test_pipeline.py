@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 
@@ -284,8 +285,12 @@ async def test_correlation_id_round_trip(stack: Stack) -> None:
     finally:
         await consumer.stop()
     assert header == b"trace-abc-123"
-    log = stack.workers[0].log_path.read_text()
-    assert "corr=trace-abc-123" in log
+    # The worker logs the answer once it is sent, which may be after the result was read here
+    # (seen under load): wait for the line, within a bound.
+    deadline = asyncio.get_running_loop().time() + 30
+    while "corr=trace-abc-123" not in stack.workers[0].log_path.read_text():
+        assert asyncio.get_running_loop().time() < deadline, "no log line carries the id"
+        await asyncio.sleep(0.1)
 
 
 async def test_many_concurrent_jobs_all_answered(stack: Stack) -> None:
