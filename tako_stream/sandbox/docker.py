@@ -43,7 +43,7 @@ from tako_stream.sandbox.protocol import (
     JOB_PYTHON,
     JOB_UID,
     FrameReader,
-    supervisor_source,
+    supervisor_command,
 )
 from tako_stream.settings import OutputCaps
 
@@ -157,7 +157,7 @@ def container_config(limits: Limits, labels: Mapping[str, str]) -> dict[str, Any
         host["Runtime"] = limits.runtime
     return {
         "Image": limits.image,
-        "Cmd": [JOB_PYTHON, "-I", "-S", "-c", supervisor_source()],
+        "Cmd": list(supervisor_command(JOB_PYTHON)),
         "User": "0:0",
         "WorkingDir": "/",
         "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],

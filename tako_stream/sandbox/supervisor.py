@@ -1,8 +1,10 @@
 """The in-container supervisor: the first program of every sandbox container.
 
-It runs *inside* the container (its source is passed as ``python3 -c``, so any image with a
-Python 3 interpreter works, and a warm container can wait for a job it has not seen yet), and it
-must stay stdlib-only and self-contained: nothing else of tako_stream exists in the image.
+It runs *inside* the container (it is passed on the command line, as bytecode when the image's
+interpreter reads the worker's and as source otherwise: ``protocol.SUPERVISOR_BOOT``; so any
+image with a Python 3 interpreter works, and a warm container can wait for a job it has not
+seen yet), and it must stay stdlib-only and self-contained: nothing else of tako_stream exists
+in the image.
 
 Why a supervisor rather than running the user's file directly:
 
