@@ -46,8 +46,9 @@ def supervisor_source() -> str:
 #: the supervisor's 28 KB took 8 ms of CPU in every container, a few per cent of what a whole
 #: container costs the machine; loading its bytecode takes 0.1 ms.  Both are zlib-compressed and
 #: base64-encoded (zlib, binascii and marshal are built into CPython): 35 KB together, against
-#: 28 KB of source before.  ``sys.argv`` is left as ``-c`` leaves it, and the code runs in
-#: ``__main__``, as it would from ``-c``.
+#: 28 KB of source before.  ``sys.argv`` is left as ``-c`` leaves it, the code runs in
+#: ``__main__``, as it would from ``-c``, and the two modules no interpreter's start imports
+#: are forgotten again (the job's interpreter inherits the supervisor's modules).
 SUPERVISOR_BOOT = """\
 import sys, zlib, binascii
 _magic, _code, _source = sys.argv[1:4]
@@ -57,7 +58,7 @@ if sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex() == _magic:
     _code = marshal.loads(zlib.decompress(binascii.a2b_base64(_code)))
 else:
     _code = compile(zlib.decompress(binascii.a2b_base64(_source)), "<string>", "exec")
-del _magic, _source
+del _magic, _source, sys.modules["zlib"], sys.modules["binascii"]
 exec(_code)
 """
 

@@ -47,3 +47,11 @@ def test_the_supervisor_sees_argv_as_minus_c_leaves_it() -> None:
     packed = base64.b64encode(zlib.compress(probe.encode())).decode()
     done = run((*boot, "00", code, packed))
     assert done.returncode == 7, done.stderr
+
+
+def test_the_supervisor_inherits_no_module_of_the_boot() -> None:
+    *boot, _magic, code, _source = supervisor_command(sys.executable)
+    probe = "import sys\nsys.exit(1 if {'zlib', 'binascii'} & set(sys.modules) else 7)\n"
+    packed = base64.b64encode(zlib.compress(probe.encode())).decode()
+    done = run((*boot, "00", code, packed))
+    assert done.returncode == 7, done.stderr
