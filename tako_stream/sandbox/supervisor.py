@@ -355,6 +355,12 @@ class AsJob:
     target's real or saved one, and the change of credentials made this process undumpable,
     so nothing of the job's may signal or trace it.  Supplementary groups are dropped for good
     first (the supervisor needs none), so only the job's own permissions open its files.
+
+    With the real uid root's, ``kill(-1)`` as the job would also reach a root process other
+    than init and this one: there is none in the container (nothing is ever ``docker exec``'d
+    into it).  And the job may not change this process's scheduling either: the kernel refuses
+    it because this process's permitted capabilities (SETUID, SETGID) are not the job's (none),
+    a reason to keep them.
     """
 
     def __init__(self, job: Job) -> None:
@@ -364,7 +370,11 @@ class AsJob:
     def __enter__(self) -> None:
         os.setgroups([])
         os.setegid(self.gid)
-        os.seteuid(self.uid)  # last: it clears the effective capabilities setegid needs
+        try:
+            os.seteuid(self.uid)  # last: it clears the effective capabilities setegid needs
+        except BaseException:
+            os.setegid(self.saved[1])
+            raise
 
     def __exit__(self, *exc: object) -> None:
         uid, gid = self.saved
@@ -372,13 +382,18 @@ class AsJob:
         os.setegid(gid)
 
 
-def terminate_job(job: Job) -> None:
-    """SIGTERM every job process."""
-    with AsJob(job):
-        try:  # noqa: SIM105  # contextlib is an import (see the docstring: start-up cost)
-            os.kill(-1, SIGTERM)
-        except OSError:
-            pass  # none left
+def terminate_job(job: Job) -> bool:
+    """SIGTERM every job process; False when that could not be done (the job's ids could not
+    be taken), so SIGKILL must follow now."""
+    try:
+        with AsJob(job):
+            try:  # noqa: SIM105  # contextlib is an import (see the docstring: start-up cost)
+                os.kill(-1, SIGTERM)
+            except ProcessLookupError:
+                pass  # none left
+    except Exception:
+        return False
+    return True
 
 
 def read_capped(fd: int, cap: int) -> bytes:
@@ -531,10 +546,18 @@ def reap_and_read_result(job: Job) -> Collected:
     try:
         with AsJob(job):
             kill_job_processes(job.uid)
-            read_result(job, collected)
+            try:
+                read_result(job, collected)
+            except Exception as exc:  # the report must go out whatever happened here
+                collected.result = None
+                collected.result_error = f"could not read result.json: {exc!r}"
             if job.artifact_files > 0:
-                collect_artifacts(job, collected)
-    except Exception as exc:  # the report must go out whatever happened here
+                try:
+                    collect_artifacts(job, collected)
+                except Exception as exc:  # the artifacts', not the result's: it stands
+                    reason = f"the artifacts could not be collected: {exc!r}"[:200]
+                    collected.skipped.append({"name": "*", "reason": reason})
+    except Exception as exc:  # the job's ids could not be taken, or given back
         collected.result_error = collected.result_error or f"could not read result.json: {exc!r}"
     return collected
 
@@ -658,8 +681,8 @@ def main() -> None:
             return  # the job has ended: a cancel arriving now must not change its result
         if b"C" in data and not cancelled:
             cancelled = True
-            terminate_job(job)
-            kill_at = time.monotonic() + job.cancel_grace
+            graceful = terminate_job(job)
+            kill_at = time.monotonic() + (job.cancel_grace if graceful else 0.0)
 
     while status is None:
         remaining = deadline - time.monotonic()

@@ -109,3 +109,62 @@ def test_at_most_three_rounds(monkeypatch: pytest.MonkeyPatch, alive: list[bool 
     kills = Kills(monkeypatch, alive=list(alive))  # a fork bomb, or no /proc to tell
     supervisor.kill_job_processes(OTHER)
     assert len(kills.sent) == 3 and kills.slept == 3
+
+
+class NoIds:
+    """``AsJob`` for a test that is not root: takes no ids."""
+
+    def __init__(self, job: object) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class CannotTakeIds(NoIds):
+    def __enter__(self) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+
+def a_job() -> supervisor.Job:
+    from tako_stream.sandbox.protocol import encode_job
+    from tako_stream.settings import OutputCaps
+
+    return supervisor.Job(
+        encode_job(code="pass", input_json=b"{}", timeout=5, caps=OutputCaps())[8:]
+    )
+
+
+def test_artifacts_failing_leave_the_result_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def result(job: supervisor.Job, collected: supervisor.Collected) -> None:
+        collected.result = b'{"a": 1}'
+
+    def artifacts(job: supervisor.Job, collected: supervisor.Collected) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(supervisor, "AsJob", NoIds)
+    monkeypatch.setattr(supervisor, "kill_job_processes", lambda uid: None)
+    monkeypatch.setattr(supervisor, "read_result", result)
+    monkeypatch.setattr(supervisor, "collect_artifacts", artifacts)
+    collected = supervisor.reap_and_read_result(a_job())
+    assert collected.result == b'{"a": 1}' and collected.result_error is None
+    assert [s["name"] for s in collected.skipped] == ["*"]
+    assert "MemoryError" in collected.skipped[0]["reason"]
+
+
+def test_a_cancel_that_cannot_take_the_jobs_ids_asks_for_sigkill_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor, "AsJob", CannotTakeIds)
+    assert supervisor.terminate_job(a_job()) is False
+
+
+def test_a_cancel_sends_sigterm_as_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(supervisor, "AsJob", NoIds)
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert supervisor.terminate_job(a_job()) is True
+    assert sent == [(-1, supervisor.SIGTERM)]
