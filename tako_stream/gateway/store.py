@@ -5,7 +5,8 @@ RocksDB is: every batch read from them is applied together with the positions it
 one transaction, so a restart resumes where the store left off instead of reading the topics
 again.  Lookups by execution id are point reads on a primary key, whatever partition (and so
 whatever partitioner) a record came through; ``/executions`` pages through an index on
-``finished_at``, picking a page's row ids at once and reading its bodies a batch at a time.
+``finished_at``, picking a page's row ids at once and reading its bodies a batch at a time
+(row ids are never used twice, so a picked one reads its row or nothing, never another).
 Memory is SQLite's page cache and one batch, whatever the topics' size.
 
 Connections are not shared between threads: the writer has its own, each reader thread its own
@@ -38,8 +39,13 @@ from tako_stream.settings import Topics
 log = logging.getLogger(__name__)
 
 SCHEMA = """
+-- AUTOINCREMENT: a row id is never used twice in a store (not after the row with the highest
+-- id is deleted, not after a reset), so a page, which picks its row ids first and reads their
+-- values later, never reads another row under a picked id: a row deleted or replaced since is
+-- gone, not a stranger at that place that may not match the page's filter.
 CREATE TABLE IF NOT EXISTS results (
-    execution_id TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    execution_id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     job_type TEXT,
     finished_at TEXT NOT NULL,
@@ -68,8 +74,9 @@ CREATE TABLE IF NOT EXISTS pending (
     offset INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_by_place ON pending (partition, offset);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    dlq_id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS dead_letters (  -- AUTOINCREMENT: as results
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dlq_id TEXT NOT NULL UNIQUE,
     error_type TEXT NOT NULL,
     last_failure_at TEXT NOT NULL,
     summary BLOB NOT NULL
@@ -84,12 +91,14 @@ CREATE TABLE IF NOT EXISTS positions (
 );
 """
 
-#: The tables a reset empties (all of them: they are rebuilt from the topics).
+#: The tables a reset empties (all of them: they are rebuilt from the topics).  Not
+#: sqlite_sequence: row ids go on from where they were, never used twice (see SCHEMA).
 TABLES = ("results", "running", "requests", "pending", "dead_letters", "positions")
 #: Bumped whenever SCHEMA changes what a table holds: a store of another version is rebuilt
 #: from the topics (it is only a view of them), not migrated.  4: the models bound numbers to
 #: 64 bits and correlation ids to 256 characters, so a store may hold summaries they refuse.
-SCHEMA_VERSION = 4
+#: 5: results and dead letters get AUTOINCREMENT row ids (a page's picked ids name its rows).
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,11 @@ class Store:
         try:
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version != SCHEMA_VERSION:
+                # Not SQLite's own (sqlite_sequence may not be dropped; a table dropped takes
+                # its row there with it).
                 for (table,) in db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
                 ).fetchall():
                     db.execute(f'DROP TABLE IF EXISTS "{table}"')
             db.executescript(SCHEMA)
@@ -201,7 +213,8 @@ class Store:
             self._skip("results", record, exc)  # may write here, and raised it would stop
             return False  # the store's reader (and again on every restart)
         db.execute(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO results (execution_id, status, job_type, finished_at, body) "
+            "VALUES (?, ?, ?, ?, ?)",
             (execution_id, status, job_type, finished_at, value),
         )
         # A finished job is not running any more, whatever the status topic says later.
@@ -257,7 +270,8 @@ class Store:
             self._skip("dead letters", record, exc)
             return
         db.execute(
-            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO dead_letters (dlq_id, error_type, last_failure_at, summary) "
+            "VALUES (?, ?, ?, ?)",
             (dlq_id, error_type.value, last_failure_at, summary),
         )
 

@@ -353,3 +353,59 @@ def test_a_store_of_another_schema_version_is_rebuilt(tmp_path: Path) -> None:
     store.apply([record(TOPICS.results, "j", result("j", 1))], TOPICS)
     assert store.known() == 1
     assert Store(path, cache_mb=4).known() == 1  # the same version is kept
+    # A store with AUTOINCREMENT tables (SQLite's own sqlite_sequence, which may not be
+    # dropped) of another version is rebuilt too.
+    other = sqlite3.connect(path)
+    other.execute("PRAGMA user_version = 3")
+    other.close()
+    assert Store(path, cache_mb=4).known() == 0
+
+
+def served(store: Store, rowids: list[int]) -> list[tuple[str, str] | None]:
+    """(execution id, status) of each picked row as a page reads it later (None: gone)."""
+    rows = store.result_bodies(rowids, budget=1 << 30)
+    return [
+        (orjson.loads(row[0])["execution_id"], orjson.loads(row[0])["status"]) if row else None
+        for row in rows
+    ]
+
+
+def test_a_picked_row_id_never_names_another_row_later(store: Store) -> None:
+    # A page picks its row ids, then reads their bodies (a streamed one, maybe minutes later).
+    # SQLite gave the highest row id again once its row was deleted (anyone may write a
+    # tombstone), or replaced (a later result for the same id), and every id from 1 after a
+    # reset: the page then served a row its filter left out.
+    for n in range(3):
+        store.apply([record(TOPICS.results, f"f{n}", result(f"f{n}", n, Status.FAILED))], TOPICS)
+    _, rowids = store.execution_rows(limit=10, offset=0, status="failed", job_type=None)
+    assert served(store, rowids) == [("f2", "failed"), ("f1", "failed"), ("f0", "failed")]
+    store.apply([record(TOPICS.results, "f2", None)], TOPICS)  # the newest deleted
+    store.apply([record(TOPICS.results, "s9", result("s9", 9))], TOPICS)  # another job ends
+    assert served(store, rowids) == [None, ("f1", "failed"), ("f0", "failed")]
+    # The newest replaced by a later result for its id, which does not match the filter.
+    _, rowids = store.execution_rows(limit=10, offset=0, status="failed", job_type=None)
+    store.apply([record(TOPICS.results, "f1", result("f1", 1))], TOPICS)
+    assert served(store, rowids) == [None, ("f0", "failed")]
+    # Everything forgotten (the topics were recreated) and read again.
+    _, rowids = store.execution_rows(limit=10, offset=0, status="failed", job_type=None)
+    store.reset()
+    for n in range(3):
+        store.apply([record(TOPICS.results, f"s{n}", result(f"s{n}", n))], TOPICS)
+    assert served(store, rowids) == [None]
+
+
+def test_a_picked_dead_letter_row_id_never_names_another_entry_later(store: Store) -> None:
+    # As for results: ``dlq delete`` writes tombstones, and a page may be filtered by type.
+    store.apply([record(TOPICS.dlq, "d0", dead_letter("d0"))], TOPICS)
+    store.apply([record(TOPICS.dlq, "d1", dead_letter("d1", T0 + timedelta(seconds=1)))], TOPICS)
+    _, rowids = store.dead_letter_rows(
+        error_type="invalid_request", since=None, until=None, limit=10
+    )
+    assert len(rowids) == 2
+    store.apply([record(TOPICS.dlq, "d1", None)], TOPICS)
+    store.apply([record(TOPICS.dlq, "other", dead_letter("other"))], TOPICS)
+    summaries = store.dead_letter_summaries(rowids, budget=1 << 30)
+    assert [orjson.loads(s)["dlq_id"] if s else None for s in summaries] == ["d0", None]
+    store.reset()
+    store.apply([record(TOPICS.dlq, "again", dead_letter("again"))], TOPICS)
+    assert store.dead_letter_summaries(rowids, budget=1 << 30) == [None, None]
