@@ -19,7 +19,7 @@ from tako_stream.gateway import openapi
 from tako_stream.gateway.api import ROUTES
 from tako_stream.gateway.limits import FixedWindow
 from tako_stream.gateway.routes import Handler, Routes, error_response
-from tako_stream.gateway.views import ClusterView, NotReady
+from tako_stream.gateway.views import Busy, ClusterView, NotReady
 from tako_stream.kafka.codec import clean_correlation_id
 from tako_stream.logs import configure, job_context
 from tako_stream.metrics import BREAKER_VALUES, CONTENT_TYPE, Metric, Metrics, gauge
@@ -122,6 +122,8 @@ class Gateway:
                 response = error_response(request, exc.status, exc.reason)
             except NotReady as exc:
                 response = error_response(request, 503, str(exc))
+                if isinstance(exc, Busy):
+                    response.headers["Retry-After"] = str(exc.retry_after)
             except Exception:
                 log.exception("gateway error on %s %s", request.method, request.path)
                 response = error_response(request, 500, "internal error")

@@ -11,6 +11,14 @@ batch is answered as before, with a Content-Length; a longer one is streamed (ch
 batch written before the next is read: a slow client slows its own page and holds one batch,
 never the page, and one that takes nothing for ``WRITE_WAIT`` seconds is dropped.
 
+Pages are bounded together too.  At most ``views.PAGES`` are in flight (from picking their
+rows to their last byte); one more waits ``PAGE_WAIT`` seconds for a slot, then is answered
+503 with a Retry-After, before it has sent anything.  Their batches are read in their own
+threads (``views.PAGE_READERS``), not the store's reader threads: lookups and ``/health`` never
+queue behind a page's validation and encoding.  A streamed page not done within
+``PAGE_DEADLINE`` seconds of its start is aborted as a stalled one is: a client that takes a
+few bytes now and then cannot hold a slot and a batch for ever.
+
 Tako VM's shape is kept byte for byte: ``items`` first (so ``count``, known only once they are
 made, still comes after them), then ``limit``, ``offset``, ``has_more``, ``count``, ``total``.
 ``has_more`` counts the rows read, not the items served: a row left out (a value no item can
@@ -49,6 +57,14 @@ WRITE_BYTES = 1 << 16
 #: Seconds one write of a page may wait for the client to take it (aiohttp waits while the
 #: client is behind): past it the client is dropped, and the batch held for it let go.
 WRITE_WAIT = 60.0
+#: Seconds a page may take from start to last byte: past it a streamed page is aborted as a
+#: stalled one is.  ``WRITE_WAIT`` drops a client that takes nothing, not one that takes a
+#: few bytes a minute, which would hold its slot (``views.PAGES``) and its batch for as long
+#: as it liked.  The largest page (1000 results, up to a GiB) goes out in well under this at
+#: 5 MB/s; a client slower than that pages with a smaller ``limit``.
+PAGE_DEADLINE = 300.0
+#: Seconds a page waits for a slot when ``views.PAGES`` are in flight, then 503 (Retry-After).
+PAGE_WAIT = 5.0
 
 _HEAD = b'{"items":['
 
@@ -193,7 +209,22 @@ async def serve(
     request: web.Request, view: ClusterView, listing: Listing[V], *, limit: int, offset: int
 ) -> web.StreamResponse:
     """The page of ``listing`` from ``offset``, ``limit`` rows at most (a query already
-    checked: nothing after the headers can answer 422)."""
+    checked: nothing after the headers can answer 422), in one of the view's page slots
+    (``Busy``, a 503, when none is free within ``PAGE_WAIT``), done within ``PAGE_DEADLINE``."""
+    async with view.page_slots.slot(PAGE_WAIT):
+        deadline = asyncio.get_running_loop().time() + PAGE_DEADLINE
+        return await _serve(request, view, listing, limit=limit, offset=offset, deadline=deadline)
+
+
+async def _serve(
+    request: web.Request,
+    view: ClusterView,
+    listing: Listing[V],
+    *,
+    limit: int,
+    offset: int,
+    deadline: float,
+) -> web.StreamResponse:
     total, rowids = await view.page_rows(listing.rows)
     has_more = offset + len(rowids) < total
     batches = _Batches(view, listing, rowids)
@@ -212,21 +243,28 @@ async def serve(
     count = 0
     finished = False
     try:
-        await out.add(_HEAD)
-        while True:
-            for n, item in enumerate(items):
-                items[n] = b""  # let each go once written: one batch held, less as it goes
-                await out.add(b"," + item if count else item)
-                count += 1
-            if batches.done:
-                break
-            items = await batches.next()
-        tail = _tail(limit=limit, offset=offset, has_more=has_more, count=count, total=total)
-        await out.add(tail)
-        await out.flush()
-        finished = True
+        async with asyncio.timeout_at(deadline):
+            await out.add(_HEAD)
+            while True:
+                for n, item in enumerate(items):
+                    items[n] = b""  # let each go once written: one batch held, less as it goes
+                    await out.add(b"," + item if count else item)
+                    count += 1
+                if batches.done:
+                    break
+                items = await batches.next()
+            tail = _tail(limit=limit, offset=offset, has_more=has_more, count=count, total=total)
+            await out.add(tail)
+            await out.flush()
+            finished = True
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
         log.info("a page of %s was cut short by its client (%s)", request.path, exc)
+    except TimeoutError:  # the deadline's (a write's own wait is a ConnectionAbortedError)
+        log.info(
+            "a page of %s was not done within %g s: its connection is aborted",
+            request.path,
+            PAGE_DEADLINE,
+        )
     except Exception:
         log.exception(
             "a page of %s failed after its headers were sent: its connection is aborted, so "

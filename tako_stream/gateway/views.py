@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -47,6 +48,17 @@ State = Literal["done", "running", "queued", "unknown"]
 BROKER_CHECK = 5.0
 #: Reader threads for the store: lookups of concurrent HTTP requests run side by side.
 READERS = 4
+#: Threads for the batches of pages (``gateway.pages``), apart from ``READERS``: a batch is up
+#: to a MiB validated and encoded (~50 ms holding the GIL), and in the readers' pool a few
+#: concurrent pages left every lookup and ``/health`` queued behind them.  Two: pages go on
+#: side by side while one is read, and never take more than two cores' worth of the process.
+PAGE_READERS = 2
+#: Pages in flight at once, streamed ones until their last byte: each holds a batch (1-2 MiB
+#: with its items) for as long as its client takes it, so this bounds what pages hold together.
+PAGES = 8
+#: Seconds a page waits for one of the ``PAGES`` slots before it is answered 503 (with a
+#: Retry-After of as many seconds): a client is told to come back rather than kept waiting.
+PAGE_WAIT = 5.0
 
 
 def servable(body: bytes) -> ExecutionResult | None:
@@ -77,6 +89,44 @@ class NotReady(Exception):
     """The store has not caught up with the topics yet: answer 503, not a wrong 404."""
 
 
+class Busy(NotReady):
+    """As many pages as the gateway serves at once are in flight: answer 503 with a
+    Retry-After of ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PageSlots:
+    """A bound on pages in flight (``PAGES``), each held from before its rows are picked until
+    its last byte is written or it is dropped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.taken = 0
+        self._free = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, wait: float) -> AsyncIterator[None]:
+        """A slot for one page, waited for at most ``wait`` seconds (``Busy`` past it: raised
+        before the page has sent anything, so it is still a status)."""
+        try:
+            async with asyncio.timeout(wait):
+                await self._free.acquire()
+        except TimeoutError:
+            raise Busy(
+                f"the gateway is serving {self.size} pages already: try again shortly",
+                retry_after=max(1, math.ceil(wait)),
+            ) from None
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
+            self._free.release()
+
+
 def store_path(settings: Settings) -> Path:
     """The store's file: one per cluster and results topic, in the gateway's state directory."""
     cluster = hashlib.sha256(
@@ -99,6 +149,10 @@ class ClusterView:
         self.ready = asyncio.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tako-store-writer")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="tako-store-reader")
+        # Their own threads, so lookups never queue behind pages (each thread has its own
+        # connection to the store, as every reader's: ``Store._db``).
+        self._page_readers = ThreadPoolExecutor(PAGE_READERS, thread_name_prefix="tako-store-pages")
+        self.page_slots = PageSlots(PAGES)
         self._waiters: Waiters[None] = Waiters()
         #: Records read from the topics since this process started (a restart reads only the
         #: new ones).
@@ -144,6 +198,7 @@ class ClusterView:
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.close)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._page_readers.shutdown(wait=True)
 
     # -- keeping the store current --------------------------------------------------------------
 
@@ -240,6 +295,9 @@ class ClusterView:
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    async def _page_read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._page_readers, fn, *args)
 
     def _wake(self, answered: list[str]) -> None:
         for execution_id in answered:
@@ -343,9 +401,10 @@ class ClusterView:
         self, rows: Callable[[Store], tuple[int, list[int]]]
     ) -> tuple[int, list[int]]:
         """A page's total and row ids, as ``rows`` reads them from the store (one of its
-        ``*_rows`` methods), once the store has caught up."""
+        ``*_rows`` methods), once the store has caught up (in a page thread: a count over a
+        large table is no lookup's wait either)."""
         await self.until_ready(self.settings.gateway_ready_wait)
-        return await self._read(rows, self.store)
+        return await self._page_read(rows, self.store)
 
     async def page_items(
         self,
@@ -355,8 +414,9 @@ class ClusterView:
     ) -> tuple[int, list[bytes]]:
         """(how many of ``rowids`` were read, their items): the stored values ``read`` gets
         for the first of ``rowids`` (a batch of them), each made its item's JSON by ``item``
-        (None: a value no item can be made of, left out) in the same reader thread, never on
-        the event loop; each value is let go as soon as its item is made."""
+        (None: a value no item can be made of, left out) in the same page thread
+        (``PAGE_READERS``), never on the event loop nor in a lookup's thread; each value is let
+        go as soon as its item is made."""
 
         def batch() -> tuple[int, list[bytes]]:
             values = read(self.store, rowids)
@@ -368,7 +428,7 @@ class ClusterView:
                     items.append(encoded)
             return len(values), items
 
-        return await self._read(batch)
+        return await self._page_read(batch)
 
     async def queue_position(self, execution_id: str) -> int | None:
         return await self._read(self.store.queue_position, execution_id)

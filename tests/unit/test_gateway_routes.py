@@ -35,13 +35,14 @@ from tako_stream.core.models import (
     SourcePosition,
     Timing,
 )
-from tako_stream.gateway import pages
+from tako_stream.gateway import pages, views
 from tako_stream.gateway.app import Gateway
 from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
 from tako_stream.gateway.shapes import execution_record, iso_ms, tako_dlq_item
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
+from tests.fakes import bounded, eventually
 
 #: A number past 64 bits: pydantic reads it as an int, orjson cannot write it.
 HUGE = 123456789012345678901234567890
@@ -660,3 +661,129 @@ def dead_letter(dlq_id: str, seconds: int = 0) -> DLQRecord:
         source=SourcePosition(topic="tako.requests", partition=0, offset=0),
         original_value=None,
     )
+
+
+async def test_pages_past_the_bound_wait_a_little_then_are_a_503_with_a_retry_after(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each page in flight holds a batch (1-2 MiB) for as long as its client takes it: without
+    # a bound, any number of slow clients held any number of batches.
+    monkeypatch.setattr(pages, "PAGE_WAIT", 0.01)
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1)  # a row a batch: streamed
+    results = store_results(gateway, 3)
+    slots = gateway.view.page_slots
+    assert slots.size == views.PAGES
+    async with contextlib.AsyncExitStack() as taken:
+        for _ in range(slots.size):
+            await taken.enter_async_context(slots.slot(0))
+        for path in ("/executions", "/dlq"):
+            resp = await client.get(path, headers={"X-Correlation-ID": "busy-1"})
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1", path
+            assert (await resp.json())["correlation_id"] == "busy-1"
+        # Other routes do not wait for page slots.
+        lookup = await client.get(f"/executions/{results[0].execution_id}")
+        assert lookup.status == 200
+    assert slots.taken == 0
+    # A streamed page holds its slot until its last byte, then lets it go.
+    held: list[int] = []
+    read = gateway.view.store.result_bodies
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        held.append(slots.taken)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.view.store, "result_bodies", watched)
+    resp = await client.get("/executions")
+    assert resp.status == 200 and (await resp.json())["count"] == 3
+    assert held == [1, 1, 1] and slots.taken == 0
+
+
+async def test_pages_are_read_in_their_own_threads_never_a_lookup_s(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch is ~50 ms of validation and encoding holding the GIL: in the store's reader
+    # threads, a few concurrent pages had every lookup (and /health) queue behind them.
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1)
+    results = store_results(gateway, 4)
+    store = gateway.view.store
+    threads: dict[str, set[str]] = {"page": set(), "lookup": set()}
+
+    def watched(name: str, kind: str) -> None:
+        method = getattr(store, name)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            threads[kind].add(threading.current_thread().name)
+            return method(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, recorded)
+
+    watched("execution_rows", "page")
+    watched("result_bodies", "page")
+    watched("job", "lookup")
+    answers = await asyncio.gather(
+        *(client.get("/executions") for _ in range(2 * views.READERS)),
+        *(client.get(f"/executions/{r.execution_id}") for r in results),
+    )
+    assert all(resp.status == 200 for resp in answers)
+    assert 1 <= len(threads["page"]) <= views.PAGE_READERS < views.READERS
+    assert threads["lookup"] and not threads["page"] & threads["lookup"]
+    assert all(name.startswith("tako-store-pages") for name in threads["page"])
+
+
+async def test_pages_whose_batches_do_not_end_leave_lookups_answered(
+    gateway: Gateway, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A huge batch, a slow disk: every page thread busy, and more pages waiting for one.
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1)
+    results = store_results(gateway, 4)
+    store = gateway.view.store
+    go, blocked = threading.Event(), 0
+    read = store.result_bodies
+
+    def stuck(*args: Any, **kwargs: Any) -> Any:
+        nonlocal blocked
+        blocked += 1
+        go.wait(30)  # bounded: the test ends whatever happens
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "result_bodies", stuck)
+    stuck_pages = [asyncio.ensure_future(client.get("/executions")) for _ in range(views.READERS)]
+    try:
+        await eventually(
+            lambda: (
+                blocked >= views.PAGE_READERS and gateway.view.page_slots.taken == views.READERS
+            ),
+            "every page thread stuck, and more pages in flight",
+        )
+        # a lookup still answers (bounded: without its own threads it waited for ever)
+        lookup = await bounded(
+            client.get(f"/executions/{results[0].execution_id}"), "a lookup", timeout=20
+        )
+        assert lookup.status == 200 and blocked == views.PAGE_READERS
+    finally:
+        go.set()
+        for resp in await asyncio.gather(*stuck_pages):
+            assert resp.status == 200 and (await resp.json())["count"] == 4
+
+
+async def test_a_streamed_page_past_its_deadline_is_aborted_and_lets_its_slot_go(
+    gateway: Gateway,
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client that takes a few bytes now and then is never dropped by WRITE_WAIT: without a
+    # deadline, it held its slot and its batch for as long as it liked.
+    caplog.set_level(logging.INFO, logger=pages.__name__)
+    monkeypatch.setattr(pages, "PAGE_DEADLINE", 0.0)  # every streamed page is late
+    monkeypatch.setattr(pages, "BATCH_BYTES", 1)  # a row a batch: streamed
+    store_results(gateway, 5)
+    resp = await client.get("/executions")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):  # no chunked terminator: not a page
+        await resp.read()
+    assert any("was not done within" in r.getMessage() for r in caplog.records)
+    assert gateway.view.page_slots.taken == 0
+    # A page answered at once (one batch) has nothing left to be late with.
+    resp = await client.get("/executions?limit=1")
+    assert resp.status == 200 and (await resp.json())["count"] == 1
