@@ -207,22 +207,36 @@ def succeeded(execution_id: str, **fields: Any) -> ExecutionResult:
     )
 
 
-def stored_result(gateway: Gateway, offset: int, result: ExecutionResult) -> None:
-    """Fold ``result`` into the gateway's store as read from the results topic."""
+def stored_raw(
+    gateway: Gateway,
+    topic: str,
+    offset: int,
+    key: bytes,
+    value: bytes | None,
+    *,
+    timestamp: int = 1_700_000_000_000,
+) -> None:
+    """Fold a record of anyone's into the gateway's store as read from ``topic``."""
     record = ConsumerRecord(
-        topic=gateway.settings.results_topic,
+        topic=topic,
         partition=0,
         offset=offset,
-        timestamp=1_700_000_000_000,
+        timestamp=timestamp,
         timestamp_type=0,
-        key=result.execution_id.encode(),
-        value=dumps(result),
+        key=key,
+        value=value,
         checksum=None,
         serialized_key_size=0,
         serialized_value_size=0,
         headers=[],
     )
     gateway.view.store.apply([record], gateway.settings.topics)
+
+
+def stored_result(gateway: Gateway, offset: int, result: ExecutionResult) -> None:
+    """Fold ``result`` into the gateway's store as read from the results topic."""
+    topic = gateway.settings.results_topic
+    stored_raw(gateway, topic, offset, result.execution_id.encode(), dumps(result))
 
 
 async def test_results_whose_times_or_figures_no_answer_holds_are_served_not_a_500(
@@ -258,42 +272,12 @@ async def test_a_result_with_a_number_past_64_bits_fails_no_page(
     stored_result(gateway, 0, fine)
     body = orjson.loads(dumps(fine))
     huge = {**body, "execution_id": "huge", "exit_code": 0}
-    record = ConsumerRecord(
-        topic=gateway.settings.results_topic,
-        partition=0,
-        offset=1,
-        timestamp=1_700_000_000_000,
-        timestamp_type=0,
-        key=b"huge",
-        value=orjson.dumps(huge).replace(b'"exit_code":0', b'"exit_code":' + b"1" * 30),
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=0,
-        headers=[],
-    )
-    gateway.view.store.apply([record], gateway.settings.topics)
+    value = orjson.dumps(huge).replace(b'"exit_code":0', b'"exit_code":' + b"1" * 30)
+    stored_raw(gateway, gateway.settings.results_topic, 1, b"huge", value)
     resp = await client.get("/executions")
     assert resp.status == 200, await resp.text()
     assert [item["execution_id"] for item in (await resp.json())["items"]] == ["fine"]
     assert (await client.get("/jobs/huge")).status != 500
-
-
-def stored_raw(gateway: Gateway, topic: str, offset: int, key: bytes, value: bytes) -> None:
-    """Fold a record of anyone's into the gateway's store as read from ``topic``."""
-    record = ConsumerRecord(
-        topic=topic,
-        partition=0,
-        offset=offset,
-        timestamp=1_700_000_000_000,
-        timestamp_type=0,
-        key=key,
-        value=value,
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=0,
-        headers=[],
-    )
-    gateway.view.store.apply([record], gateway.settings.topics)
 
 
 FORGED = [
@@ -391,20 +375,7 @@ async def test_reruns_read_their_originals_a_few_at_once(
 
 def stored(gateway: Gateway, topic: str, key: str, value: bytes | None, offset: int) -> None:
     """Fold one record into the gateway's store as read from ``topic``."""
-    record = ConsumerRecord(
-        topic=topic,
-        partition=0,
-        offset=offset,
-        timestamp=1_700_000_000_000 + offset,
-        timestamp_type=0,
-        key=key.encode(),
-        value=value,
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=0,
-        headers=[],
-    )
-    gateway.view.store.apply([record], gateway.settings.topics)
+    stored_raw(gateway, topic, offset, key.encode(), value, timestamp=1_700_000_000_000 + offset)
 
 
 def finished(n: int, **fields: Any) -> ExecutionResult:
