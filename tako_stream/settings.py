@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tako_stream.core.models import MAX_POOL_SIZE, MAX_TIMEOUT
+from tako_stream.core.models import MAX_POOL_SIZE, MAX_TIMEOUT, WorkerId
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ class Settings(BaseSettings):
     #: messages costs at most about this much.
     rejection_budget: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
 
-    worker_id: str = Field(default_factory=_default_worker_id)
+    #: Bounded as the reports and breaker events that carry it are: a longer one is refused at
+    #: start rather than making every report and breaker event of the worker unsendable.
+    worker_id: WorkerId = Field(default_factory=_default_worker_id)
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=6066, ge=0, le=65535)
     #: The HTTP gateway (``tako-stream gateway``): Tako VM's REST API over Kafka.

@@ -94,6 +94,9 @@ CorrelationId = Annotated[str, StringConstraints(max_length=MAX_CORRELATION_CHAR
 ExecutionId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
 ]
+#: A worker's id (``TAKO_WORKER_ID``, host name and pid by default), as its reports and breaker
+#: events carry it: those topics are anyone's, and a longer one is no worker of ours.
+WorkerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 def _usable_topic(name: str) -> str:
@@ -520,7 +523,7 @@ class WorkerReport(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"title": "WorkerReport"})
 
-    worker_id: str = Field(min_length=1, max_length=256)
+    worker_id: WorkerId
     at: AwareDatetime
     interval: float = Field(gt=0, le=300, description="Seconds until its next report.")
     version: str = Field(max_length=64)

@@ -6,19 +6,23 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import faust
 import orjson
 import pytest
 
-from tako_stream.settings import BreakerConfig
+from tako_stream.settings import BreakerConfig, Settings
 from tako_stream.worker.breaker.handle import Breaker
 from tako_stream.worker.breaker.shared import (
     MAX_ENDPOINTS,
     MAX_KEY,
+    MAX_VALUE,
     BreakerStates,
     TableWriter,
+    attach,
     stored_state,
 )
 from tako_stream.worker.breaker.state import (
+    MAX_DETAIL,
     BreakerEvent,
     BreakerState,
     Outcome,
@@ -339,3 +343,134 @@ async def test_record_never_raises_whatever_the_state_read(table: FakeTable) -> 
         endpoint="e", config=CONFIG, worker_id="w", read=broken, publish=table.publish
     )
     await breaker.record(Outcome.SUCCESS, source="ping")
+
+
+def forged_event(endpoint: str, **fields: Any) -> bytes:
+    event = {"endpoint": endpoint, "outcome": "failure", "at": "2026-01-01T00:00:00Z"}
+    return orjson.dumps({**event, "worker_id": "w", **fields})
+
+
+def test_an_event_is_no_larger_than_ours_and_names_only_our_sources() -> None:
+    """The table's writer bounded how many endpoints it kept, not each state: ``source`` and
+    ``worker_id`` had no bound and ``source`` was copied into the state, so 1,000 forged
+    endpoints with a megabyte each made the writer's table about a gigabyte."""
+    table: dict[bytes, Any] = {}
+    writer = TableWriter(table, CONFIG, keep=10)
+    for n in range(10):
+        writer.apply(forged_event(f"forged-{n}", source="s" * 500_000))
+        writer.apply(forged_event(f"forged-{n}", source="s" * 5_000))  # under MAX_VALUE raw
+        writer.apply(forged_event(f"forged-{n}", worker_id="w" * 5_000))
+    assert table == {}
+    for bad in ({"source": "cron"}, {"worker_id": "w" * 257}, {"worker_id": ""}):
+        with pytest.raises(ValueError):
+            BreakerEvent.model_validate_json(forged_event("e", **bad))
+    for source in ("job", "ping"):  # all the workers send (execute.py, runtime.py)
+        writer.apply(forged_event("e", source=source, worker_id="w" * 256))
+    assert table[b"e"]["failure_source"] == "ping" and table[b"e"]["failure_count"] == 2
+    assert all(len(orjson.dumps(value)) <= MAX_VALUE for value in table.values())
+
+
+def test_a_state_over_max_value_is_not_written() -> None:
+    """An event under ``MAX_VALUE`` may still fold into a state over it (an endpoint of
+    characters JSON escapes six times over): the state is skipped, as every reader would skip
+    it, and the endpoint's state before it kept."""
+    endpoint, detail = "\x01" * 840, "\x01" * MAX_DETAIL
+    raw = forged_event(endpoint, detail=detail)
+    assert len(endpoint.encode()) <= MAX_KEY and len(raw) <= MAX_VALUE
+    table: dict[bytes, Any] = {}
+    writer = TableWriter(table, CONFIG)
+    writer.apply(forged_event(endpoint))
+    assert table[endpoint.encode()]["failure_count"] == 1
+    writer.apply(raw)
+    assert table[endpoint.encode()]["failure_count"] == 1  # the state before it
+    assert writer.skips.counts == {"a state too large to be ours": 1}
+
+
+def test_skipped_events_are_logged_at_powers_of_two_not_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A forged event was a warning each: anyone writing the events topic flooded the logs."""
+    writer = TableWriter({}, CONFIG)
+    with caplog.at_level("WARNING"):
+        for _ in range(100):
+            writer.apply(event_bytes("x" * (MAX_KEY + 1)))
+            writer.apply(b"not json")
+            writer.apply(b"x" * (MAX_VALUE + 1))
+    assert len(caplog.records) == 3 * 7  # the 1st, 2nd, 4th ... 64th of each
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)
+    assert writer.skips.counts == {
+        "an event for an endpoint too long to be ours": 100,
+        "an unreadable event": 100,
+        "an event too large to be ours": 100,
+    }
+
+
+def test_a_record_not_ours_ends_the_views_copy_of_its_key() -> None:
+    """A reader skipped a value too large (or unreadable) and kept the key's previous state: one
+    forged record froze every view's copy of an engine, where a reader started after compaction
+    (which keeps only the newest value) has none.  Both read it as closed now."""
+    for forged in (
+        orjson.dumps({"endpoint": "e", "state": "open", "failure_source": "s" * 10_000}),
+        orjson.dumps({"endpoint": "e", "state": "open", "failure_source": "cron"}),
+        b"not json",
+    ):
+        long_lived, fresh = BreakerStates(CONFIG), BreakerStates(CONFIG)
+        long_lived.apply(b"e", orjson.dumps({"endpoint": "e", "state": "open"}))
+        assert long_lived.get("e") is not None
+        long_lived.apply(b"e", forged)
+        fresh.apply(b"e", forged)
+        assert long_lived.get("e") is None and fresh.get("e") is None
+        assert long_lived.worst(T0).state is State.CLOSED
+
+
+class ChangelogEvent:
+    """What faust's recovery hands a table: the decoded key and value, and the raw message."""
+
+    def __init__(self, key: bytes, value: Any, raw: bytes | None = None) -> None:
+        self.key, self.value = key, value
+        raw = orjson.dumps(value) if raw is None and value is not None else raw
+        self.message = type("Message", (), {"key": key, "value": raw, "partition": 0})()
+
+
+def recovering_table() -> Any:
+    """The table ``attach`` gives the worker's faust app (never started: nothing connects)."""
+    settings = Settings(kafka_bootstrap_servers="127.0.0.1:1")
+    app = faust.App(settings.breaker_app_id, broker="kafka://127.0.0.1:1", store="memory://")
+    attach(app, settings)
+    return app.tables[settings.breaker_table]
+
+
+def test_recovery_keeps_only_what_the_writer_would() -> None:
+    """faust's memory store loaded every key of the changelog (anyone's), each value whatever
+    its size: a writer taking over held all of them.  Keys over ``MAX_KEY`` are skipped, a
+    value over ``MAX_VALUE`` ends its key (the newest value, the one compaction keeps), and past
+    ``MAX_ENDPOINTS`` the least recently written keys go, batch by batch."""
+    table = recovering_table()
+    state = {"endpoint": "real", "state": "open"}
+    table.apply_changelog_batch([ChangelogEvent(b"real", state), ChangelogEvent(b"big", state)])
+    huge = {"endpoint": "big", "last_error": "x" * 1_000_000}
+    table.apply_changelog_batch(
+        [ChangelogEvent(b"big", huge), ChangelogEvent(b"k" * (MAX_KEY + 1), state)]
+    )
+    assert dict(table) == {b"real": state}
+    starts = range(0, 2 * MAX_ENDPOINTS, 32)
+    for start in starts:  # batches, as faust's recovery applies them
+        table.apply_changelog_batch(
+            [
+                ChangelogEvent(f"forged-{n}".encode(), {"endpoint": "f"})
+                for n in range(start, start + 32)
+            ]
+            + [ChangelogEvent(b"real", state)] * (start % 320 == 0)
+        )
+        assert len(table) <= MAX_ENDPOINTS
+    assert len(table) == MAX_ENDPOINTS and b"real" in table
+    assert b"forged-0" not in table and f"forged-{starts[-1] + 31}".encode() in table
+    table.apply_changelog_batch([ChangelogEvent(b"real", None)])  # a tombstone
+    assert b"real" not in table and len(table) == MAX_ENDPOINTS - 1
+    assert table.recovery_buffer_size <= 100  # each record buffered is held decoded till then
+
+
+def test_a_worker_id_longer_than_its_reports_carry_is_refused_at_start() -> None:
+    with pytest.raises(ValueError):
+        Settings(worker_id="w" * 257)
+    assert Settings(worker_id="w" * 256).worker_id == "w" * 256

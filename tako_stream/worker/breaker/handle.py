@@ -12,6 +12,7 @@ from tako_stream.worker.breaker.state import (
     BreakerEvent,
     BreakerState,
     Outcome,
+    Source,
     State,
 )
 
@@ -71,7 +72,7 @@ class Breaker:
     def _end_trial(self) -> None:
         self._trial_busy = False
 
-    async def record(self, outcome: Outcome, *, source: str, detail: str | None = None) -> None:
+    async def record(self, outcome: Outcome, *, source: Source, detail: str | None = None) -> None:
         """Publish an outcome; plain successes while all is well are not worth an event."""
         try:  # the breaker must never take a job (or the ping task, and the worker) down with it
             if outcome is Outcome.SUCCESS:

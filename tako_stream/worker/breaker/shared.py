@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 import faust
@@ -44,8 +45,30 @@ _RANK = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 MAX_ENDPOINTS = 1000
 #: A record of ours is an endpoint key (a host name and a socket path or URL) and a state under
 #: 5 KB (its detail of 500 characters is 3 KB escaped at worst); larger ones are not ours, and
-#: each would be kept whole: the bound above would no longer bound bytes.
+#: each would be kept whole: the bound above would no longer bound bytes.  The same bounds hold
+#: for an event the writer folds and the state it writes.
 MAX_KEY, MAX_VALUE = 1024, 8192
+#: Changelog records the writer's table buffers before applying them while it recovers (faust's
+#: default is 1,000): each is held decoded until then, and a forged one may be a megabyte.
+RECOVERY_BUFFER = 32
+
+
+class Skips:
+    """Records skipped, by reason, logged at the 1st, 2nd, 4th, 8th... of each reason: anyone
+    may write the breaker's topics, and a line per forged record would flood the logs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, reason: str, sample: bytes | None) -> None:
+        """Count one record skipped; ``sample`` (its key, or its value's start) is logged cut."""
+        self.counts[reason] += 1
+        count = self.counts[reason]
+        if count & (count - 1) == 0:
+            log.warning(
+                "%s: skipping %s (%d so far): %r", self.name, reason, count, (sample or b"")[:200]
+            )
 
 
 def topics(settings: Settings) -> list[NewTopic]:
@@ -73,17 +96,33 @@ class BreakerStates:
         )
         #: Set once the changelog has been read up to where it ended when reading started.
         self.caught_up = asyncio.Event()
+        self.skips = Skips("breaker states")
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        if (key is not None and len(key) > MAX_KEY) or (
-            value is not None and len(value) > MAX_VALUE
-        ):
-            log.warning(
-                "breaker states: skipping a record too large to be ours (key %r)",
-                (key or b"")[:200],
-            )
+        """Fold one changelog record in.  A key too long to be ours is skipped (it was never
+        kept); a value that is no state of ours, too large or unreadable, ends what the view
+        held for its key, as it does for a reader that starts after compaction (which keeps
+        only that value): kept, one forged record froze every view's copy of an engine."""
+        if key is None:
+            return  # the writer's records all have one
+        if len(key) > MAX_KEY:
+            self.skips.skip("a key too long to be ours", key)
             return
-        self.view.apply(key, value)
+        name = key.decode("utf-8", "replace")
+        if value is None:
+            self.view.remove(name)
+            return
+        if len(value) > MAX_VALUE:
+            self.skips.skip("a value too large to be ours", key)
+            self.view.remove(name)
+            return
+        try:
+            state = BreakerState.model_validate_json(value)
+        except ValueError:
+            self.skips.skip("an unreadable value", key)
+            self.view.remove(name)
+            return
+        self.view.put(name, state)
 
     def get(self, endpoint: str) -> BreakerState | None:
         return self.view.get(endpoint)
@@ -126,20 +165,30 @@ class TableWriter:
         #: Keys this writer wrote, least recently written first (at most ``keep``).
         self._written: OrderedDict[bytes, None] = OrderedDict()
         self.forgotten = 0
+        self.skips = Skips("breaker events")
 
     def apply(self, raw: bytes) -> None:
-        """Fold one event (its raw value) in; an unreadable one is skipped."""
+        """Fold one event (its raw value) in; an event or a state that cannot be ours (unreadable,
+        or larger than ``MAX_KEY`` and ``MAX_VALUE`` allow) is skipped: kept, each of the
+        ``keep`` entries could be any size."""
+        if len(raw) > MAX_VALUE:
+            self.skips.skip("an event too large to be ours", raw[:200])
+            return
         try:
             event = BreakerEvent.model_validate_json(raw)
         except ValidationError:
-            log.warning("ignoring an unreadable breaker event: %r", raw[:200])
+            self.skips.skip("an unreadable event", raw[:200])
             return
         key = event.endpoint.encode()
-        if len(key) > MAX_KEY:  # not an engine of ours; kept, it would unbound the bytes held
-            log.warning("ignoring a breaker event for an endpoint too long to be ours")
+        if len(key) > MAX_KEY:
+            self.skips.skip("an event for an endpoint too long to be ours", key)
             return
         state = stored_state(self.table.get(key))
         new = fold(state, event, self.config)
+        value = new.model_dump(mode="json")
+        if len(dumps(value)) > MAX_VALUE:  # an endpoint of escaped characters, say
+            self.skips.skip("a state too large to be ours", key)
+            return
         before = state.effective(event.at, self.config).state if state else State.CLOSED
         if new.state != before:
             log.warning(
@@ -150,7 +199,7 @@ class TableWriter:
                 event.outcome.value,
                 event.worker_id,
             )
-        self.table[key] = new.model_dump(mode="json")
+        self.table[key] = value
         self._written.pop(key, None)
         self._written[key] = None
         if len(self._written) > self.keep or len(self.table) > self.keep:
@@ -178,16 +227,64 @@ class TableWriter:
                 )
 
 
+class BreakerTable(faust.Table):  # type: ignore[type-arg]
+    """The writer's table, whose recovery keeps what the writer would: faust's memory store
+    loads every key of the changelog, which anyone may write, each value whatever its size.
+
+    A record with a key over ``MAX_KEY`` is skipped; one with a value over ``MAX_VALUE`` deletes
+    its key, as a tombstone would (that value is the key's newest, the only one a compacted
+    changelog keeps); beyond ``MAX_ENDPOINTS`` the least recently written keys are dropped
+    after each batch, a batch being at most ``RECOVERY_BUFFER`` records, so the work is bounded
+    between two of recovery's waits for the next record.  Dropped keys are not deleted from the
+    changelog (no writes while recovering): the writer deletes what is over the bound once it
+    writes, and every reader's view bounds itself."""
+
+    def __init__(self, app: faust.App, name: str, **kwargs: Any) -> None:
+        super().__init__(
+            app,
+            name=name,
+            beacon=app.tables.beacon,
+            recovery_buffer_size=RECOVERY_BUFFER,
+            **kwargs,
+        )
+        self.keep = MAX_ENDPOINTS
+        self.skips = Skips("breaker table recovery")
+
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        store = self.data
+        items, partitions = getattr(store, "data", None), getattr(store, "_key_partition", None)
+        if not isinstance(items, dict) or not isinstance(partitions, dict):
+            raise TypeError(f"the breaker table needs faust's memory store, not {store!r}")
+        for event in batch:
+            raw_key, raw_value = event.message.key, event.message.value
+            if raw_key is None or len(raw_key) > MAX_KEY:
+                self.skips.skip("a key too long to be ours", raw_key)
+                continue
+            key = self._to_key(event.key)
+            items.pop(key, None)  # written again: the newest now
+            partitions.pop(key, None)
+            if raw_value is not None and len(raw_value) > MAX_VALUE:
+                self.skips.skip("a value too large to be ours", raw_key)
+            elif raw_value is not None and event.value:  # else a tombstone: the key is gone
+                items[key] = self._to_value(event.value)
+                partitions[key] = event.message.partition
+        for key in list(islice(items, max(len(items) - self.keep, 0))):
+            del items[key]
+            partitions.pop(key, None)
+
+
 def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Awaitable[None]]:
     """Add the events topic, the table and its folding agent to ``app``; the publisher."""
     events = app.topic(
         settings.breaker_topic, partitions=1, key_serializer="raw", value_serializer="raw"
     )
-    table = app.Table(
+    table = BreakerTable(
+        app,
         settings.breaker_table,
         partitions=1,
         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
     )
+    app.tables.add(table)
     named = table.changelog_topic.get_topic_name()
     if named != settings.breaker_changelog_topic:  # the name is derived here once; faust must agree
         raise RuntimeError(f"faust names the breaker changelog {named!r}")

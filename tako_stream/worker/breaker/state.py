@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tako_stream.core.models import UtcDatetime
+from tako_stream.core.models import UtcDatetime, WorkerId
 from tako_stream.settings import BreakerConfig
 
 #: The longest detail an event carries (``Breaker.record`` cuts it to this).
@@ -28,6 +29,12 @@ MAX_DETAIL = 500
 #: the table's writer, /health) and float gauges (/metrics) all carry: a record past it is not
 #: ours, and is skipped like any other unreadable record.
 MAX_COUNT = 2**53
+
+
+#: What reported an outcome: a job's use of Docker, or the worker's ping.  Nothing else is ever
+#: sent, and the events topic is anyone's: free text here was copied into the state, whose size
+#: then had no bound.
+Source = Literal["job", "ping"]
 
 
 class State(StrEnum):
@@ -47,8 +54,8 @@ class BreakerEvent(BaseModel):
     endpoint: str
     outcome: Outcome
     at: UtcDatetime
-    worker_id: str
-    source: str = "job"  # "job" or "ping"
+    worker_id: WorkerId
+    source: Source = "job"
     detail: str | None = Field(default=None, max_length=MAX_DETAIL)
 
 
@@ -60,9 +67,9 @@ class BreakerState(BaseModel):
     failure_count: int = Field(default=0, ge=0, le=MAX_COUNT)
     success_count: int = Field(default=0, ge=0, le=MAX_COUNT)
     last_failure: UtcDatetime | None = None
-    last_error: str | None = None
-    #: What reported the last failure: "job" or "ping".
-    failure_source: str | None = None
+    last_error: str | None = Field(default=None, max_length=MAX_DETAIL)
+    #: What reported the last failure.
+    failure_source: Source | None = None
     opened_at: UtcDatetime | None = None
     updated_at: UtcDatetime | None = None
 
