@@ -37,7 +37,8 @@ class DLQView:
     and the newest ``keep`` entries as summaries.  Its memory does not grow with the topic;
     listings and entries beyond the window are read from the topic (``read_store``, ``find``).
 
-    Counts go down by tombstones, and only for an entry the view counted: it remembers the
+    Counts go down by tombstones (and by an unreadable value, which ends its key's entry as a
+    tombstone does), and only for an entry the view counted: it remembers the
     (hashed) ids of the last ``track`` entries it counted.  A tombstone for anything else (its
     entry compacted away before this view read the topic, deleted twice, or made up) changes
     nothing, or the counts would drift low.  Past ``track`` the oldest ids are let go, their
@@ -83,7 +84,11 @@ class DLQView:
         else:
             new = self._recent.apply(record.key, record.value)
         if new is None:
-            return  # unreadable: skipped (and logged) by the view
+            # Unreadable (logged by the view): no entry of the DLQ now, as a view started after
+            # compaction (which keeps only this value) finds; one counted before is uncounted.
+            self._recent.remove(dlq_id_)
+            self._uncount(hash(record.key), named)
+            return
         self._count(hash(record.key), new[0])
 
     def _count(self, key: int, error_type: ErrorType) -> None:

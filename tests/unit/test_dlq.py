@@ -393,8 +393,8 @@ def test_view_counts_an_entry_written_twice_once_while_in_the_window() -> None:
     view.apply(consumed(record.dlq_id, encoded))
     view.apply(consumed(record.dlq_id, encoded))
     assert view.stats()["total"] == 1
-    view.apply(consumed(record.dlq_id, b"not json"))  # unreadable: skipped
-    assert view.stats()["total"] == 1
+    view.apply(consumed(record.dlq_id, b"not json"))  # unreadable: the entry is gone
+    assert view.stats()["total"] == 0
 
 
 def test_view_keeps_a_small_record_with_its_type_header_as_read_and_summarises_on_demand() -> None:
@@ -431,6 +431,23 @@ def test_view_summarises_a_large_record_on_arrival_and_answers_none_for_an_unrea
     view.apply(consumed("forged", b"not json", dlq.tombstone_headers(big)[:1]))
     assert view.stats()["total"] == 2
     assert view.get("forged") is None
+
+
+def test_an_entry_overwritten_unreadably_is_no_longer_counted() -> None:
+    """An entry whose key was written again with a value no summary can be made of stayed
+    counted, and listed as its old summary; a view started after compaction (which keeps only
+    the newest value) counts nothing for it.  Both agree now, for a large and a small value."""
+    for n, junk in enumerate((b"not a DLQ record" * 400, b"not a DLQ record")):
+        record, value = entry(n)
+        long_lived, fresh = dlq.DLQView(), dlq.DLQView()
+        long_lived.apply(consumed(record.dlq_id, value))
+        assert len(long_lived) == 1 and long_lived.get(record.dlq_id) is not None
+        long_lived.apply(consumed(record.dlq_id, junk))
+        fresh.apply(consumed(record.dlq_id, junk))
+        assert len(long_lived) == len(fresh) == 0, (len(long_lived), len(fresh))
+        assert long_lived.get(record.dlq_id) is None and long_lived.tracked == 0
+        long_lived.apply(consumed(record.dlq_id, value))  # written once more: counted again
+        assert long_lived.stats() == {"total": 1, "by_error_type": {"invalid_request": 1}}
 
 
 def test_a_record_with_numbers_past_64_bits_is_skipped_not_raised() -> None:
