@@ -47,7 +47,7 @@ from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.reader import TopicReader, read_to_end
-from tako_stream.worker.breaker.shared import MAX_ENDPOINTS
+from tako_stream.worker.breaker.shared import MAX_ENDPOINTS, MAX_VALUE
 from tako_stream.worker.breaker.state import endpoint_key
 from tests.integration.stack import Stack, WorkerProcess
 from tests.integration.test_answers import all_committed
@@ -689,6 +689,61 @@ async def test_forged_breaker_endpoints_are_not_kept_without_bound(bad_stack: St
     assert forged[-1].encode() in live, f"the last event never folded:\n{worker.log_tail()}"
     assert len(live) == MAX_ENDPOINTS, len(live)
     assert all(endpoint.encode() in live for endpoint in forged[-MAX_ENDPOINTS:])
+    await assert_healthy_and_runs_a_job(stack, worker)
+
+
+async def test_forged_breaker_events_make_no_state_past_max_value(bad_stack: Stack) -> None:
+    """The table's writer bounded how many endpoints it kept, not the bytes of each: an event's
+    ``source`` was free text copied into the state, so 1,000 forged endpoints of ~1 MiB made
+    its table (and the changelog every reader folds) about a gigabyte.  Events larger than a
+    state of ours, a ``source`` other than job or ping, and an event folding into a state over
+    ``MAX_VALUE`` are skipped now; the events after them are folded as before."""
+    stack, worker = bad_stack, bad_stack.workers[0]
+    settings = stack.settings
+    base = {"outcome": "failure", "at": "2026-01-01T00:00:00Z", "worker_id": "nobody"}
+
+    def event(endpoint: str, **fields: Any) -> bytes:
+        return orjson.dumps({**base, "endpoint": endpoint, **fields})
+
+    # A key of characters JSON writes as \u0001, as long as an event of it fits MAX_VALUE: the
+    # state it folds into (~100 bytes more than the event) does not.
+    escaped, detail = f"escaped-{stack.tag}", "\x01" * 500
+    while len(event(escaped + "\x01", detail=detail)) <= MAX_VALUE:
+        escaped += "\x01"
+    forged = {
+        f"big-source-{stack.tag}": {"source": "s" * 500_000},
+        f"cron-{stack.tag}": {"source": "cron"},
+        f"long-worker-{stack.tag}": {"worker_id": "w" * 5_000},
+        escaped: {"detail": detail},
+    }
+    assert len(event(escaped, detail=detail)) > MAX_VALUE - 10
+    marker = f"marker-{stack.tag}"
+    producer = raw_producer(stack)
+    await producer.start()
+    try:
+        for endpoint, fields in [*forged.items(), (marker, {})]:
+            sent = await producer.send(settings.breaker_topic, event(endpoint, **fields))
+        await sent  # one partition: the others landed before it
+    finally:
+        await producer.stop()
+    live: dict[bytes, bytes] = {}
+
+    def fold(key: bytes | None, value: bytes | None) -> None:
+        if key is not None and value is None:
+            live.pop(key, None)
+        elif key is not None and value is not None:
+            live[key] = value
+
+    deadline = time.monotonic() + 90
+    while marker.encode() not in live and time.monotonic() < deadline:
+        live.clear()
+        await read_to_end(settings, settings.breaker_changelog_topic, fold)
+        await asyncio.sleep(0.5)
+    assert marker.encode() in live, f"the last event never folded:\n{worker.log_tail()}"
+    assert orjson.loads(live[marker.encode()])["failure_count"] == 1
+    sizes = {key[:40]: len(value) for key, value in live.items() if len(value) > MAX_VALUE}
+    assert sizes == {}, sizes
+    assert not [endpoint for endpoint in forged if endpoint.encode() in live]
     await assert_healthy_and_runs_a_job(stack, worker)
 
 

@@ -210,3 +210,42 @@ async def test_dlq_list_skips_another_producers_records_no_record_of_ours_holds(
     code, out, err = await new_stack.cli("dlq", "list")
     assert code == 0 and "2 entries" in err, err
     assert sorted(line.split()[0] for line in out.splitlines()[1:]) == fine
+
+
+async def test_an_entry_overwritten_with_a_value_no_view_can_read_is_no_longer_counted(
+    new_stack: Stack,
+) -> None:
+    """Anyone may write the DLQ topic: an entry whose key was written again with a value that is
+    no DLQ record stayed counted (and listed as its old summary) by the views of workers and
+    gateways, where a view started after compaction (only that value left) counts nothing."""
+    settings = new_stack.settings
+    tag = uuid.uuid4().hex[:8]
+    body: dict[str, Any] = {
+        "execution_id": "e",
+        "correlation_id": "c",
+        "error": {"type": "invalid_request", "message": "x"},
+        "attempts": 0,
+        "first_failure_at": "2026-11-30T00:00:00Z",
+        "last_failure_at": "2026-11-30T00:00:00Z",
+        "worker_id": "w",
+        "source": {"topic": settings.requests_topic, "partition": 0, "offset": 0},
+        "original_value": None,
+    }
+    kept, overwritten = f"kept-{tag}", f"overwritten-{tag}"
+    async with Producer(settings) as producer:
+        for dlq_id in (kept, overwritten):
+            value = orjson.dumps({**body, "dlq_id": dlq_id})
+            await producer.send_raw(value, key=dlq_id.encode(), topic=settings.dlq_topic)
+        junk = b"not a DLQ record" * 400
+        await producer.send_raw(junk, key=overwritten.encode(), topic=settings.dlq_topic)
+    view, caught_up = dlq.DLQView(), asyncio.Event()
+    following = asyncio.ensure_future(
+        tail_records(settings, settings.dlq_topic, view.apply, caught_up)
+    )
+    try:
+        await asyncio.wait_for(caught_up.wait(), 60)
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+    assert view.stats() == {"total": 1, "by_error_type": {"invalid_request": 1}}
+    assert view.get(overwritten) is None and view.get(kept) is not None
