@@ -47,7 +47,7 @@ from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.reader import TopicReader, read_to_end
-from tako_stream.worker.breaker.shared import MAX_ENDPOINTS, MAX_VALUE
+from tako_stream.worker.breaker.shared import MAX_ENDPOINTS, MAX_KEY, MAX_VALUE
 from tako_stream.worker.breaker.state import endpoint_key
 from tests.integration.stack import Stack, WorkerProcess
 from tests.integration.test_answers import all_committed
@@ -745,6 +745,60 @@ async def test_forged_breaker_events_make_no_state_past_max_value(bad_stack: Sta
     assert sizes == {}, sizes
     assert not [endpoint for endpoint in forged if endpoint.encode() in live]
     await assert_healthy_and_runs_a_job(stack, worker)
+
+
+async def test_a_writer_recovering_the_breaker_table_skips_records_not_ours(
+    new_stack: Stack,
+) -> None:
+    """A worker taking over the breaker's table recovers it from the changelog (anyone's), and
+    faust's memory store kept every key there with any value.  Recovery skips a key over
+    ``MAX_KEY`` and ends a key whose value is over ``MAX_VALUE`` now (and keeps at most
+    ``MAX_ENDPOINTS``: unit-tested); the recovered writer then folds events as before."""
+    worker = new_stack.start_worker(TAKO_WARM_POOL_SIZE="0")
+    await worker.wait_ready()
+    settings = new_stack.settings
+    tag = new_stack.tag
+    state = {"endpoint": f"recovered-{tag}", "failure_count": 1}
+    producer = raw_producer(new_stack)
+    await producer.start()
+    try:
+        topic = settings.breaker_changelog_topic
+        await producer.send_and_wait(topic, orjson.dumps(state), key=f"recovered-{tag}".encode())
+        big = orjson.dumps({**state, "last_error": "x" * 500_000})
+        await producer.send_and_wait(topic, big, key=f"recovered-{tag}".encode())
+        await producer.send_and_wait(topic, orjson.dumps(state), key=b"k" * (MAX_KEY + 1))
+    finally:
+        await producer.stop()
+    worker.kill()
+    worker.wait_exit(30)
+    again = new_stack.start_worker(TAKO_WARM_POOL_SIZE="0")
+    await again.wait_ready()
+    marker = f"marker-{tag}"
+    event = {"endpoint": marker, "outcome": "failure", "at": "2026-01-01T00:00:00Z"}
+    live: dict[bytes, bytes] = {}
+
+    def fold(key: bytes | None, value: bytes | None) -> None:
+        if key is not None and value is not None:
+            live[key] = value
+
+    producer = raw_producer(new_stack)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.breaker_topic, orjson.dumps({**event, "worker_id": "nobody"})
+        )
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 90
+    while marker.encode() not in live and time.monotonic() < deadline:
+        await read_to_end(settings, settings.breaker_changelog_topic, fold)
+        await asyncio.sleep(0.5)
+    assert marker.encode() in live, f"the recovered writer folds nothing:\n{again.log_tail()}"
+    log = again.log_path.read_text(errors="replace")
+    assert "breaker table recovery: skipping a value too large to be ours" in log, log[-3000:]
+    assert "breaker table recovery: skipping a key too long to be ours" in log, log[-3000:]
+    health = await again.health()
+    assert health is not None and health["status"] == "healthy", health
 
 
 def vm_rss_kib(pid: int) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import faust
 import orjson
 import pytest
+from faust.types import Message
 
 from tako_stream.settings import BreakerConfig, Settings
 from tako_stream.worker.breaker.handle import Breaker
@@ -474,3 +475,29 @@ def test_a_worker_id_longer_than_its_reports_carry_is_refused_at_start() -> None
     with pytest.raises(ValueError):
         Settings(worker_id="w" * 257)
     assert Settings(worker_id="w" * 256).worker_id == "w" * 256
+
+
+def test_the_changelog_decodes_our_keys_as_they_are_written() -> None:
+    """faust decodes the changelog's keys with the serializer of the table's ``key_type`` (json
+    without one), not with its schema's: every key of ours ("host|unix://...") failed to
+    decode, recovery waited for good for the record it lost, and a writer taking over a
+    changelog never got ready."""
+    table = recovering_table()
+    message = Message(
+        topic=table.changelog_topic.get_topic_name(),
+        partition=0,
+        offset=0,
+        timestamp=0,
+        timestamp_type=0,
+        headers=[],
+        key=b"h|unix:///var/run/docker.sock",
+        value=orjson.dumps({"endpoint": "h|unix:///var/run/docker.sock"}),
+        checksum=None,
+    )
+    schema = table.changelog_topic.schema
+    assert schema.loads_key(
+        table.app, message, serializer=table.changelog_topic.key_serializer
+    ) == (b"h|unix:///var/run/docker.sock")
+    assert schema.loads_value(
+        table.app, message, serializer=table.changelog_topic.value_serializer
+    ) == {"endpoint": "h|unix:///var/run/docker.sock"}

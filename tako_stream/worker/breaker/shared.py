@@ -283,6 +283,10 @@ def attach(app: faust.App, settings: Settings) -> Callable[[BreakerEvent], Await
         settings.breaker_table,
         partitions=1,
         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        # The changelog topic decodes keys with the serializer of ``key_type``, not the
+        # schema's (json without it): every key of ours failed to decode, and recovery waited
+        # for good for the record it lost, so a writer taking over a changelog never got ready.
+        key_type=bytes,
     )
     app.tables.add(table)
     named = table.changelog_topic.get_topic_name()
