@@ -264,6 +264,12 @@ class Intake:
         waiting: deque[tuple[Incoming, ExecutionRequest | None]] = deque()
         kept = 0
         for message in messages:
+            # Started now, every record of the fetch: rejections are answered before the
+            # requests waiting for capacity, and a rejection finished past a request its
+            # tracker did not know yet moved the commit past that request (lost if the worker
+            # died then).  A record left to a rebalance's next owner is forgotten with its
+            # partition (``on_revoke``: every partition is revoked at a rebalance).
+            self.tracker.start(message.tp, message.offset)
             decoded = decode(message)
             if isinstance(decoded, Rejection):
                 refused.append((message, decoded))

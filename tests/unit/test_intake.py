@@ -297,6 +297,28 @@ async def test_a_rejection_does_not_queue_behind_a_request_waiting_for_capacity(
         assert answered == ["bad"], "the rejection waited for a slot like the request before it"
 
 
+async def test_a_rejection_answered_first_never_commits_past_a_request_waiting_before_it() -> None:
+    """Rejections are answered before the requests of their fetch that wait for capacity, but
+    the commit must stop at the first record not answered.  It did not: a request waiting for
+    a slot was not yet known to the offset tracker, so a rejection after it in its partition
+    moved the commit past it, and a worker dying then lost the request (seen in CI: the
+    group's commits reached the end while such a request still waited)."""
+    async with intake_rig(capacity=2, pool_size=2) as rig:
+        release = asyncio.Event()
+        rig.sandbox.default = blocking(release)
+        rig.source.add(request_bytes(execution_id="a"), partition=1)
+        rig.source.add(request_bytes(execution_id="b"), partition=1)
+        await rig.sandbox.wait_running(2)
+        rig.source.add(request_bytes(execution_id="waits"), partition=0)  # offset 0
+        rig.source.add(request_bytes(code="", execution_id="bad"), partition=0)  # offset 1
+        await rig.sink.wait_result("bad")
+        await rig.source.commit_rounds(3)
+        assert max(rig.source.commits_of(0), default=0) == 0, rig.source.commits_of(0)
+        release.set()
+        assert (await rig.sink.wait_result("waits")).status is Status.SUCCEEDED
+        await rig.source.wait_committed(0, 2)
+
+
 async def test_at_most_capacity_jobs_are_in_flight() -> None:
     async with intake_rig(partitions=(0,), capacity=2, pool_size=4) as rig:
         release = asyncio.Event()
