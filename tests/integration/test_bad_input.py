@@ -47,6 +47,7 @@ from tako_stream.client import ResultReader
 from tako_stream.core.models import CORRELATION_HEADER, DLQRecord, ExecutionResult
 from tako_stream.kafka.clients import MAX_MESSAGE_BYTES
 from tako_stream.kafka.reader import TopicReader, read_to_end
+from tako_stream.settings import Settings
 from tako_stream.worker.breaker.shared import MAX_ENDPOINTS, MAX_KEY, MAX_VALUE
 from tako_stream.worker.breaker.state import endpoint_key
 from tests.integration.stack import Stack, WorkerProcess
@@ -655,6 +656,24 @@ async def test_a_breaker_record_without_a_time_zone_is_no_poison(bad_stack: Stac
     await assert_healthy_and_runs_a_job(stack, worker)
 
 
+async def changelog_holding(settings: Settings, key: bytes) -> dict[bytes, bytes]:
+    """The breaker changelog's live keys once ``key`` is among them (90 s at most)."""
+    live: dict[bytes, bytes] = {}
+
+    def fold(k: bytes | None, value: bytes | None) -> None:
+        if k is not None and value is None:
+            live.pop(k, None)
+        elif k is not None and value is not None:
+            live[k] = value
+
+    deadline = time.monotonic() + 90
+    while key not in live and time.monotonic() < deadline:
+        live.clear()
+        await read_to_end(settings, settings.breaker_changelog_topic, fold)
+        await asyncio.sleep(0.5)
+    return live
+
+
 async def test_forged_breaker_endpoints_are_not_kept_without_bound(bad_stack: Stack) -> None:
     """The breaker's events topic is anyone's: the table's writer kept every endpoint an event
     named, for good (its table, and the changelog every reader folds, grew with each forged
@@ -673,19 +692,7 @@ async def test_forged_breaker_endpoints_are_not_kept_without_bound(bad_stack: St
         await sent  # one partition: the others landed before it
     finally:
         await producer.stop()
-    live: dict[bytes, bytes] = {}
-
-    def fold(key: bytes | None, value: bytes | None) -> None:
-        if key is not None and value is None:
-            live.pop(key, None)
-        elif key is not None and value is not None:
-            live[key] = value
-
-    deadline = time.monotonic() + 90
-    while forged[-1].encode() not in live and time.monotonic() < deadline:
-        live.clear()
-        await read_to_end(settings, settings.breaker_changelog_topic, fold)
-        await asyncio.sleep(0.5)
+    live = await changelog_holding(settings, forged[-1].encode())
     assert forged[-1].encode() in live, f"the last event never folded:\n{worker.log_tail()}"
     assert len(live) == MAX_ENDPOINTS, len(live)
     assert all(endpoint.encode() in live for endpoint in forged[-MAX_ENDPOINTS:])
@@ -726,19 +733,7 @@ async def test_forged_breaker_events_make_no_state_past_max_value(bad_stack: Sta
         await sent  # one partition: the others landed before it
     finally:
         await producer.stop()
-    live: dict[bytes, bytes] = {}
-
-    def fold(key: bytes | None, value: bytes | None) -> None:
-        if key is not None and value is None:
-            live.pop(key, None)
-        elif key is not None and value is not None:
-            live[key] = value
-
-    deadline = time.monotonic() + 90
-    while marker.encode() not in live and time.monotonic() < deadline:
-        live.clear()
-        await read_to_end(settings, settings.breaker_changelog_topic, fold)
-        await asyncio.sleep(0.5)
+    live = await changelog_holding(settings, marker.encode())
     assert marker.encode() in live, f"the last event never folded:\n{worker.log_tail()}"
     assert orjson.loads(live[marker.encode()])["failure_count"] == 1
     sizes = {key[:40]: len(value) for key, value in live.items() if len(value) > MAX_VALUE}

@@ -16,6 +16,7 @@ from tako_stream import dlq
 from tako_stream.client import Producer, ResultReader
 from tako_stream.core.models import DLQRecord
 from tako_stream.kafka.reader import tail_records
+from tako_stream.settings import Settings
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -174,16 +175,10 @@ async def test_replay_writes_only_to_the_requests_topic(new_stack: Stack) -> Non
         assert await reader.wait_for({"forged-1"}, 3) == {}
 
 
-async def test_dlq_list_skips_another_producers_records_no_record_of_ours_holds(
-    new_stack: Stack,
-) -> None:
-    """Anyone may write the DLQ topic: a record holding a number past 64 bits ended `dlq list
-    --json` with a TypeError (orjson cannot write it), and one with a correlation id longer than
-    a request's was listed as is.  Both are skipped; the entries around them are listed."""
-    settings = new_stack.settings
-    tag = uuid.uuid4().hex[:8]
-    body: dict[str, Any] = {
-        "execution_id": "foreign-1",
+def dlq_body(settings: Settings, execution_id: str) -> dict[str, Any]:
+    """A DLQ record's fields, as anyone could write them (no ``dlq_id``)."""
+    return {
+        "execution_id": execution_id,
         "correlation_id": "c",
         "error": {"type": "invalid_request", "message": "x"},
         "attempts": 0,
@@ -193,6 +188,17 @@ async def test_dlq_list_skips_another_producers_records_no_record_of_ours_holds(
         "source": {"topic": settings.requests_topic, "partition": 0, "offset": 0},
         "original_value": None,
     }
+
+
+async def test_dlq_list_skips_another_producers_records_no_record_of_ours_holds(
+    new_stack: Stack,
+) -> None:
+    """Anyone may write the DLQ topic: a record holding a number past 64 bits ended `dlq list
+    --json` with a TypeError (orjson cannot write it), and one with a correlation id longer than
+    a request's was listed as is.  Both are skipped; the entries around them are listed."""
+    settings = new_stack.settings
+    tag = uuid.uuid4().hex[:8]
+    body = dlq_body(settings, "foreign-1")
     forged = {
         f"huge-{tag}": {"replay_count": 123456789012345678901234567890},
         f"offset-{tag}": {"source": {**body["source"], "offset": 2**64}},
@@ -220,17 +226,7 @@ async def test_an_entry_overwritten_with_a_value_no_view_can_read_is_no_longer_c
     gateways, where a view started after compaction (only that value left) counts nothing."""
     settings = new_stack.settings
     tag = uuid.uuid4().hex[:8]
-    body: dict[str, Any] = {
-        "execution_id": "e",
-        "correlation_id": "c",
-        "error": {"type": "invalid_request", "message": "x"},
-        "attempts": 0,
-        "first_failure_at": "2026-11-30T00:00:00Z",
-        "last_failure_at": "2026-11-30T00:00:00Z",
-        "worker_id": "w",
-        "source": {"topic": settings.requests_topic, "partition": 0, "offset": 0},
-        "original_value": None,
-    }
+    body = dlq_body(settings, "e")
     kept, overwritten = f"kept-{tag}", f"overwritten-{tag}"
     async with Producer(settings) as producer:
         for dlq_id in (kept, overwritten):
