@@ -38,11 +38,13 @@ SECURITY_HEADERS = {
 }
 
 
-#: Never rate limited: the API document, and what probes and scrapers poll.
-UNLIMITED = frozenset({"/openapi.json", "/metrics", "/ready"})
+#: Never rate limited: the API document, and what probes and scrapers poll.  Declared in the
+#: route table (``limited``, ``keyed``), where the OpenAPI document reads which routes may
+#: answer 429 and 401.
+UNLIMITED = frozenset(r.path for r in ROUTES if not r.limited)
 #: Served without an API key: the API document, and the readiness probe (which says nothing
 #: but 200 or 503).
-OPEN = frozenset({"/openapi.json", "/ready"})
+OPEN = frozenset(r.path for r in ROUTES if not r.keyed)
 
 
 class Gateway:

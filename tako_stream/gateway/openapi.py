@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from tako_stream import __version__
-from tako_stream.gateway.api import ROUTES, Route
+from tako_stream.gateway.api import HEADERS, ROUTES, Response, Route
 
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 
@@ -23,6 +23,17 @@ def _content(model: type[BaseModel] | None) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _response(response: Response) -> dict[str, Any]:
+    description, model = response[0], response[1]
+    answer: dict[str, Any] = {"description": description, **_content(model)}
+    if len(response) > 2:
+        answer["headers"] = {
+            name: {"description": HEADERS[name][0], "schema": {"type": HEADERS[name][1]}}
+            for name in response[2]
+        }
+    return answer
+
+
 def _operation(route: Route) -> dict[str, Any]:
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -30,10 +41,7 @@ def _operation(route: Route) -> dict[str, Any]:
     ] + [{"name": name, "in": "query", "schema": {"type": kind}} for name, kind in route.query]
     operation: dict[str, Any] = {
         "summary": route.summary,
-        "responses": {
-            str(code): {"description": description, **_content(model)}
-            for code, (description, model) in route.responses.items()
-        },
+        "responses": {str(code): _response(answer) for code, answer in route.answers.items()},
     }
     if parameters:
         operation["parameters"] = parameters
@@ -48,7 +56,8 @@ def document() -> dict[str, Any]:
     routes = [r for r in ROUTES if r.documented]
     models: dict[type[BaseModel], str] = {}
     for route in routes:
-        for _, model in route.responses.values():
+        for answer in route.answers.values():
+            model = answer[1]
             if model is not None:
                 models.setdefault(model, "serialization")
         if route.body is not None:

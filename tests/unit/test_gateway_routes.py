@@ -31,14 +31,23 @@ from tako_stream.core.models import (
     CancelRequest,
     DLQRecord,
     ErrorInfo,
+    ExecutionRequest,
     ExecutionResult,
     SourcePosition,
     Timing,
 )
-from tako_stream.gateway import pages, views
+from tako_stream.gateway import openapi, pages, views
+from tako_stream.gateway.api import ROUTES, Route
 from tako_stream.gateway.app import Gateway
 from tako_stream.gateway.routes import MAX_OFFSET, RECORD_READS
-from tako_stream.gateway.shapes import execution_record, iso_ms, tako_dlq_item
+from tako_stream.gateway.shapes import (
+    ErrorBody,
+    ForkBody,
+    RerunBody,
+    execution_record,
+    iso_ms,
+    tako_dlq_item,
+)
 from tako_stream.gateway.store import Job, Request
 from tako_stream.kafka.codec import correlation_id, dumps
 from tako_stream.settings import Settings
@@ -651,6 +660,9 @@ async def test_pages_past_the_bound_wait_a_little_then_are_a_503_with_a_retry_af
             resp = await client.get(path, headers={"X-Correlation-ID": "busy-1"})
             assert resp.status == 503 and resp.headers["Retry-After"] == "1", path
             assert (await resp.json())["correlation_id"] == "busy-1"
+            # ... as the API document says it may.
+            declared = openapi.document()["paths"][path]["get"]["responses"]["503"]
+            assert declared["headers"]["Retry-After"]["schema"] == {"type": "integer"}, path
         # Other routes do not wait for page slots.
         lookup = await client.get(f"/executions/{results[0].execution_id}")
         assert lookup.status == 200
@@ -758,3 +770,130 @@ async def test_a_streamed_page_past_its_deadline_is_aborted_and_lets_its_slot_go
     # A page answered at once (one batch) has nothing left to be late with.
     resp = await client.get("/executions?limit=1")
     assert resp.status == 200 and (await resp.json())["count"] == 1
+
+
+# -- the API document against what the routes answer -------------------------------------------
+
+DOCUMENTED = [r for r in ROUTES if r.documented]
+#: A body each route taking one accepts (an idempotency key: a submit then reads the store).
+BODIES: dict[type[Any], dict[str, Any]] = {
+    ExecutionRequest: {"code": "print(1)", "idempotency_key": "order-12345"},
+    RerunBody: {},
+    ForkBody: {"code": "print(2)"},
+}
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[Gateway, TestClient[Any, Any]]]:
+    """A gateway with these settings whose store is empty and not caught up, and whose producer
+    only records, over HTTP."""
+    gateway = Gateway(Settings(gateway_state_dir=tmp_path, **settings), JobTypes.load())
+    gateway.view.producer = Sent()  # type: ignore[assignment]
+    app = gateway.app()
+    app.on_startup.clear()
+    app.on_cleanup.clear()
+    try:
+        async with TestClient(TestServer(app)) as client:
+            yield gateway, client
+    finally:
+        await gateway.view.stop()
+
+
+async def ask(
+    client: TestClient[Any, Any], route: Route, headers: dict[str, str] | None = None, **kw: Any
+) -> tuple[int, Any, Any]:
+    """The route's status, body (None when it has none) and headers, for made-up ids."""
+    path = route.path.replace("{id}", "no-such-id").replace("{name}", "default")
+    if route.body is not None and "data" not in kw:
+        kw["json"] = BODIES[route.body]
+    async with client.request(route.method, path, headers=headers, **kw) as resp:
+        data = await resp.read()
+        return resp.status, orjson.loads(data) if data else None, resp.headers
+
+
+def declared(route: Route, status: int) -> dict[str, Any]:
+    """What the API document says of ``route``'s ``status`` (failing when it says nothing)."""
+    responses = openapi.document()["paths"][route.path][route.method.lower()]["responses"]
+    assert str(status) in responses, f"{route.method} {route.path} answered {status}"
+    answer: dict[str, Any] = responses[str(status)]
+    return answer
+
+
+def error_body(route: Route, status: int, body: Any) -> None:
+    """The answer is the error body the document declares for it."""
+    schema = declared(route, status)["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (route.path, status)
+    if route.method != "HEAD":  # aiohttp sends no body for HEAD
+        ErrorBody.model_validate(body)
+
+
+@pytest.mark.parametrize("route", DOCUMENTED, ids=lambda r: f"{r.method} {r.path}")
+async def test_what_each_route_answers_while_the_store_lags_is_in_the_api_document(
+    route: Route, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every route that waits for the store answers 503 until it has caught up: the document
+    # said so of /ready alone, and clients generated from it had no such answer to handle.
+    async with serving(tmp_path, gateway_ready_wait=0.01) as (gateway, client):
+
+        async def no_broker() -> bool:
+            return False  # /health: its 503, with no broker to wait for
+
+        monkeypatch.setattr(gateway.view, "broker_available", no_broker)
+        status, body, _ = await ask(client, route)
+        declared(route, status)
+        if route.reads is not None:
+            assert status == 503, body
+            error_body(route, 503, body)
+        else:
+            assert status != 503 or 503 in route.responses, body  # its own: /ready, /health
+
+
+@pytest.mark.parametrize("route", DOCUMENTED, ids=lambda r: f"{r.method} {r.path}")
+async def test_what_the_protections_answer_on_each_route_is_in_the_api_document(
+    route: Route, tmp_path: Path
+) -> None:
+    settings = {
+        "gateway_api_keys": "a-key-1234",
+        "gateway_rate_limit": 2,
+        "gateway_max_payload_bytes": 64 * 1024,
+        "gateway_ready_wait": 0.01,
+    }
+    async with serving(tmp_path, **settings) as (_, client):
+        # No key: 401 where one is wanted.
+        status, body, headers = await ask(client, route)
+        if route.keyed:
+            assert status == 401, body
+            error_body(route, 401, body)
+            assert "WWW-Authenticate" in headers
+            assert "WWW-Authenticate" in declared(route, 401)["headers"]
+        else:
+            assert status != 401
+            declared(route, status)
+        # A body past the cap: 413, on any route.
+        key = {"X-API-Key": "a-key-1234"}
+        status, body, _ = await ask(client, route, key, data=b"x" * (64 * 1024 + 1))
+        assert status == 413, body
+        error_body(route, 413, body)
+        # Past the rate limit: 429 with a Retry-After, where the limit applies.
+        status, body, headers = await ask(client, route, key)
+        if route.limited:
+            assert status == 429, body
+            error_body(route, 429, body)
+            assert int(headers["Retry-After"]) >= 1
+            assert "Retry-After" in declared(route, 429)["headers"]
+        else:
+            assert status != 429
+            declared(route, status)
+
+
+@pytest.mark.parametrize("path", ["/jobs/no-such-id/cancel", "/jobs/no-such-id/result"])
+async def test_a_wait_out_of_bounds_is_a_declared_422(path: str, tmp_path: Path) -> None:
+    # The cancel's 422 was not in the document.
+    async with serving(tmp_path) as (_, client):
+        route = next(r for r in DOCUMENTED if path.endswith(r.path.rsplit("/", 1)[-1]))
+        method = client.post if route.method == "POST" else client.get
+        resp = await method(path, params={"wait": "true", "timeout": "0"})
+        assert resp.status == 422
+        error_body(route, 422, await resp.json())

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from tako_stream.core.errors import ErrorType, Status
 from tako_stream.core.models import Artifact, ErrorInfo, ExecutionRequest, ExecutionResult
+from tako_stream.gateway import app
+from tako_stream.gateway.api import ROUTES
 from tako_stream.gateway.openapi import document as openapi_document
 from tako_stream.gateway.routes import wait_query
 from tako_stream.gateway.shapes import execution_record, iso_ms, payload_digest, sync_response
@@ -83,6 +85,49 @@ def test_openapi_lists_every_route_and_resolves_its_refs() -> None:
 
     walk(doc)
     assert refs and refs <= set(schemas), refs - set(schemas)
+
+
+def test_openapi_declares_the_store_s_503_and_the_protections_answers() -> None:
+    doc = openapi_document()
+    error = {"$ref": "#/components/schemas/ErrorBody"}  # what routes.error_response sends
+    store_readers = set()
+    for route in ROUTES:
+        if not route.documented:
+            continue
+        answers = doc["paths"][route.path][route.method.lower()]["responses"]
+        for code in ("413", "500"):
+            assert answers[code]["content"]["application/json"]["schema"] == error
+        assert ("401" in answers) is (route.path not in app.OPEN), route.path
+        assert ("429" in answers) is (route.path not in app.UNLIMITED), route.path
+        if "429" in answers:
+            assert set(answers["429"]["headers"]) == {"Retry-After"}
+        if route.reads is not None:
+            store_readers.add(route.path)
+            busy = answers["503"]
+            assert busy["content"]["application/json"]["schema"] == error, route.path
+            # Only a page waits for a page slot, and only that 503 carries a Retry-After.
+            assert ("headers" in busy) is (route.reads == "page"), route.path
+    assert {"/dlq", "/executions"} == {r.path for r in ROUTES if r.reads == "page"}
+    assert {
+        "/execute",
+        "/execute/async",
+        "/jobs/{id}",
+        "/jobs/{id}/result",
+        "/jobs/{id}/cancel",
+        "/jobs/{id}/rerun",
+        "/jobs/{id}/fork",
+        "/jobs/{id}/artifacts/{name}",
+        "/executions",
+        "/executions/{id}",
+        "/dlq",
+        "/dlq/{id}",
+    } == store_readers
+
+
+def test_the_protections_spare_the_routes_they_spared() -> None:
+    # The sets now come from the route table: the same routes as when they were literals.
+    assert {"/openapi.json", "/metrics", "/ready"} == app.UNLIMITED
+    assert {"/openapi.json", "/ready"} == app.OPEN
 
 
 @pytest.mark.parametrize(
