@@ -43,6 +43,7 @@ from tako_stream.sandbox.protocol import (
     JOB_PYTHON,
     JOB_UID,
     FrameReader,
+    supervisor_boot,
     supervisor_command,
 )
 from tako_stream.settings import OutputCaps
@@ -93,6 +94,11 @@ class DockerCreated:
     container: aiodocker.containers.DockerContainer
     deadline: float | None  # loop time by which it must have started, or None
     timeout: float | None  # the startup timeout itself, for messages
+
+
+#: Seconds a container whose supervisor has reported is given to exit before it is deleted
+#: (and so killed): it exits within milliseconds; the bound is for a starved machine.
+EXIT_WAIT = 2.0
 
 
 def _startup_timeout(timeout: float | None) -> StartupTimeoutError:
@@ -377,6 +383,8 @@ class DockerSandbox:
                     async with asyncio.timeout(self._api_timeout):  # a hung daemon never answers
                         await prepared.stream._init()  # attach before start: no output missed
                         await container.start()
+                        # its first code comes on stdin (see SUPERVISOR_BOOT: not in its command)
+                        await prepared.stream.write_in(supervisor_boot())
         except BaseException as exc:
             await self.discard(prepared)
             # engine_errors maps every TimeoutError of its own: one here is the deadline's
@@ -495,6 +503,7 @@ class DockerSandbox:
             if prepared is not None
             else await self.prepare(limits, execution_id=execution_id)
         )
+        reported = False
         try:
             run = await self._execute(
                 container,
@@ -503,19 +512,23 @@ class DockerSandbox:
                 FrameReader.for_caps(caps),
                 cancel,
             )
+            reported = run.collected.report is not None
             run.warm = warm
             run.seconds = time.monotonic() - began
             return run
         finally:
-            await self.discard(container)
+            await self._discard(container, exiting=reported)
 
     async def discard(self, prepared: Prepared) -> None:
         """Close, and remove in the background: the job's answer need not wait for Docker to
         delete its container (~50-100 ms).  The removal is its own task, so a cancelled job
         (shutdown, revoke) still leaves nothing behind, and ``drain`` waits for all of them."""
-        container = _own(prepared)
+        await self._discard(_own(prepared), exiting=False)
+
+    async def _discard(self, container: DockerPrepared, *, exiting: bool) -> None:
+        """``exiting``: its supervisor has sent its report, so it is stopping on its own."""
         await container.stream.close()
-        self._in_background(self._remove(container.container))
+        self._in_background(self._remove(container.container, exiting=exiting))
 
     async def _execute(
         self,
@@ -597,10 +610,21 @@ class DockerSandbox:
         state = info.get("State", {})
         return bool(state.get("OOMKilled")), state.get("ExitCode")
 
-    async def _remove(self, container: aiodocker.containers.DockerContainer) -> None:
+    async def _remove(
+        self, container: aiodocker.containers.DockerContainer, *, exiting: bool = False
+    ) -> None:
+        """``exiting``: it stops on its own, so it is given ``EXIT_WAIT`` seconds to exit before
+        it is deleted.  Deleting a running container kills it first: a kill through containerd
+        and the runtime (one more runsc process under gVisor) and one more state written to
+        disk by the engine, for a supervisor that exits a moment after its report anyway."""
         # Retried for about 20 s: a daemon restart (which stops every container first) takes
         # more than a few seconds; one given up on is no longer live, so ``sweep`` finds it.
         self._live.discard(container.id)
+        if exiting:
+            # Any failure (the engine away, a timeout) leaves it to the forced delete below.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(EXIT_WAIT):
+                    await container.wait()
         for attempt in range(8):
             if attempt:
                 await asyncio.sleep(min(5.0, 0.5 * 2 ** (attempt - 1)))

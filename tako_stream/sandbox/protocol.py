@@ -6,7 +6,6 @@ caps every buffer and tolerates garbage (a broken frame ends the stream; it neve
 
 from __future__ import annotations
 
-import base64
 import functools
 import importlib.util
 import json
@@ -40,51 +39,63 @@ def supervisor_source() -> str:
     return resources.files("tako_stream.sandbox").joinpath("supervisor.py").read_text()
 
 
-#: The first code of every sandbox container (``python3 -I -S -c SUPERVISOR_BOOT MAGIC CODE
-#: SOURCE``): the supervisor as bytecode when the image's interpreter reads this worker's
-#: (the same bytecode magic number, as for a ``.pyc``), else compiled from its source.  Compiling
-#: the supervisor's 28 KB took 8 ms of CPU in every container, a few per cent of what a whole
-#: container costs the machine; loading its bytecode takes 0.1 ms.  Both are zlib-compressed and
-#: base64-encoded (zlib, binascii and marshal are built into CPython): 35 KB together, against
-#: 28 KB of source before.  ``sys.argv`` is left as ``-c`` leaves it, the code runs in
-#: ``__main__``, as it would from ``-c``, and the two modules no interpreter's start imports
-#: are forgotten again (the job's interpreter inherits the supervisor's modules).
+#: The first code of every sandbox container (``python3 -I -S -c SUPERVISOR_BOOT``): it reads the
+#: supervisor from stdin (``supervisor_boot``, which the host writes as the container starts,
+#: before any job), as bytecode when the image's interpreter reads this worker's (the same
+#: bytecode magic number, as for a ``.pyc``), else compiled from its source.  Compiling the
+#: supervisor's 28 KB took 8 ms of CPU in every container; loading its bytecode takes 0.1 ms.
+#: Not on the command line: Docker writes a container's whole configuration to disk and decodes
+#: it again at each of its half a dozen state changes, and containerd, the shim and the runtime
+#: each parse the OCI spec that holds the command; 39 KB of command cost the engine more CPU
+#: per container than the compile it saved (profiled: dockerd's checkpoints alone 9 against 3
+#: ms).  Only ``posix`` and ``marshal`` are used, both loaded by every interpreter's start (zlib,
+#: for the source, only when it is needed, and forgotten again: the job's interpreter inherits
+#: the supervisor's modules); ``sys.argv`` is left as ``-c`` leaves it, and the code runs in
+#: ``__main__``, as it would from ``-c``.  Exit 3 (the supervisor's "no job") if stdin ends
+#: before the supervisor has come.
 SUPERVISOR_BOOT = """\
-import sys, zlib, binascii
-_magic, _code, _source = sys.argv[1:4]
-del sys.argv[1:]
-if sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex() == _magic:
-    import marshal
-    _code = marshal.loads(zlib.decompress(binascii.a2b_base64(_code)))
+import sys, posix, marshal
+def _take(size):
+    data = b""
+    while len(data) < size:
+        part = posix.read(0, size - len(data))
+        if not part:
+            raise SystemExit(3)
+        data += part
+    return data
+_head = _take(12)
+_code = _take(int.from_bytes(_head[4:8], "big"))
+_source = _take(int.from_bytes(_head[8:12], "big"))
+if sys.modules["_frozen_importlib_external"].MAGIC_NUMBER == _head[:4]:
+    _code = marshal.loads(_code)
 else:
-    _code = compile(zlib.decompress(binascii.a2b_base64(_source)), "<string>", "exec")
-del _magic, _source, sys.modules["zlib"], sys.modules["binascii"]
+    import zlib
+    _code = compile(zlib.decompress(_source), "<string>", "exec")
+    del sys.modules["zlib"], zlib
+del _take, _head, _source, posix, marshal
 exec(_code)
 """
+#: The boot's header: the bytecode's magic number (4 bytes), then the bytecode's and the
+#: compressed source's lengths.
+BOOT_HEAD = struct.Struct(">4sII")
+
+
+def supervisor_command(python: str) -> tuple[str, ...]:
+    """The sandbox container's command: ``python`` booting the supervisor (``SUPERVISOR_BOOT``),
+    isolated (``-I``) and without site (``-S``: the job's interpreter does the site itself)."""
+    return (python, "-I", "-S", "-c", SUPERVISOR_BOOT)
 
 
 @functools.cache
-def supervisor_command(python: str) -> tuple[str, ...]:
-    """The sandbox container's command: ``python`` running the supervisor (``SUPERVISOR_BOOT``),
-    isolated (``-I``) and without site (``-S``: the job's interpreter does the site itself)."""
+def supervisor_boot() -> bytes:
+    """What the host writes to a new container's stdin before anything else: the supervisor's
+    bytecode (as this worker's interpreter compiles it) and its source (zlib), for
+    ``SUPERVISOR_BOOT``."""
     source = supervisor_source().encode()
     # optimize=2 leaves the docstrings out (a fifth of the bytecode); it has no asserts
-    code = compile(source, "<string>", "exec", optimize=2)
-
-    def packed(data: bytes) -> str:
-        return base64.b64encode(zlib.compress(data, 9)).decode("ascii")
-
-    magic = importlib.util.MAGIC_NUMBER.hex()
-    return (
-        python,
-        "-I",
-        "-S",
-        "-c",
-        SUPERVISOR_BOOT,
-        magic,
-        packed(marshal.dumps(code)),
-        packed(source),
-    )
+    code = marshal.dumps(compile(source, "<string>", "exec", optimize=2))
+    packed = zlib.compress(source, 9)
+    return BOOT_HEAD.pack(importlib.util.MAGIC_NUMBER, len(code), len(packed)) + code + packed
 
 
 def encode_job(
