@@ -128,6 +128,20 @@ async def burst(
     return {"jobs": count, "seconds": elapsed, "jobs_per_s": count / elapsed, "peak_rss_mb": peak}
 
 
+def halves(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """One reference rate from its halves (measured before and after what it is compared
+    with): all their jobs over all their seconds, each half's rate kept beside it."""
+    jobs = sum(m["jobs"] for m in measured)
+    seconds = sum(m["jobs"] / m["jobs_per_s"] for m in measured)
+    rates = [m["jobs_per_s"] for m in measured]
+    return {"jobs": jobs, "seconds": seconds, "jobs_per_s": jobs / seconds, "halves": rates}
+
+
+def before_after(figure: dict[str, Any]) -> str:
+    rates = figure.get("halves")
+    return "" if not rates else f"  (before {rates[0]:.2f}, after {rates[-1]:.2f})"
+
+
 def docker_run(count: int, concurrency: int) -> dict[str, Any]:
     """The baseline: `docker run --rm` of the same trivial job, serially or N at a time."""
     cmd = ["docker", "run", "--rm", "--network", "none", IMAGE, "python3", "-c", TRIVIAL]
@@ -209,17 +223,28 @@ async def main() -> int:
         results["latency_cold"] = summary(await latency(cold, n_latency))
         print("bench: latency, back to back (the next job when the last answer arrives)")
         results["back_to_back_warm"] = summary(await latency(warm, n_latency * 2, gap=0))
+        # The references the bursts are compared with, half right before them and half right
+        # after: this VM's speed drifts by tens of per cent within minutes.
+        half = max(2, n_burst // 2)
+        print(
+            f"bench: the engine's churn ceiling ({conc} hardened containers at a time) and "
+            f"docker run --rm ({conc} at a time), in halves before and after the bursts",
+            flush=True,
+        )
+        ceiling = [await churn_ceiling(half, conc)]
+        concurrent = [docker_run(half, conc)]
         print(f"bench: throughput, {n_burst} jobs at once, {conc} containers at a time", flush=True)
         results["throughput_warm"] = await burst(warm, n_burst, valid=True, worker=warm_worker)
         results["throughput_cold"] = await burst(cold, n_burst, valid=True)
+        concurrent.append(docker_run(half, conc))
+        ceiling.append(await churn_ceiling(half, conc))
+        results["ceiling"] = halves(ceiling)
+        results["baseline_concurrent"] = halves(concurrent)
         print(f"bench: Kafka path, {n_kafka} requests answered without a container", flush=True)
         results["kafka_path"] = await burst(warm, n_kafka, valid=False)
         results["worker_rss_under_load_mb"] = results["throughput_warm"]["peak_rss_mb"]
-        print("bench: baseline, docker run --rm", flush=True)
+        print("bench: baseline, docker run --rm, one at a time", flush=True)
         results["baseline_serial"] = docker_run(n_latency, 1)
-        results["baseline_concurrent"] = docker_run(n_burst, conc)
-        print(f"bench: the engine's churn ceiling, {conc} hardened containers at a time")
-        results["ceiling"] = await churn_ceiling(n_burst, conc)
         if gvisor:
             # Alone: idle gVisor sandboxes cost CPU, which would weigh on the runc figures.
             for stack in stacks:
@@ -239,9 +264,11 @@ async def main() -> int:
             results["gvisor"] = {
                 "latency_warm": summary(await latency(gv, n_latency)),
                 "back_to_back_warm": summary(await latency(gv, n_latency * 2, gap=0)),
-                "throughput_warm": await burst(gv, n_burst, valid=True, worker=gv_worker),
-                "ceiling": await churn_ceiling(n_burst, conc, runtime=GVISOR),
             }
+            gv_ceiling = [await churn_ceiling(half, conc, runtime=GVISOR)]
+            gv_burst = await burst(gv, n_burst, valid=True, worker=gv_worker)
+            gv_ceiling.append(await churn_ceiling(half, conc, runtime=GVISOR))
+            results["gvisor"].update(throughput_warm=gv_burst, ceiling=halves(gv_ceiling))
     finally:
         for stack in stacks:
             stack.stop_all()
@@ -292,11 +319,14 @@ async def main() -> int:
         ("docker run --rm (baseline)", "baseline_concurrent"),
         ("engine churn ceiling", "ceiling"),
     ):
-        print(f"  {name:32} {results[key]['jobs_per_s']:7.2f} jobs/s")
+        print(f"  {name:32} {results[key]['jobs_per_s']:7.2f} jobs/s{before_after(results[key])}")
     if "gvisor" in results:
         g = results["gvisor"]
         print(f"  {'gVisor warm':32} {g['throughput_warm']['jobs_per_s']:7.2f} jobs/s")
-        print(f"  {'engine churn ceiling, runsc':32} {g['ceiling']['jobs_per_s']:7.2f} jobs/s")
+        print(
+            f"  {'engine churn ceiling, runsc':32} {g['ceiling']['jobs_per_s']:7.2f} jobs/s"
+            f"{before_after(g['ceiling'])}"
+        )
     print(f"\nKafka path (no container)          {results['kafka_path']['jobs_per_s']:7.0f} req/s")
     print(
         f"worker RSS idle / under load       {results['worker_rss_idle_mb']:5.0f} MB / "
