@@ -170,9 +170,9 @@ async def test_a_real_start_past_its_startup_timeout_is_cut_and_removed(
     removed: list[str] = []
     remove = sandbox._remove
 
-    async def recorded(container: aiodocker.containers.DockerContainer) -> None:
+    async def recorded(container: aiodocker.containers.DockerContainer, **how: bool) -> None:
         removed.append(container.id)
-        await remove(container)
+        await remove(container, **how)
 
     sandbox._remove = recorded  # type: ignore[method-assign]
     with pytest.raises(StartupTimeoutError, match="startup timeout"):
