@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     #: latency and idles at a fraction of the CPU; the embedded broker answers only when the wait
     #: is over, so its default is short.
     kafka_fetch_wait_ms: int = Field(default=20, ge=1, le=30_000)
+    #: The same for the topics a process only follows into a view (cancels, the breaker's
+    #: changelog, the answers a worker indexes, the workers' heartbeats): none of them is on a
+    #: request's path, so a fifth of a second costs no answer anything, and on the embedded
+    #: broker three such readers polling every 20 ms doubled a worker's idle CPU and the
+    #: broker's.  A cancel reaches its worker within it.
+    kafka_follow_wait_ms: int = Field(default=200, ge=1, le=30_000)
     #: Largest message the service produces (and topics it creates accept).  Requests carry up
     #: to 100k chars of code and 1 MiB of input, results up to 1 MiB of output and two 64 KiB
     #: streams: above Kafka's 1 MB default, hence 8 MiB.  Lower it to a cluster's own limit: an

@@ -212,7 +212,8 @@ async def _tail_once(
     caught_up: asyncio.Event | None,
     failing: Condition,
 ) -> None:
-    async with TopicReader(settings, topic, wait_for_topic=1.0) as reader:
+    follow = settings.kafka_follow_wait_ms
+    async with TopicReader(settings, topic, wait_for_topic=1.0, fetch_max_wait_ms=follow) as reader:
         failing.right()
         await reader.from_beginning()
         end = await reader.end_offsets() if caught_up is not None else {}

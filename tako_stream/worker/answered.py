@@ -100,7 +100,10 @@ class AnsweredIndex:
 
     async def _follow(self, failing: Condition) -> None:
         topic = self.settings.results_topic
-        async with TopicReader(self.settings, topic, wait_for_topic=1.0) as reader:
+        follow = self.settings.kafka_follow_wait_ms  # its own answers it notes at once
+        async with TopicReader(
+            self.settings, topic, wait_for_topic=1.0, fetch_max_wait_ms=follow
+        ) as reader:
             failing.right()
             end = await reader.end_offsets()
             await reader.from_offsets({tp: max(0, end[tp] - self.window) for tp in end})
