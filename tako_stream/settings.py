@@ -140,10 +140,10 @@ class Settings(BaseSettings):
     #: is over, so its default is short.
     kafka_fetch_wait_ms: int = Field(default=20, ge=1, le=30_000)
     #: The same for the topics a process only follows into a view (cancels, the breaker's
-    #: changelog, the answers a worker indexes, the workers' heartbeats): none of them is on a
-    #: request's path, so a fifth of a second costs no answer anything, and on the embedded
-    #: broker three such readers polling every 20 ms doubled a worker's idle CPU and the
-    #: broker's.  A cancel reaches its worker within it.
+    #: changelog, the answers a worker indexes, the DLQ's counts, the workers' heartbeats):
+    #: none of them is on a request's path, so a fifth of a second costs no answer anything,
+    #: and on the embedded broker a worker's four such readers polling every 20 ms doubled its
+    #: idle CPU and the broker's.  Never shorter than ``kafka_fetch_wait_ms`` (``follow_wait_ms``).
     kafka_follow_wait_ms: int = Field(default=200, ge=1, le=30_000)
     #: Largest message the service produces (and topics it creates accept).  Requests carry up
     #: to 100k chars of code and 1 MiB of input, results up to 1 MiB of output and two 64 KiB
@@ -263,6 +263,12 @@ class Settings(BaseSettings):
             status=self.status_topic,
             artifacts=self.artifacts_topic,
         )
+
+    @property
+    def follow_wait_ms(self) -> int:
+        """The fetch wait of a reader that only follows a topic: on Apache Kafka or Redpanda,
+        set to 500 for the requests, it must not poll more often than they do."""
+        return max(self.kafka_follow_wait_ms, self.kafka_fetch_wait_ms)
 
     @property
     def revoke_wait(self) -> float:

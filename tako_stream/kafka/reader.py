@@ -212,7 +212,7 @@ async def _tail_once(
     caught_up: asyncio.Event | None,
     failing: Condition,
 ) -> None:
-    follow = settings.kafka_follow_wait_ms
+    follow = settings.follow_wait_ms
     async with TopicReader(settings, topic, wait_for_topic=1.0, fetch_max_wait_ms=follow) as reader:
         failing.right()
         await reader.from_beginning()

@@ -285,6 +285,10 @@ class DockerSandbox:
         #: create is under way, by id once made.  ``sweep`` removes the worker's others.
         self._creating: set[str] = set()
         self._live: set[str] = set()
+        #: Containers whose removal is under way (``sweep`` leaves them to it), and set while
+        #: ``drain`` runs: no removal waits for a container's own exit then.
+        self._removing: set[str] = set()
+        self._hurry = asyncio.Event()
         #: Each image's distributions by image id (a rebuilt tag is listed again), and the
         #: listings under way, so concurrent jobs on a new image start one container, not many.
         self._listings: dict[str, Mapping[str, str]] = {}
@@ -620,11 +624,31 @@ class DockerSandbox:
         # Retried for about 20 s: a daemon restart (which stops every container first) takes
         # more than a few seconds; one given up on is no longer live, so ``sweep`` finds it.
         self._live.discard(container.id)
-        if exiting:
-            # Any failure (the engine away, a timeout) leaves it to the forced delete below.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(EXIT_WAIT):
-                    await container.wait()
+        self._removing.add(container.id)
+        try:
+            if exiting:
+                await self._exited(container)
+            await self._delete(container)
+        finally:
+            self._removing.discard(container.id)
+
+    async def _exited(self, container: aiodocker.containers.DockerContainer) -> None:
+        """Return once ``container`` has exited, ``EXIT_WAIT`` seconds have passed or a drain
+        has begun (a stopping worker's removals must fit its drain), whichever comes first;
+        a failure (the engine away) leaves it to the forced delete."""
+        exited = asyncio.ensure_future(container.wait())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait(
+                {exited, hurry}, timeout=EXIT_WAIT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiting in (exited, hurry):
+                waiting.cancel()
+            # retrieved, so a failed wait is not reported as an exception nobody saw
+            await asyncio.gather(exited, hurry, return_exceptions=True)
+
+    async def _delete(self, container: aiodocker.containers.DockerContainer) -> None:
         for attempt in range(8):
             if attempt:
                 await asyncio.sleep(min(5.0, 0.5 * 2 ** (attempt - 1)))
@@ -644,17 +668,21 @@ class DockerSandbox:
         on this host reaps the rest)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._removals and loop.time() < deadline:
-            await asyncio.wait(set(self._removals), timeout=deadline - loop.time())
-        pending = set(self._removals)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        self._hurry.set()  # removals waiting for a container's own exit delete it now
+        try:
+            while self._removals and loop.time() < deadline:
+                await asyncio.wait(set(self._removals), timeout=deadline - loop.time())
+            pending = set(self._removals)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self._hurry.clear()
 
     async def sweep(self) -> int:
         """Remove this worker's containers that it no longer owns: ones whose removal gave up
         while the engine was away, or that the engine made while the worker lost track of
-        them.  Containers being created, prepared or run are left alone.  Returns how many;
+        them.  Containers being created, prepared, run or removed are left alone.  Returns how many;
         the removals run in the background (``drain`` waits for them)."""
         with engine_errors("list"):
             async with asyncio.timeout(self._api_timeout):
@@ -667,6 +695,7 @@ class DockerSandbox:
             container
             for container in found
             if container.id not in self._live
+            and container.id not in self._removing
             and not any(n.lstrip("/") in self._creating for n in container["Names"] or [])
         ]
         for container in strays:

@@ -1,7 +1,8 @@
 """The in-container supervisor: the first program of every sandbox container.
 
-It runs *inside* the container (it is passed on the command line, as bytecode when the image's
-interpreter reads the worker's and as source otherwise: ``protocol.SUPERVISOR_BOOT``; so any
+It runs *inside* the container (a small boot on the command line reads it from stdin, as
+bytecode when the image's interpreter reads the worker's and as source otherwise:
+``protocol.SUPERVISOR_BOOT``; so any
 image with a Python 3 interpreter works, and a warm container can wait for a job it has not
 seen yet), and it must stay stdlib-only and self-contained: nothing else of tako_stream exists
 in the image.

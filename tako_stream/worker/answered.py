@@ -100,7 +100,7 @@ class AnsweredIndex:
 
     async def _follow(self, failing: Condition) -> None:
         topic = self.settings.results_topic
-        follow = self.settings.kafka_follow_wait_ms  # its own answers it notes at once
+        follow = self.settings.follow_wait_ms  # its own answers it notes at once
         async with TopicReader(
             self.settings, topic, wait_for_topic=1.0, fetch_max_wait_ms=follow
         ) as reader:

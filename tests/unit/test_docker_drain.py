@@ -16,6 +16,7 @@ import pytest
 
 from tako_stream.core.errors import SandboxUnavailableError
 from tako_stream.core.jobtypes import JobTypes, default_limits
+from tako_stream.sandbox import docker as docker_module
 from tako_stream.sandbox.docker import DockerSandbox
 from tests.fakes import bounded, eventually
 
@@ -27,6 +28,11 @@ class ScriptedContainer:
 
     def __getitem__(self, key: str) -> Any:  # as aiodocker's, over the listing's fields
         return {"Id": self.id, "Names": [f"/{self.id}"]}[key]
+
+    async def wait(self, **_: Any) -> dict[str, Any]:
+        """Returns once the scripted container has exited (never, unless the test says)."""
+        await self._engine.exited.wait()
+        return {"StatusCode": 0}
 
     async def delete(self, **_: Any) -> None:
         if self.id not in self._engine.made:
@@ -40,6 +46,8 @@ class ScriptedContainers:
 
     def __init__(self) -> None:
         self.answer = asyncio.Event()
+        #: Set when the containers have exited on their own.
+        self.exited = asyncio.Event()
         self.asked = 0
         self.made: set[str] = set()
         self.deleted: list[str] = []
@@ -125,3 +133,52 @@ async def test_sweep_removes_the_workers_containers_it_does_not_know_of() -> Non
     preparing.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await preparing
+
+
+# -- a container whose supervisor has reported is left to exit before it is deleted -------------
+
+
+def exiting_container() -> tuple[ScriptedDocker, DockerSandbox]:
+    """A sandbox whose one container has reported and is exiting (never, unless told), its
+    removal under way and waiting for that exit."""
+    engine = ScriptedDocker()
+    sandbox = DockerSandbox(cast(aiodocker.Docker, engine), worker_id="w", timeout_grace=1)
+    engine.containers.made.add("tako-exiting")
+    container = engine.containers.container("tako-exiting")
+    removal = sandbox._remove(cast(aiodocker.containers.DockerContainer, container), exiting=True)
+    sandbox._in_background(removal)
+    return engine, sandbox
+
+
+async def test_a_reported_container_is_deleted_once_it_has_exited() -> None:
+    engine, _ = exiting_container()
+    await asyncio.sleep(0.05)
+    assert engine.containers.deleted == [], "deleted (so killed) before it had exited"
+    engine.containers.exited.set()
+    await eventually(lambda: engine.containers.deleted == ["tako-exiting"], "the delete")
+
+
+async def test_a_container_that_does_not_exit_is_deleted_after_the_exit_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(docker_module, "EXIT_WAIT", 0.05)
+    engine, _ = exiting_container()
+    await eventually(lambda: engine.containers.deleted == ["tako-exiting"], "the delete")
+
+
+async def test_a_drain_deletes_containers_still_given_time_to_exit() -> None:
+    # The drain's budget is a stopping worker's (3 s): a removal waiting out its exit wait when
+    # the drain ran out was cancelled before its delete, and the container stayed.
+    engine, sandbox = exiting_container()
+    await asyncio.sleep(0.01)
+    await bounded(sandbox.drain(0.5), "the drain", timeout=5)
+    assert engine.containers.deleted == ["tako-exiting"]
+
+
+async def test_sweep_leaves_a_container_being_removed_to_its_removal() -> None:
+    engine, sandbox = exiting_container()
+    await asyncio.sleep(0.01)
+    assert await bounded(sandbox.sweep(), "the sweep") == 0
+    engine.containers.exited.set()
+    await bounded(sandbox.drain(5), "the drain")
+    assert engine.containers.deleted == ["tako-exiting"]

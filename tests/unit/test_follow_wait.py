@@ -1,6 +1,6 @@
 """The readers that only follow a topic into a view poll the broker at the follow wait, not at
 the requests' short one: on the embedded broker (which answers a waiting fetch only when its
-wait is over) a worker's three of them polling every 20 ms doubled its idle CPU and the
+wait is over) a worker's four of them polling every 20 ms doubled its idle CPU and the
 broker's."""
 
 from __future__ import annotations
@@ -59,3 +59,14 @@ async def test_the_answered_index_follows_the_results_at_the_follow_wait() -> No
 
 def test_the_follow_wait_defaults_to_a_fifth_of_a_second() -> None:
     assert Settings().kafka_follow_wait_ms == 200
+
+
+async def test_a_follower_never_polls_more_often_than_the_requests_consumer() -> None:
+    # Apache Kafka and Redpanda: TAKO_KAFKA_FETCH_WAIT_MS=500 (they answer a waiting fetch as
+    # soon as a record arrives); the followers had inherited it and must not fall to 200.
+    kafka = Settings(kafka_fetch_wait_ms=500)
+    with pytest.raises(Opened):
+        await reader_module.tail(kafka, "control", lambda key, value: None)
+    with pytest.raises(Opened):
+        await AnsweredIndex(kafka).run()
+    assert [made["fetch_max_wait_ms"] for made in Recorded.made] == [500, 500]
