@@ -75,6 +75,12 @@ async def test_a_reported_container_exits_on_its_own_and_is_not_killed(
             sandbox.run(job, limits, execution_id="warm", caps=CAPS, prepared=warm),
             *(sandbox.run(job, limits, execution_id=f"cold-{i}", caps=CAPS) for i in range(JOBS)),
         )
+        # The removals run in the background; a drain would hurry them (a stopping worker's
+        # removals must fit its budget), so they are left to end on their own.
+        async with asyncio.timeout(120):
+            mine = {"label": [f"{LABEL_WORKER}={worker_id}"]}
+            while await docker.containers.list(all=True, filters=mine):  # noqa: ASYNC110 - the engine's list
+                await asyncio.sleep(0.2)
     finally:
         await sandbox.drain(timeout=30)
     for run in runs:
