@@ -87,3 +87,9 @@ def test_the_supervisor_inherits_nothing_of_the_boot() -> None:
     )
     done = run(boot(b"\0\0\0\0", b"", zlib.compress(probe)))
     assert done.returncode == 7, done.stderr
+
+
+def test_the_boot_fits_the_buffers_between_the_worker_and_the_container() -> None:
+    """``_start`` writes the boot before the container's interpreter reads it: within the
+    pipe's 64 KiB (and the socket's buffers before it) nothing waits for that interpreter."""
+    assert len(supervisor_boot()) < 64 * 1024
