@@ -31,6 +31,7 @@ from tako_stream.worker.verdict import Job, Verdict, answer
 from tests.fakes import (
     TOPICS,
     FakeAnswers,
+    Rig,
     blocking,
     bounded,
     cancel_bytes,
@@ -260,13 +261,20 @@ async def test_an_idempotent_repeat_in_the_same_batch_of_rejections_is_skipped()
         assert [r.execution_id for r in rig.sink.results()] == ["same"]
 
 
+async def both_slots_held(rig: Rig, *, partition: int) -> asyncio.Event:
+    """Both of a 2-slot rig's slots held by requests "a" and "b" of ``partition``, running
+    until the returned event is set."""
+    release = asyncio.Event()
+    rig.sandbox.default = blocking(release)
+    rig.source.add(request_bytes(execution_id="a"), partition=partition)
+    rig.source.add(request_bytes(execution_id="b"), partition=partition)
+    await rig.sandbox.wait_running(2)
+    return release
+
+
 async def test_rejections_are_answered_while_every_slot_is_held() -> None:
     async with intake_rig(capacity=2, pool_size=2) as rig:
-        release = asyncio.Event()
-        rig.sandbox.default = blocking(release)
-        rig.source.add(request_bytes(execution_id="a"), partition=0)
-        rig.source.add(request_bytes(execution_id="b"), partition=0)
-        await rig.sandbox.wait_running(2)
+        release = await both_slots_held(rig, partition=0)
         rig.source.add(b"[1, 2", partition=1, key=b"bad")
         rig.source.add(request_bytes(execution_id="x", code=""), partition=1)
         await rig.sink.wait_for(RESULTS, 2)
@@ -283,11 +291,7 @@ async def test_a_rejection_does_not_queue_behind_a_request_waiting_for_capacity(
     """The intake's promise: rejections "never queue behind running jobs".  Here every slot is
     held and a valid request, fetched before the bad one, waits for a slot."""
     async with intake_rig(capacity=2, pool_size=2) as rig:
-        release = asyncio.Event()
-        rig.sandbox.default = blocking(release)
-        rig.source.add(request_bytes(execution_id="a"), partition=0)
-        rig.source.add(request_bytes(execution_id="b"), partition=0)
-        await rig.sandbox.wait_running(2)
+        release = await both_slots_held(rig, partition=0)
         rig.source.add(request_bytes(execution_id="waits"), partition=0)
         rig.source.add(b"not json", partition=1, key=b"bad")
         await rig.source.changed.until(lambda: len(rig.source.delivered) == 4, "the bad record")
@@ -304,11 +308,7 @@ async def test_a_rejection_answered_first_never_commits_past_a_request_waiting_b
     moved the commit past it, and a worker dying then lost the request (seen in CI: the
     group's commits reached the end while such a request still waited)."""
     async with intake_rig(capacity=2, pool_size=2) as rig:
-        release = asyncio.Event()
-        rig.sandbox.default = blocking(release)
-        rig.source.add(request_bytes(execution_id="a"), partition=1)
-        rig.source.add(request_bytes(execution_id="b"), partition=1)
-        await rig.sandbox.wait_running(2)
+        release = await both_slots_held(rig, partition=1)
         rig.source.add(request_bytes(execution_id="waits"), partition=0)  # offset 0
         rig.source.add(request_bytes(code="", execution_id="bad"), partition=0)  # offset 1
         await rig.sink.wait_result("bad")
