@@ -437,6 +437,11 @@ class FakeSource:
         self.assignment_calls = 0
         self.revoked: list[set[TopicPartition]] = []
         self.changed = Pulse()
+        #: Whether fetching is paused (a paused consumer returns nothing), how often it was
+        #: paused, and fetches made while it was.
+        self.paused = False
+        self.pauses = 0
+        self.fetches_paused = 0
 
     def tp(self, partition: int) -> TopicPartition:
         return TopicPartition(self.topic, partition)
@@ -511,6 +516,10 @@ class FakeSource:
 
     async def fetch(self, timeout: float) -> list[Incoming]:
         self.fetches += 1
+        if self.paused:
+            self.fetches_paused += 1
+            await asyncio.sleep(timeout)
+            return []
         if self.fetch_errors:
             self.fetch_errors -= 1
             raise BrokerError("fake: fetch failed")
@@ -526,6 +535,15 @@ class FakeSource:
 
     def _deliverable(self) -> list[Incoming]:
         return [r for r in self._pending if r.tp in self._assigned]
+
+    def pause(self) -> None:
+        self.paused = True
+        self.pauses += 1
+        self.changed.fire()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.changed.fire()
 
     def assignment(self) -> set[TopicPartition]:
         self.assignment_calls += 1

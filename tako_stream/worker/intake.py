@@ -249,10 +249,28 @@ class Intake:
                     self._rejections.release(size)
                     break
                 self._start_rejections(group, functools.partial(self._rejections.release, size))
+            await self._take_in_turn(waiting, generation)
+
+    async def _take_in_turn(
+        self, waiting: deque[tuple[Incoming, ExecutionRequest | None]], generation: int
+    ) -> None:
+        """Start the fetch's requests in order as capacity frees up.  While one waits for it,
+        the source fetches nothing ahead: fetching more could not start anything sooner, and
+        a consumer with nothing new to return keeps long-polling (the embedded broker holds
+        each poll its whole ``kafka_fetch_wait_ms``: 50 empty fetches a second at the default,
+        worker and broker CPU taken from the containers of a saturated worker)."""
+        paused = False
+        try:
             while waiting:
+                if not paused and self._capacity.locked():
+                    self.source.pause()
+                    paused = True
                 await self._capacity.acquire()
                 # no local keeps a request: once answered, nothing here holds it any more
                 self._take(waiting.popleft(), generation)
+        finally:
+            if paused:
+                self.source.resume()
 
     def _sort(
         self, messages: list[Incoming]

@@ -39,6 +39,13 @@ class Source(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
+    def pause(self) -> None:
+        """Stop fetching ahead from every assigned partition until ``resume`` (records already
+        fetched and not yet returned are not lost: they come after ``resume``)."""
+        ...
+
+    def resume(self) -> None: ...
+
     async def commit(self, positions: dict[TopicPartition, int]) -> None:
         """Store positions (the next offset to read); ``BrokerError`` when it failed."""
         ...

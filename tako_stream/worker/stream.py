@@ -120,6 +120,16 @@ class KafkaSource:
             return set()
         return set(self._consumer.assignment())
 
+    def pause(self) -> None:
+        if self._consumer is not None:
+            self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        # Only what is paused now: a rebalance since ``pause`` assigns partitions unpaused, and
+        # resuming one no longer assigned raises.
+        if self._consumer is not None:
+            self._consumer.resume(*self._consumer.paused())
+
     async def commit(self, positions: dict[TopicPartition, int]) -> None:
         if self._consumer is None:
             return

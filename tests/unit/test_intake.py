@@ -319,6 +319,25 @@ async def test_a_rejection_answered_first_never_commits_past_a_request_waiting_b
         await rig.source.wait_committed(0, 2)
 
 
+async def test_a_request_waiting_for_capacity_pauses_fetching_until_it_has_a_slot() -> None:
+    """A saturated worker fetched nothing it could use and kept long-polling anyway (on the
+    embedded broker, 50 empty fetches a second of worker and broker CPU at the default wait,
+    taken from the containers): the source is paused while a request waits for a slot."""
+    async with intake_rig(capacity=2, pool_size=2) as rig:
+        release = await both_slots_held(rig, partition=0)
+        assert (rig.source.paused, rig.source.pauses) == (False, 0), "paused with a slot free"
+        rig.source.add(request_bytes(execution_id="waits"), partition=1)
+        await rig.source.changed.until(lambda: rig.source.paused, "fetching paused")
+        release.set()
+        assert (await rig.sink.wait_result("waits")).status is Status.SUCCEEDED
+        await rig.source.changed.until(lambda: not rig.source.paused, "fetching resumed")
+        rig.source.add(request_bytes(execution_id="later"), partition=1)
+        assert (await rig.sink.wait_result("later")).status is Status.SUCCEEDED
+        await rig.source.wait_committed(1, 2)
+        assert rig.source.pauses == 1
+        assert rig.source.fetches_paused == 0
+
+
 async def test_at_most_capacity_jobs_are_in_flight() -> None:
     async with intake_rig(partitions=(0,), capacity=2, pool_size=4) as rig:
         release = asyncio.Event()
