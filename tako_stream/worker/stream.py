@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -122,13 +122,24 @@ class KafkaSource:
 
     def pause(self) -> None:
         if self._consumer is not None:
-            self._consumer.pause(*self._consumer.assignment())
+            self._flow(self._consumer.pause, self._consumer.assignment)
 
     def resume(self) -> None:
         # Only what is paused now: a rebalance since ``pause`` assigns partitions unpaused, and
         # resuming one no longer assigned raises.
         if self._consumer is not None:
-            self._consumer.resume(*self._consumer.paused())
+            self._flow(self._consumer.resume, self._consumer.paused)
+
+    @staticmethod
+    def _flow(
+        change: Callable[..., None], partitions: Callable[[], Iterable[TopicPartition]]
+    ) -> None:
+        """Pausing only saves polls: a partition taken by a rebalance in between must not end
+        the intake's loop (aiokafka raises ``IllegalStateError`` for one no longer assigned)."""
+        try:
+            change(*partitions())
+        except KafkaError as exc:
+            log.debug("pausing or resuming fetches: %r", exc)
 
     async def commit(self, positions: dict[TopicPartition, int]) -> None:
         if self._consumer is None:
