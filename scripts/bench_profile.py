@@ -19,15 +19,24 @@ container, as a saturated worker's do), and reads, before and after each phase:
   producer and result reader): their own times;
 - the kernel and everything else: the machine's busy time (``/proc/stat``) less all the above.
 
+A phase's last reading waits until as many containers are left as before it, so removals our
+worker makes after answering are counted in its phase.  The worker's and the broker's rows
+include their idle polls, which the ceiling's phase pays too.
+
 Process accounting (``acct``) was not used: it rounds each process down to 10 ms, and a
-container's runc runs take less.  Needs root (cgroups) and the Docker engine of this machine.
+container's runc runs take less.  Needs root, a cgroup v1 cpuacct hierarchy and Docker's
+cgroupfs driver (it says so and stops otherwise).  The daemons' own cgroups are written to
+``/run/tako-bench-profile.json`` before they are moved: a run killed before moving them back
+(SIGKILL; SIGTERM moves them back) is undone by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +58,9 @@ from bench_engine import GVISOR, churn_ceiling, gvisor_job_types  # noqa: E402
 from tako_stream.kafka import broker as embedded  # noqa: E402
 from tests.integration.stack import Stack, free_port  # noqa: E402
 
-CPUACCT = Path("/sys/fs/cgroup/cpuacct")
-ENGINE_GROUP = CPUACCT / "tako-profile-engine"
+#: Where the daemons' own cgroups are written before they are moved, so that a run killed
+#: before moving them back is undone by the next run (and by nothing else: see ``restore``).
+STATE = Path("/run/tako-bench-profile.json")
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 BUCKETS = (
     "dockerd",
@@ -87,45 +98,92 @@ def machine_ms() -> float:
     return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) * TICK_MS
 
 
+def cpuacct_mount() -> Path:
+    """The cgroup v1 hierarchy holding cpuacct (alone or with cpu: ``cpu,cpuacct``)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind, options, *_ = line.split()
+        if kind == "cgroup" and "cpuacct" in options.split(","):
+            return Path(mount)
+    raise SystemExit("bench-profile: needs a cgroup v1 cpuacct hierarchy (this host has none)")
+
+
+def cgroup_of(pid: int, mount: Path) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpuacct" in controllers.split(","):
+            return mount / path.lstrip("/")
+    raise SystemExit(f"bench-profile: process {pid} is in no cpuacct cgroup")
+
+
+def move(pid: int, group: Path) -> None:
+    (group / "cgroup.procs").write_text(str(pid))
+
+
+def restore() -> None:
+    """Put back the daemons a run killed before its end left in its cgroup."""
+    if not STATE.exists():
+        return
+    for pid, origin in orjson.loads(STATE.read_bytes()).items():
+        with contextlib.suppress(OSError):  # the daemon may have gone since
+            move(int(pid), Path(origin))
+            print(f"bench-profile: moved process {pid} back to {origin} (an earlier run's)")
+    STATE.unlink()
+
+
 @contextmanager
-def engine_group(pids: list[int]) -> Iterator[Path]:
+def engine_group(pids: list[int], mount: Path) -> Iterator[Path]:
     """The engine's daemons in a cgroup of their own (cpuacct only), moved back on the way out;
     what they start from now on is counted there."""
-    origins = {}
-    for pid in pids:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        line = next(entry for entry in lines if ":cpuacct:" in entry)
-        origins[pid] = CPUACCT / line.split(":", 2)[2].lstrip("/")
-    ENGINE_GROUP.mkdir(exist_ok=True)
+    group = mount / "tako-profile-engine"
+    origins = {pid: cgroup_of(pid, mount) for pid in pids}
+    if group in origins.values():
+        raise SystemExit(f"bench-profile: the engine is in {group} already; move it back first")
+    STATE.write_bytes(orjson.dumps({str(pid): str(path) for pid, path in origins.items()}))
+    group.mkdir(exist_ok=True)
     try:
         for pid in pids:
-            (ENGINE_GROUP / "cgroup.procs").write_text(str(pid))
-        yield ENGINE_GROUP
+            move(pid, group)
+        yield group
     finally:
-        for pid, origin in origins.items():
-            (origin / "cgroup.procs").write_text(str(pid))
+        failed = False
+        for pid, origin in origins.items():  # each on its own: one failing leaves no other
+            try:
+                move(pid, origin)
+            except OSError as exc:
+                failed = True
+                print(f"bench-profile: could not move {pid} back to {origin}: {exc}")
+        if not failed:
+            STATE.unlink()
         # Shims of containers still alive keep the group busy; it goes once they have ended.
         for _ in range(50):
             try:
-                ENGINE_GROUP.rmdir()
+                group.rmdir()
                 break
             except OSError:
                 time.sleep(0.1)
+        else:
+            print(f"bench-profile: {group} still has processes; left in place")
+
+
+async def containers() -> int:
+    async with aiodocker.Docker() as docker:
+        return len(await docker.containers.list(all=True))
 
 
 class Meter:
-    def __init__(self, dockerd: int, containerd: int, worker: int, broker: int) -> None:
+    def __init__(
+        self, engine: Path, docker: Path, dockerd: int, containerd: int, worker: int, broker: int
+    ) -> None:
         self.pids = {"dockerd": dockerd, "containerd": containerd, "worker": worker}
         self.pids["broker"] = broker
-        docker_group = CPUACCT / "docker"
-        docker_group.mkdir(exist_ok=True)  # Docker makes it with its first container
-        self.docker_group = docker_group
+        self.engine_group = engine
+        self.docker_group = docker
 
     def read(self) -> dict[str, float]:
         times = os.times()
         reading = {name: proc_ms(pid) for name, pid in self.pids.items()}
         reading.update(
-            engine=cgroup_ms(ENGINE_GROUP),
+            engine=cgroup_ms(self.engine_group),
             containers=cgroup_ms(self.docker_group),
             client=(times.user + times.system) * 1000,
             machine=machine_ms(),
@@ -135,13 +193,18 @@ class Meter:
     async def measure(self, jobs: int, phase: Callable[[], Awaitable[Any]]) -> dict[str, float]:
         """CPU ms per job by bucket while ``phase`` ran, and its jobs a second."""
         await asyncio.sleep(2)  # removals of the phase before end first
+        present = await containers()
         before = self.read()
         started = time.perf_counter()
         await phase()
         elapsed = time.perf_counter() - started
-        # This phase's own background removals counted in it (a few hundred ms at most),
-        # without much of the idle polls of the worker and the broker.
-        await asyncio.sleep(0.5)
+        # This phase's own background removals counted in it (our worker removes containers
+        # after answering; the ceiling within its phase): until as many containers are left
+        # as before, 10 s at most.
+        for _ in range(100):
+            if await containers() <= present:
+                break
+            await asyncio.sleep(0.1)
         after = self.read()
         d = {k: after[k] - before[k] for k in before}
         per = {
@@ -172,6 +235,12 @@ async def main() -> int:
     if os.geteuid() != 0:
         print("bench-profile: needs root (it moves the engine's daemons into a cgroup)")
         return 2
+    mount = cpuacct_mount()
+    restore()
+    # A SIGTERM ends the run through its finally blocks (the daemons moved back).
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
     port = free_port()
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the broker
@@ -201,19 +270,30 @@ async def main() -> int:
         await worker.wait_ready(300)
         await burst(stack, 4, valid=True)  # first uses out of the way
         await churn_ceiling(2, 2, runtime=args.runtime)
-        meter = Meter(pid_of("dockerd"), pid_of("containerd"), worker.proc.pid, broker.pid)
-        with engine_group([meter.pids["dockerd"], meter.pids["containerd"]]):
-            for i in range(args.rounds):
-                print(f"bench-profile: round {i + 1} of {args.rounds}", flush=True)
-                rows["ceiling"].append(
-                    await meter.measure(
-                        args.count,
-                        lambda: churn_ceiling(args.count, args.concurrency, runtime=args.runtime),
+        docker_group = mount / "docker"
+        if not docker_group.is_dir():  # the systemd driver puts containers elsewhere
+            raise SystemExit(f"bench-profile: no {docker_group} (needs Docker's cgroupfs driver)")
+        dockerd, containerd = pid_of("dockerd"), pid_of("containerd")
+        with engine_group([dockerd, containerd], mount) as engine:
+            meter = Meter(engine, docker_group, dockerd, containerd, worker.proc.pid, broker.pid)
+            try:
+                for i in range(args.rounds):
+                    print(f"bench-profile: round {i + 1} of {args.rounds}", flush=True)
+                    rows["ceiling"].append(
+                        await meter.measure(
+                            args.count,
+                            lambda: churn_ceiling(
+                                args.count, args.concurrency, runtime=args.runtime
+                            ),
+                        )
                     )
-                )
-                rows["ours"].append(
-                    await meter.measure(args.count, lambda: burst(stack, args.count, valid=True))
-                )
+                    rows["ours"].append(
+                        await meter.measure(
+                            args.count, lambda: burst(stack, args.count, valid=True)
+                        )
+                    )
+            finally:  # its warm containers' shims out of the group before it is removed
+                stack.stop_all()
     finally:
         stack.stop_all()
         broker.terminate()

@@ -262,7 +262,8 @@ class Intake:
         paused = False
         try:
             while waiting:
-                if not paused and self._capacity.locked():
+                if self._capacity.locked():
+                    # Before every wait, not once: a rebalance meanwhile assigns unpaused.
                     self.source.pause()
                     paused = True
                 await self._capacity.acquire()

@@ -3,6 +3,9 @@ broker): what they pause, and that a partition a rebalance took in between ends 
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.consumer.subscription_state import SubscriptionState
 
@@ -51,22 +54,35 @@ async def test_pause_stops_every_assigned_partition_and_resume_restarts_them() -
     source.resume()  # nothing paused: nothing to do
 
 
-async def test_a_partition_reassigned_while_paused_ends_nothing() -> None:
+async def test_a_partition_reassigned_while_paused_is_resumed_without_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A rebalance while the intake waits: the new assignment comes unpaused, and resume only
-    touches what is paused now (aiokafka raises for a partition no longer assigned)."""
+    touches what is paused now (resuming the partitions paused before would raise in aiokafka
+    for the one no longer assigned: nothing may be swallowed here)."""
+    caplog.set_level(logging.DEBUG, logger="tako_stream.worker.stream")
     consumer = Consumer()
     source = source_over(consumer)
     source.pause()
     consumer.state.assign_from_subscribed({TP1})
     assert consumer.paused() == set()
     source.resume()
+    assert not [r for r in caplog.records if "pausing or resuming" in r.getMessage()]
     source.pause()
     assert consumer.paused() == {TP1}
+    source.resume()
+    assert consumer.paused() == set()
 
 
-async def test_an_error_from_the_consumer_is_swallowed_not_raised() -> None:
+async def test_an_error_from_the_consumer_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defensive: pausing only saves polls, so an aiokafka error here must not end the
+    intake's loop (raising ``IllegalStateError`` for a partition not assigned)."""
+    caplog.set_level(logging.DEBUG, logger="tako_stream.worker.stream")
     consumer = Consumer()
     source = source_over(consumer)
     consumer.state.assign_from_subscribed({TP1})
     source._consumer.pause = lambda *tps: consumer.state.pause(TP0)  # type: ignore[union-attr]
-    source.pause()  # IllegalStateError: TP0 is not assigned
+    source.pause()
+    assert [r for r in caplog.records if "IllegalStateError" in r.getMessage()]
