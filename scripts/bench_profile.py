@@ -330,4 +330,8 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    try:
+        sys.exit(asyncio.run(main()))
+    except asyncio.CancelledError:  # SIGTERM: the daemons are back where they were
+        print("bench-profile: stopped", file=sys.stderr)
+        sys.exit(143)
