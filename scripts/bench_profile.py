@@ -166,7 +166,7 @@ def engine_group(pids: list[int], mount: Path) -> Iterator[Path]:
 
 
 async def containers() -> int:
-    async with aiodocker.Docker() as docker:
+    async with aiodocker.Docker() as docker, asyncio.timeout(10):
         return len(await docker.containers.list(all=True))
 
 
