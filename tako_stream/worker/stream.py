@@ -74,6 +74,26 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._on_assigned(set(assigned))
 
 
+def pause_fetching(consumer: AIOKafkaConsumer) -> None:
+    """Pause every partition ``consumer`` is assigned now (see ``resume_fetching``)."""
+    _flow(consumer.pause, consumer.assignment)
+
+
+def resume_fetching(consumer: AIOKafkaConsumer) -> None:
+    """Resume only what is paused now: a rebalance since the pause assigns partitions
+    unpaused, and resuming one no longer assigned raises."""
+    _flow(consumer.resume, consumer.paused)
+
+
+def _flow(change: Callable[..., None], partitions: Callable[[], Iterable[TopicPartition]]) -> None:
+    """Pausing only saves polls: a partition taken by a rebalance in between must not end the
+    intake's loop (aiokafka raises ``IllegalStateError`` for one no longer assigned)."""
+    try:
+        change(*partitions())
+    except KafkaError as exc:
+        log.debug("pausing or resuming fetches: %r", exc)
+
+
 class KafkaSource:
     """The requests topic through the worker's consumer group; commits are the intake's."""
 
@@ -122,24 +142,11 @@ class KafkaSource:
 
     def pause(self) -> None:
         if self._consumer is not None:
-            self._flow(self._consumer.pause, self._consumer.assignment)
+            pause_fetching(self._consumer)
 
     def resume(self) -> None:
-        # Only what is paused now: a rebalance since ``pause`` assigns partitions unpaused, and
-        # resuming one no longer assigned raises.
         if self._consumer is not None:
-            self._flow(self._consumer.resume, self._consumer.paused)
-
-    @staticmethod
-    def _flow(
-        change: Callable[..., None], partitions: Callable[[], Iterable[TopicPartition]]
-    ) -> None:
-        """Pausing only saves polls: a partition taken by a rebalance in between must not end
-        the intake's loop (aiokafka raises ``IllegalStateError`` for one no longer assigned)."""
-        try:
-            change(*partitions())
-        except KafkaError as exc:
-            log.debug("pausing or resuming fetches: %r", exc)
+            resume_fetching(self._consumer)
 
     async def commit(self, positions: dict[TopicPartition, int]) -> None:
         if self._consumer is None:

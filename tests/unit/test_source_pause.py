@@ -1,4 +1,4 @@
-"""KafkaSource's pause and resume over aiokafka's consumer (its real subscription state, no
+"""The intake source's pause and resume over aiokafka's consumer (its real subscription state, no
 broker): what they pause, and that a partition a rebalance took in between ends nothing."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.consumer.subscription_state import SubscriptionState
 
-from tako_stream.settings import Settings
-from tako_stream.worker.stream import KafkaSource
+from tako_stream.worker.stream import pause_fetching, resume_fetching
 
 TP0, TP1 = TopicPartition("requests", 0), TopicPartition("requests", 1)
 
@@ -38,20 +37,13 @@ class Consumer:
             self.state.resume(tp)
 
 
-def source_over(consumer: Consumer) -> KafkaSource:
-    source = KafkaSource(Settings())
-    source._consumer = consumer  # type: ignore[assignment]  # the test's stand-in
-    return source
-
-
 async def test_pause_stops_every_assigned_partition_and_resume_restarts_them() -> None:
     consumer = Consumer()
-    source = source_over(consumer)
-    source.pause()
+    pause_fetching(consumer)
     assert consumer.paused() == {TP0, TP1}
-    source.resume()
+    resume_fetching(consumer)
     assert consumer.paused() == set()
-    source.resume()  # nothing paused: nothing to do
+    resume_fetching(consumer)  # nothing paused: nothing to do
 
 
 async def test_a_partition_reassigned_while_paused_is_resumed_without_an_error(
@@ -62,15 +54,14 @@ async def test_a_partition_reassigned_while_paused_is_resumed_without_an_error(
     for the one no longer assigned: nothing may be swallowed here)."""
     caplog.set_level(logging.DEBUG, logger="tako_stream.worker.stream")
     consumer = Consumer()
-    source = source_over(consumer)
-    source.pause()
+    pause_fetching(consumer)
     consumer.state.assign_from_subscribed({TP1})
     assert consumer.paused() == set()
-    source.resume()
+    resume_fetching(consumer)
     assert not [r for r in caplog.records if "pausing or resuming" in r.getMessage()]
-    source.pause()
+    pause_fetching(consumer)
     assert consumer.paused() == {TP1}
-    source.resume()
+    resume_fetching(consumer)
     assert consumer.paused() == set()
 
 
@@ -81,8 +72,7 @@ async def test_an_error_from_the_consumer_is_logged_not_raised(
     intake's loop (raising ``IllegalStateError`` for a partition not assigned)."""
     caplog.set_level(logging.DEBUG, logger="tako_stream.worker.stream")
     consumer = Consumer()
-    source = source_over(consumer)
     consumer.state.assign_from_subscribed({TP1})
-    source._consumer.pause = lambda *tps: consumer.state.pause(TP0)  # type: ignore[union-attr]
-    source.pause()
+    consumer.pause = lambda *tps: consumer.state.pause(TP0)  # type: ignore[method-assign]
+    pause_fetching(consumer)
     assert [r for r in caplog.records if "IllegalStateError" in r.getMessage()]
